@@ -1,0 +1,34 @@
+"""unirl_fast: fused GPU ops and a lean trainer for RL on unified multimodal models.
+
+`kernels/` (Triton kernels) is installed inside the package as `unirl_fast.kernels`: a top-level
+module named `kernels` would clash with an unrelated PyPI package of that name.
+"""
+from setuptools import setup
+
+setup(
+    name="unirl-fast",
+    version="0.1.0",
+    description="Fused Triton ops and a lean trainer for RL on unified (LM + diffusion) models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["unirl_fast", "unirl_fast.reference", "unirl_fast.ops", "unirl_fast.kernels"],
+    package_dir={"unirl_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        # Triton ships Linux x86_64 wheels only; elsewhere the reference ops still work.
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "transformers>=4.46",
+        "numpy",
+        "nvidia-ml-py",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-benchmark", "hypothesis", "ruff"],
+        "diffusion": ["diffusers>=0.32"],
+        "deepspeed": ["deepspeed"],
+        "flash": ["flash-attn"],
+        "bench": ["liger-kernel", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["unirl-fast=unirl_fast.cli:main"]},
+)

@@ -1,0 +1,41 @@
+"""Test harness.
+
+- Without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET=1 is set here, before any
+  test module (and so triton's `@jit` decorators) is imported.
+- Markers: `gpu` (skipped without CUDA), `slow` (skipped unless --runslow).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow; pass --runslow")
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests run: CUDA when present, else CPU (Triton through the interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs per test, reproducible from the test id (printed on failure by pytest)."""
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2 ** 31))

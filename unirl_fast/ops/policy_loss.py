@@ -1,0 +1,152 @@
+"""Public GRPO-family policy loss ops (FORMULAS.md section 2).
+
+Shapes: B sequences, L tokens, H hidden, V vocab. The loss is an fp32 scalar; metrics are detached
+fp32 scalar tensors (no host sync): clip_frac_low, clip_frac_high, ratio_mean, and where given
+dual_clip_frac, kl_mean, entropy_mean, tis_weight_mean, tis_capped_frac.
+"""
+from __future__ import annotations
+
+from .. import _checks as C
+from ..reference import fused_linear_policy_loss_ref
+from ..reference.policy_loss import policy_loss_ref
+from ._dispatch import choose, triton_impl
+from .logprobs import _check_common, check_linear_head
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "seq_sum")
+IS_LEVELS = ("token", "sequence")
+KL_KINDS = ("k1", "k2", "k3")
+
+
+def _check_per_token(name, x, ref, mask, *, required=False):
+    if x is None and not required:
+        return
+    C.check_tensor(name, x, floating=True)
+    C.check_same_shape(name, x, "logp", ref)
+    if C.value_checks_enabled():
+        bad = mask & ~x.isfinite()
+        if bool(bad.any()):
+            raise ValueError(f"{name} has a non-finite value ({x[bad].flatten()[0].item()}) at a valid (mask=1) token")
+
+
+def check_policy_options(B, L, advantages, *, loss_type, eps_low, eps_high, dual_clip, importance_sampling,
+                         beta, kl, rollout_logp, tis_cap, ref_logp, entropy_coef, max_completion_length,
+                         num_tokens):
+    """Validate everything in policy_loss that does not depend on the per-token log-probs."""
+    C.check_option("loss_type", loss_type, LOSS_TYPES)
+    C.check_option("importance_sampling", importance_sampling, IS_LEVELS)
+    C.check_option("kl", kl, KL_KINDS)
+    C.check_tensor("advantages", advantages, ndim=(1, 2), floating=True)
+    if tuple(advantages.shape) not in ((B,), (B, L)):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected [{B}] or [{B}, {L}]")
+    C.check_all_finite("advantages", advantages)
+    lo = C.check_finite_scalar("eps_low", eps_low, nonneg=True)
+    if lo > 1:
+        raise ValueError(f"eps_low must be in [0, 1], got {eps_low!r}")
+    C.check_finite_scalar("eps_high", eps_high, nonneg=True)
+    if dual_clip is not None:
+        C.check_finite_scalar("dual_clip", dual_clip, gt=1.0)
+    C.check_finite_scalar("beta", beta, nonneg=True)
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={beta!r} needs ref_logp")
+    if (rollout_logp is None) != (tis_cap is None):
+        raise ValueError("rollout_logp and tis_cap go together (truncated importance sampling needs both); "
+                         f"got rollout_logp={'set' if rollout_logp is not None else None}, tis_cap={tis_cap!r}")
+    if tis_cap is not None and not (isinstance(tis_cap, (int, float)) and tis_cap > 0):
+        raise ValueError(f"tis_cap must be a number > 0 (float('inf') for no cap), got {tis_cap!r}")
+    C.check_finite_scalar("entropy_coef", entropy_coef)
+    if max_completion_length is not None and (not isinstance(max_completion_length, int)
+                                              or isinstance(max_completion_length, bool)
+                                              or max_completion_length < 1):
+        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+    if num_tokens is not None:
+        if loss_type not in ("bnpo", "dapo"):
+            raise ValueError(f"num_tokens is only used by loss_type 'bnpo'/'dapo', got loss_type={loss_type!r}")
+        C.check_finite_scalar("num_tokens", num_tokens, positive=True)
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, loss_type="grpo", eps_low=0.2, eps_high=0.2, dual_clip=None,
+                importance_sampling="token", ref_logp=None, beta=0.0, kl="k3", rollout_logp=None, tis_cap=None,
+                entropy=None, entropy_coef=0.0, max_completion_length=None, num_tokens=None, impl="auto"):
+    """GRPO-family clipped surrogate with optional KL, entropy bonus and truncated importance sampling.
+
+    Args:
+        logp: [B, L] current-policy token log-probs (differentiable). old_logp: [B, L] behaviour log-probs (data).
+        advantages: [B] (or per-token [B, L]). mask: [B, L] bool or 0/1.
+        ref_logp, rollout_logp, entropy: optional [B, L]; entropy is differentiable.
+        loss_type: grpo | bnpo | dapo | dr_grpo | seq_sum; importance_sampling: token | sequence; kl: k1 | k2 | k3.
+        max_completion_length: dr_grpo's normaliser (default L). num_tokens: bnpo/dapo global token count.
+    Returns:
+        (loss fp32 scalar, metrics dict of detached fp32 scalars)
+    Example:
+        >>> lp = torch.randn(4, 6).requires_grad_()
+        >>> loss, m = policy_loss(lp, lp.detach(), torch.randn(4), torch.ones(4, 6, dtype=torch.bool))
+    """
+    C.check_tensor("logp", logp, ndim=2, floating=True)
+    B, L = logp.shape
+    mask = C.check_mask("mask", mask)
+    C.check_same_shape("mask", mask, "logp", logp)
+    check_policy_options(B, L, advantages, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high,
+                         dual_clip=dual_clip, importance_sampling=importance_sampling, beta=beta, kl=kl,
+                         rollout_logp=rollout_logp, tis_cap=tis_cap, ref_logp=ref_logp, entropy_coef=entropy_coef,
+                         max_completion_length=max_completion_length, num_tokens=num_tokens)
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef!r} needs entropy")
+    _check_per_token("old_logp", old_logp, logp, mask, required=True)
+    for name, x in (("logp", logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("entropy", entropy)):
+        _check_per_token(name, x, logp, mask)
+    C.check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
+                        rollout_logp=rollout_logp, entropy=entropy)
+    kw = dict(loss_type=loss_type, eps_low=float(eps_low), eps_high=float(eps_high), dual_clip=dual_clip,
+              importance_sampling=importance_sampling, ref_logp=ref_logp, beta=float(beta), kl=kl,
+              rollout_logp=rollout_logp, tis_cap=tis_cap, entropy=entropy, entropy_coef=float(entropy_coef),
+              max_completion_length=max_completion_length, num_tokens=num_tokens)
+    fn = triton_impl("policy_loss") if choose("policy_loss", impl, logp.device) == "triton" else policy_loss_ref
+    return fn(logp, old_logp, advantages, mask, **kw)
+
+
+def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, *, bias=None, temperature=1.0,
+                             ignore_index=-100, loss_type="grpo", eps_low=0.2, eps_high=0.2, dual_clip=None,
+                             importance_sampling="token", ref_logp=None, beta=0.0, kl="k3", rollout_logp=None,
+                             tis_cap=None, entropy_coef=0.0, max_completion_length=None, num_tokens=None,
+                             impl="auto"):
+    """`policy_loss` computed straight from hidden states and the LM head.
+
+    Token log-probs and entropies come from softmax((hidden @ weight.T + bias) / temperature); entropy
+    is always computed (metric `entropy_mean`) and enters the loss when entropy_coef != 0. Targets equal
+    to `ignore_index` are treated as masked out.
+    Args:
+        hidden: [B, L, H] or flattened [B*L, H] (differentiable); weight: [V, H] (differentiable); bias: [V] or None.
+        targets, old_logp, mask: [B, L]; advantages: [B] or [B, L]; other options as in `policy_loss`.
+    Returns:
+        (loss fp32 scalar, metrics dict)
+    Example:
+        >>> h, W, y = torch.randn(2, 5, 8, requires_grad=True), torch.randn(40, 8), torch.randint(0, 40, (2, 5))
+        >>> loss, m = fused_linear_policy_loss(h, W, y, torch.zeros(2, 5) - 3.0, torch.randn(2), torch.ones(2, 5))
+    """
+    C.check_tensor("targets", targets, ndim=2, integer=True)
+    hidden = check_linear_head(hidden, weight, targets, bias)
+    _check_common(temperature, ignore_index, False)
+    C.check_targets("targets", targets, weight.shape[0], ignore_index)
+    B, L = targets.shape
+    mask = C.check_mask("mask", mask)
+    C.check_same_shape("mask", mask, "targets", targets)
+    check_policy_options(B, L, advantages, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high,
+                         dual_clip=dual_clip, importance_sampling=importance_sampling, beta=beta, kl=kl,
+                         rollout_logp=rollout_logp, tis_cap=tis_cap, ref_logp=ref_logp, entropy_coef=entropy_coef,
+                         max_completion_length=max_completion_length, num_tokens=num_tokens)
+    valid = mask & (targets != ignore_index)
+    _check_per_token("old_logp", old_logp, targets, valid, required=True)
+    for name, x in (("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
+        _check_per_token(name, x, targets, valid)
+    C.check_same_device(hidden=hidden, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
+                        rollout_logp=rollout_logp)
+    kw = dict(bias=bias, temperature=float(temperature), ignore_index=ignore_index, loss_type=loss_type,
+              eps_low=float(eps_low), eps_high=float(eps_high), dual_clip=dual_clip,
+              importance_sampling=importance_sampling, ref_logp=ref_logp, beta=float(beta), kl=kl,
+              rollout_logp=rollout_logp, tis_cap=tis_cap, entropy_coef=float(entropy_coef),
+              max_completion_length=max_completion_length, num_tokens=num_tokens)
+    if choose("fused_linear_policy_loss", impl, hidden.device) == "triton":
+        fn = triton_impl("fused_linear_policy_loss")
+    else:
+        fn = fused_linear_policy_loss_ref
+    return fn(hidden, weight, targets, old_logp, advantages, mask, **kw)

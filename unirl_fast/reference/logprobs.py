@@ -1,0 +1,50 @@
+"""Reference token log-probs and entropy (FORMULAS.md section 1), eager fp32 PyTorch.
+
+Shapes: N tokens (any leading dims), V vocab, H hidden.
+
+    z    = (h @ W.T + b) / T        (fp32 even for bf16 inputs)
+    logp = z[y] - logsumexp(z)
+    H    = logsumexp(z) - sum_j p_j z_j
+
+A target equal to `ignore_index` gives logp = 0, H = 0 and no gradient. Logits may hold -inf
+(masked vocabulary entries): such an entry has p = 0 and adds nothing to the entropy.
+This oracle materialises the full fp32 [N, V] logits; it is for correctness, not for memory.
+No input validation here: the public ops in `unirl_fast.ops` validate before calling.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def logprobs_from_logits_ref(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """logits [..., V] (any float dtype), targets [...] int -> (logp [...] fp32, entropy [...] fp32 | None)."""
+    z = logits.float() / temperature
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    lse = torch.logsumexp(z, dim=-1)
+    z_y = torch.gather(z, -1, safe_t.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(lse)
+    logp = torch.where(valid, z_y - lse, zero)
+    if not return_entropy:
+        return logp, None
+    p = torch.exp(z - lse.unsqueeze(-1))
+    # p * z with p == 0 at z == -inf must be 0, not NaN (forward and backward).
+    z_safe = torch.where(p > 0, z, torch.zeros_like(z))
+    ent = lse - (p * z_safe).sum(-1)
+    return logp, torch.where(valid, ent, zero)
+
+
+def linear_logits_ref(hidden, weight, bias=None):
+    """fp32 logits h @ W.T (+ b) for hidden [..., H], weight [V, H]."""
+    z = hidden.float() @ weight.float().t()
+    if bias is not None:
+        z = z + bias.float()
+    return z
+
+
+def fused_linear_logprobs_ref(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                              return_entropy=False):
+    """hidden [..., H], weight [V, H], targets [...] -> (logp [...] fp32, entropy | None)."""
+    z = linear_logits_ref(hidden, weight, bias)
+    return logprobs_from_logits_ref(z, targets, temperature=temperature, ignore_index=ignore_index,
+                                    return_entropy=return_entropy)
