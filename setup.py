@@ -3,7 +3,7 @@
 `kernels/` (Triton kernels) is installed inside the package as `unirl_fast.kernels`: a top-level
 module named `kernels` would clash with an unrelated PyPI package of that name.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="unirl-fast",
@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["unirl_fast", "unirl_fast.reference", "unirl_fast.ops", "unirl_fast.kernels"],
+    packages=find_packages(include=["unirl_fast", "unirl_fast.*"]) + ["unirl_fast.kernels"],
     package_dir={"unirl_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
