@@ -1,0 +1,5 @@
+"""Rollout engines: batched text sampling with a static KV cache (`text`) and flow-matching image sampling
+with per-step log-probs (`image`)."""
+from .text import SamplingParams, TextEngine, TextRolloutOutput, recompute_logprobs, sampling_logprobs
+
+__all__ = ["SamplingParams", "TextEngine", "TextRolloutOutput", "recompute_logprobs", "sampling_logprobs"]
