@@ -19,8 +19,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import unirl_fast as U  # noqa: E402
-from bench.common import (append_rows, base_parser, env_columns, format_table, measure_ceilings,  # noqa: E402
-                          peak_extra_memory_bytes, ratio, resolve_smoke, time_fn)
+from bench.common import (  # noqa: E402
+    append_rows,
+    base_parser,
+    env_columns,
+    format_table,
+    measure_ceilings,
+    peak_extra_memory_bytes,
+    ratio,
+    resolve_smoke,
+    time_fn,
+)
 from unirl_fast import reference as R  # noqa: E402
 
 

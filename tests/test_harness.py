@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-
 from tolerance import assert_close_rule, rel_err, scale_free_err
 
 

@@ -28,7 +28,8 @@ def collect() -> dict:
     cuda = torch.cuda.is_available()
     dev = {"cuda": cuda, "cpu_count": os.cpu_count()}
     if cuda:
-        dev.update(name=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+        cap = torch.cuda.get_device_capability(0)
+        dev.update(name=torch.cuda.get_device_name(0), capability=f"{cap[0]}.{cap[1]}",
                    count=torch.cuda.device_count(),
                    memory_GiB=round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1))
     backends = {}

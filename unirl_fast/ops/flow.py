@@ -7,7 +7,6 @@ sigmas the batch is the first dim. All math is fp32 whatever the input dtype.
 """
 from __future__ import annotations
 
-
 import torch
 
 from .. import _checks as C
@@ -53,14 +52,16 @@ def _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigm
             raise ValueError(f"sigma must be in (0, 1], got {sig[~((sig > 0) & (sig <= 1))].flatten()[0].item()}")
         bad = ~((nxt >= 0) & (nxt < sig))
         if bool(bad.any()):
-            raise ValueError(f"sigma_next must be in [0, sigma), got {torch.broadcast_to(nxt, bad.shape)[bad][0].item()}"
-                             f" for sigma {torch.broadcast_to(sig, bad.shape)[bad][0].item()}")
+            got_n = torch.broadcast_to(nxt, bad.shape)[bad][0].item()
+            got_s = torch.broadcast_to(sig, bad.shape)[bad][0].item()
+            raise ValueError(f"sigma_next must be in [0, sigma), got {got_n} for sigma {got_s}")
     smax = None
     if sde == "sde":
         if sigma_max is not None:
             smax, _ = _sigma_values("sigma_max", sigma_max, sample)
             if C.value_checks_enabled() and not bool(((smax > 0) & (smax < 1)).all()):
-                raise ValueError(f"sigma_max must be in (0, 1) (the schedule's second-largest sigma), got {sigma_max!r}")
+                raise ValueError(f"sigma_max must be in (0, 1) (the schedule's second-largest sigma), "
+                                 f"got {sigma_max!r}")
         elif C.value_checks_enabled() and bool((sig == 1).any()):
             raise ValueError("sigma == 1 needs sigma_max (the schedule's second-largest sigma): the 'sde' std "
                              "divides by 1 - sigma")

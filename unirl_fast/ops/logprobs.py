@@ -5,8 +5,6 @@ Both ops return fp32 per-token log-probs (and entropies) and are differentiable 
 """
 from __future__ import annotations
 
-import torch
-
 from .. import _checks as C
 from ..reference.logprobs import fused_linear_logprobs_ref, logprobs_from_logits_ref
 from ._dispatch import choose, triton_impl

@@ -7,7 +7,8 @@ of T steps. sigma / sigma_next are floats or tensors of shape S (per-sample or p
     sde : std_t = a sqrt(sigma / (1 - sigma')), sigma' = sigma_max where sigma == 1 else sigma
           mean  = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
           s     = std_t sqrt(-dt)
-    cps : s = sigma_next sin(a pi / 2); mean = (x - sigma v)(1 - sigma_next) + (x + (1 - sigma) v) sqrt(sigma_next^2 - s^2)
+    cps : s = sigma_next sin(a pi / 2)
+          mean = (x - sigma v)(1 - sigma_next) + (x + (1 - sigma) v) sqrt(sigma_next^2 - s^2)
     ode : mean = x + v dt, s = 0 (no density, so no log-prob)
     logp = mean over latent dims of [-(x_next - mean)^2 / (2 s^2) - log s - log(2 pi) / 2]
 

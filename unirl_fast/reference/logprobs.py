@@ -21,18 +21,20 @@ def logprobs_from_logits_ref(logits, targets, *, temperature=1.0, ignore_index=-
     z = logits.float() / temperature
     valid = targets != ignore_index
     safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    lse = torch.logsumexp(z, dim=-1)
-    z_y = torch.gather(z, -1, safe_t.unsqueeze(-1)).squeeze(-1)
-    zero = torch.zeros_like(lse)
-    logp = torch.where(valid, z_y - lse, zero)
+    # Work on z - max(z): the same values, but no fp32 cancellation when every logit is large
+    # (rows near -2e4 lose ~1e-3 absolute in z[y] - lse otherwise).
+    zmax = z.detach().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    zs = z - zmax
+    lse_s = torch.logsumexp(zs, dim=-1)
+    zero = torch.zeros_like(lse_s)
+    logp = torch.where(valid, torch.gather(zs, -1, safe_t.unsqueeze(-1)).squeeze(-1) - lse_s, zero)
     if not return_entropy:
         return logp, None
-    p = torch.exp(z - lse.unsqueeze(-1))
+    p = torch.exp(zs - lse_s.unsqueeze(-1))
     # p * z with p == 0 at z == -inf must be 0, not NaN (forward and backward).
-    z_safe = torch.where(p > 0, z, torch.zeros_like(z))
-    ent = lse - (p * z_safe).sum(-1)
+    zs_safe = torch.where(p > 0, zs, torch.zeros_like(zs))
+    ent = lse_s - (p * zs_safe).sum(-1)  # H = lse - E_p[z], shift-invariant
     return logp, torch.where(valid, ent, zero)
-
 
 def linear_logits_ref(hidden, weight, bias=None):
     """fp32 logits h @ W.T (+ b) for hidden [..., H], weight [V, H]."""

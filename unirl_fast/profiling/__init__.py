@@ -1,0 +1,16 @@
+"""Profiling: phase timers (CUDA events / host timers), a FLOP model for MFU, and an NVML sampler."""
+from .flops import (
+           DiTShape,
+           LMShape,
+           device_peak_tflops,
+           dit_forward_flops,
+           lm_decode_flops,
+           lm_forward_flops,
+           lm_sequence_flops,
+           mfu,
+)
+from .nvml import NvmlSampler
+from .timers import PhaseTimer
+
+__all__ = ["PhaseTimer", "NvmlSampler", "LMShape", "DiTShape", "lm_forward_flops", "lm_sequence_flops",
+           "lm_decode_flops", "dit_forward_flops", "mfu", "device_peak_tflops"]
