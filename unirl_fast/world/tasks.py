@@ -6,7 +6,8 @@ its spec and the plain description of it (`canonical`), which is what a refined 
 - generation prompts: the canonical text itself ("two red circles on the left").
 - reasoning prompts: the same spec behind a small sum or a riddle ("5 - 3 red circles on the left",
   "one circle the colour of a ripe tomato on the right"): the LM must resolve it into the canonical text.
-- edit tasks: (source scene, instruction, target spec, inverse instruction) for cycle consistency.
+- edit tasks: (source scene, instruction, target spec, inverse instruction) for cycle consistency; the
+  reasoning variant hides the instruction behind a riddle ("make the circle the colour of a lemon").
 - understanding questions: (scene, question, exact answer).
 
 The split is by a stable hash of the canonical text: a held-out spec never appears in training, in
@@ -15,6 +16,7 @@ any phrasing (`split="train" | "eval"`, about 20% held out).
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -113,28 +115,35 @@ def generation_tasks(split: str, *, reasoning: bool = False, seed: int = 0) -> l
 
 
 def _edit(spec, rng: random.Random):
-    """One edit of a single-requirement spec: recolour or move; returns (instruction, target, inverse)."""
+    """One edit of a single-requirement spec: recolour or move.
+
+    Returns (plain instruction, reasoned instruction, target spec, inverse instruction)."""
     r = spec[0]
     noun = r.shape + ("s" if r.count > 1 else "")
     if rng.random() < 0.5:
         new = rng.choice([c for c in COLORS if c != r.color])
         tgt = (Req(new, r.shape, r.count, r.region),)
-        return f"make the {noun} {new}", tgt, f"make the {noun} {r.color}"
+        return (f"make the {noun} {new}", f"make the {noun} {rng.choice(RIDDLES[new])}", tgt,
+                f"make the {noun} {r.color}")
     axis = next(a for a in AXES if r.region in a)
     other = axis[1 - axis.index(r.region)]
     tgt = (Req(r.color, r.shape, r.count, other),)
-    return f"move the {noun} to the {other}", tgt, f"move the {noun} to the {r.region}"
+    return (f"move the {noun} to the {other}", f"move the {noun} away from the {r.region}", tgt,
+            f"move the {noun} to the {r.region}")
 
 
-def edit_tasks(split: str, *, seed: int = 0) -> list:
+def edit_tasks(split: str, *, reasoning: bool = False, seed: int = 0) -> list:
+    """(source scene, instruction) -> target tasks; `answer` is the plain instruction (what a reasoning LM
+    should write), `inverse` the instruction that undoes the edit (cycle consistency)."""
     rng = random.Random(seed)
     tasks = []
     for spec in all_specs(max_objects=1):
         canon = describe(spec)
         if split_of(canon) != split:
             continue
-        instr, tgt, inv = _edit(spec, rng)
-        tasks.append(Task(instr, describe(tgt), tgt, source=scene_of(spec), inverse=inv, inverse_spec=spec))
+        plain, reasoned, tgt, inv = _edit(spec, rng)
+        tasks.append(Task(reasoned if reasoning else plain, describe(tgt), tgt, answer=plain, source=scene_of(spec),
+                          inverse=inv, inverse_spec=spec))
     return tasks
 
 
@@ -152,3 +161,24 @@ def understanding_tasks(split: str, *, seed: int = 0) -> list:
                            (f"where is the {r.shape}?", r.region)])
         tasks.append(Task(q, canon, spec, answer=a, source=scene_of(spec)))
     return tasks
+
+
+_NUM = "|".join(NUMBERS.values())
+_COL = "|".join(COLORS)
+_SHP = "|".join(SHAPES)
+_DESC_ONE = rf"({_NUM}) ({_COL}) ({_SHP})s? on the (left|right|top|bottom)"
+_DESC_RE = re.compile(rf"^{_DESC_ONE}( and {_DESC_ONE})*$")
+_EDIT_RE = re.compile(rf"^(make the ({_SHP})s? ({_COL})|move the ({_SHP})s? to the (left|right|top|bottom))$")
+
+
+def parse_description(text: str):
+    """A canonical description ("two red circles on the left and ...") -> spec tuple, or None if malformed."""
+    text = text.strip()
+    if not _DESC_RE.match(text):
+        return None
+    words = {v: k for k, v in NUMBERS.items()}
+    return tuple(Req(c, s, words[n], reg) for n, c, s, reg in re.findall(_DESC_ONE, text))
+
+
+def is_edit_instruction(text: str) -> bool:
+    return bool(_EDIT_RE.match(text.strip()))

@@ -1,0 +1,124 @@
+"""Trainer configuration: one frozen dataclass, named presets, CLI flags derived from the fields.
+
+Every field is a flag (`--prompts-per-step 4`, `--no-cfg` style booleans as `--fp8 / --no-fp8`); a preset
+gives the defaults (`--config tiny`), flags override it, and the resolved config is written to
+`<run_dir>/config.json`. `validate()` rejects bad configs before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SCENARIOS = ("understand", "generate", "reason-generate", "refine-prompt", "edit", "reason-edit")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    scenario: str = "reason-generate"
+    preset: str = "world-tiny"  # model preset (`world-tiny` is `tiny` sized for the 32 px synthetic world)
+    model_path: str | None = None  # a saved UnifiedModel directory: skips the pretrain stage
+    run_dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 40
+    prompts_per_step: int = 4
+    group_size: int = 8
+    micro_batch: int = 16
+    lr_lm: float = 5e-5
+    lr_dit: float = 1e-4
+    lr_connector: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    loss_type: str = "grpo"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    beta: float = 0.0  # text KL to the frozen reference (k3)
+    flow_clip_range: float = 1e-3
+    beta_velocity: float = 0.02  # UniGRPO velocity-MSE to the frozen reference
+    tis_cap: float = 2.0  # truncated importance sampling cap (rollout vs training log-probs)
+    temperature: float = 1.0
+    max_new_tokens: int = 40
+    image_steps: int = 8
+    image_shift: float = 1.0
+    noise_level: float = 0.7
+    sde_window: int = 4  # Flow-GRPO-Fast: stochastic (trained) steps in a window at the start
+    guidance_scale: float = 1.0  # 1.0 = CFG-free (UniGRPO)
+    format_weight: float = 0.2
+    impl: str = "auto"  # "reference" runs every op in eager PyTorch
+    fp8: bool = False
+    pretrain_dit_steps: int = 700
+    pretrain_lm_steps: int = 500
+    pretrain_batch: int = 32
+    pretrain_lr: float = 2e-3
+    eval_every: int = 20
+    eval_prompts: int = 48
+    save_every: int = 20
+    keep_checkpoints: int = 2
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    def validate(self) -> "TrainConfig":
+        def bad(msg):
+            raise ValueError(f"bad config: {msg}")
+
+        if self.scenario not in SCENARIOS:
+            bad(f"unknown scenario {self.scenario!r}; choose one of {SCENARIOS}")
+        if self.group_size < 2:
+            bad(f"group_size must be >= 2 (group advantages of one sample are 0), got {self.group_size}")
+        if self.prompts_per_step < 1:
+            bad(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        if self.micro_batch < 1 or self.batch_size % self.micro_batch:
+            bad(f"batch {self.batch_size} (prompts_per_step x group_size) is not divisible by micro_batch "
+                f"{self.micro_batch}")
+        if self.micro_batch % self.group_size and self.group_size % self.micro_batch:
+            bad(f"micro_batch {self.micro_batch} and group_size {self.group_size}: one must divide the other")
+        for name in ("lr_lm", "lr_dit", "lr_connector", "pretrain_lr"):
+            if not getattr(self, name) > 0:
+                bad(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("steps", "max_new_tokens", "image_steps", "eval_prompts"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.sde_window <= self.image_steps:
+            bad(f"sde_window must be in [1, image_steps={self.image_steps}], got {self.sde_window}")
+        if self.impl not in ("auto", "triton", "reference"):
+            bad(f"impl must be auto, triton or reference, got {self.impl!r}")
+        if self.model_path is not None and not (Path(self.model_path) / "unified_config.json").is_file():
+            bad(f"model_path {self.model_path!r} is not a saved UnifiedModel directory (no unified_config.json)")
+        if self.temperature <= 0:
+            bad(f"temperature must be > 0 for sampling, got {self.temperature}")
+        return self
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+
+PRESETS = {
+    # what the README's first command runs: learns on a 2-core CPU in a few minutes
+    "tiny": TrainConfig(),
+    # the few-steps smoke run the tests use for every scenario
+    "smoke": TrainConfig(steps=2, prompts_per_step=2, group_size=2, micro_batch=4, max_new_tokens=12,
+                         image_steps=3, sde_window=2, pretrain_dit_steps=3, pretrain_lm_steps=3, pretrain_batch=4,
+                         eval_every=2, eval_prompts=4, save_every=1),
+}
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="named defaults")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=f"default: {f.default}")
+
+
+def config_from_args(args) -> TrainConfig:
+    base = PRESETS[args.config]
+    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(base, **over).validate()

@@ -1,0 +1,132 @@
+"""The base model of the embedded default: built from a preset and warmed up on the synthetic world.
+
+`pretrain` runs two short supervised stages on training-split tasks only (held-out specs never seen):
+  1. LM warm-up: next-token cross-entropy on (prompt -> answer) pairs of the scenario's text tasks
+     (reasoning prompt -> canonical prompt, edit riddle -> plain instruction, question -> answer).
+  2. DiT flow matching (with the connector, LM frozen): x_sigma = (1 - sigma) x0 + sigma eps, target
+     velocity eps - x0, sigma ~ U(0, 1), conditioned on the canonical prompt (and the source image for edits).
+The result is imperfect but far from random: RL starts from there. It is cached in
+`<run_dir>/base/` keyed by the settings that shape it, so reruns and resumes reuse it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import world as W
+from ..models import Conditioning, UnifiedModel, preset_config
+from ..models.config import _sana
+
+
+def world_model_config(preset: str, edit: bool):
+    """`world-tiny`: the `tiny` LM, a 32 px pixel-space Sana DiT (width 64, patch 4) fit for shape scenes."""
+    if preset != "world-tiny":
+        cfg = preset_config(preset)
+        return cfg.replace(edit=edit) if edit != cfg.edit else cfg
+    base = preset_config("tiny")
+    dit = _sana(6 if edit else 3, 3, 4, 16, 3, 4, 16, 64, 32, 4, mlp=2.5)
+    return base.replace(dit=dit, image_size=32, num_queries=8, connector_dim=64, connector_layers=1,
+                        connector_heads=4, edit=edit)
+
+
+def _lm_pairs(tasks_by_kind):
+    return [(p, a) for kind in tasks_by_kind.values() for p, a in kind]
+
+
+def lm_sft_step(model, tok, pairs, opt, batch, rng):
+    """One supervised step: loss only on the answer tokens (and their EOS)."""
+    chosen = [pairs[rng.randrange(len(pairs))] for _ in range(batch)]
+    rows = [(tok.encode(p, add_bos=True), tok.encode(a, add_eos=True)) for p, a in chosen]
+    L = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((batch, L), tok.pad_token_id)
+    labels = torch.full((batch, L), -100)
+    mask = torch.zeros(batch, L, dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        seq = p + a
+        ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, len(p):len(seq)] = torch.tensor(a)
+        mask[i, :len(seq)] = 1
+    dev = model.device
+    logits = model.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(dev))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def dit_fm_step(model, tok, items, opt, batch, rng):
+    """One flow-matching step on (conditioning text, target spec, source scene | None) items."""
+    chosen = [items[rng.randrange(len(items))] for _ in range(batch)]
+    dev, size = model.device, model.config.image_size
+    x0 = torch.stack([W.render_scene(W.scene_of(spec), size) for _, spec, _ in chosen]).to(dev)
+    ids, mask = tok([text for text, _, _ in chosen], device=dev)
+    src = None
+    if model.config.edit:
+        src = model.encode_images(torch.stack([W.render_scene(s, size) for _, _, s in chosen]).to(dev))
+    sigma = torch.rand(batch, device=dev)
+    eps = torch.randn_like(x0)
+    s = sigma.view(-1, 1, 1, 1)
+    xs = (1 - s) * x0 + s * eps
+    with torch.no_grad():  # the LM stays as the warm-up left it; the connector learns to read it
+        h = model.lm.base_model(**_query_inputs(model, ids, mask)).last_hidden_state[:, ids.shape[1]:]
+    cond, pooled = model.connector(h)
+    v = model.velocity(xs, sigma, Conditioning(cond, pooled), src)
+    loss = F.mse_loss(v.float(), eps - x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _query_inputs(model, ids, mask):
+    """The LM inputs of `UnifiedModel.condition` (prompt embeddings ++ queries), for a frozen-LM forward."""
+    B = ids.shape[0]
+    emb = model.lm.get_input_embeddings()
+    q = model.connector.queries.to(emb.weight.dtype).unsqueeze(0).expand(B, -1, -1)
+    full = torch.cat([mask.long(), mask.new_ones(B, model.config.num_queries).long()], 1)
+    return {"inputs_embeds": torch.cat([emb(ids), q], 1), "attention_mask": full,
+            "position_ids": (full.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
+
+
+def base_key(cfg, edit: bool) -> str:
+    keys = {k: getattr(cfg, k) for k in ("preset", "seed", "pretrain_dit_steps", "pretrain_lm_steps",
+                                         "pretrain_batch", "pretrain_lr")}
+    keys["edit"] = edit
+    return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pretrain(cfg, scenario, log=print) -> UnifiedModel:
+    """Build (or load from the run directory's cache) the warmed-up base model for a scenario."""
+    edit = scenario.edit
+    cache = Path(cfg.run_dir) / "base" / base_key(cfg, edit)
+    if (cache / "unified_config.json").is_file():
+        log(f"base model: reusing {cache}")
+        return UnifiedModel.from_pretrained(cache)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model = UnifiedModel(world_model_config(cfg.preset, edit))
+    tok = model.tokenizer
+    pairs = _lm_pairs(scenario.sft_pairs("train"))
+    opt = torch.optim.AdamW(model.lm.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    for i in range(cfg.pretrain_lm_steps):
+        loss = lm_sft_step(model, tok, pairs, opt, cfg.pretrain_batch, rng)
+        if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_lm_steps:
+            log(f"pretrain lm  {i + 1:4d}/{cfg.pretrain_lm_steps}  ce {loss:.3f}")
+    tasks = scenario.image_pretrain_tasks("train")
+    if tasks:
+        params = list(model.dit.parameters()) + list(model.connector.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)
+        for i in range(cfg.pretrain_dit_steps):
+            loss = dit_fm_step(model, tok, tasks, opt, cfg.pretrain_batch, rng)
+            if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_dit_steps:
+                log(f"pretrain dit {i + 1:4d}/{cfg.pretrain_dit_steps}  fm {loss:.4f}")
+    tmp = cache.with_name(cache.name + ".tmp")
+    model.save_pretrained(tmp)
+    tmp.replace(cache)
+    return model

@@ -1,0 +1,152 @@
+"""One RL step's pieces: rollout, rewards, and the losses of the two experts.
+
+Rollout (no grad): the LM writes (static-KV-cache engine, sampling log-probs kept for TIS), the DiT draws
+(SDE inside a Flow-GRPO-Fast window at the start, ODE after, CFG-free unless guidance_scale != 1).
+Losses on a micro-batch, with one shared advantage A_i per sample (UniGRPO):
+- text: `fused_linear_policy_loss` from the LM's last hidden states and its head (never the full logits),
+  old log-probs = the rollout's (the behaviour policy); KL to the frozen reference when beta > 0.
+- image: the trained window's transitions replayed in one batched DiT call, `flow_step_logprob` on the
+  stored (x, x_next) pairs, `flow_policy_loss` with the velocity-MSE to the frozen reference (UniGRPO).
+  Conditioning is recomputed with gradients, so the connector (and the LM, when it trains) learn from it.
+Micro-batch losses are scaled by micro/B so that accumulated gradients equal the full-batch mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import flow_policy_loss, flow_step_logprob, fused_linear_logprobs, fused_linear_policy_loss
+from .. import world as W
+from ..rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, guided_velocity
+
+
+@dataclass
+class Batch:
+    tasks: list
+    group_ids: torch.Tensor
+    text: object = None  # TextRolloutOutput
+    completions: list = None
+    cond_ids: torch.Tensor = None
+    cond_mask: torch.Tensor = None
+    traj: object = None  # ImageTrajectory
+    images: torch.Tensor = None
+    sources: torch.Tensor = None
+    rewards: torch.Tensor = None
+    reward_parts: list = None
+
+
+def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
+    if eval_mode:
+        return ImageSamplingParams(num_steps=cfg.image_steps, shift=cfg.image_shift, sde="ode",
+                                   guidance_scale=cfg.guidance_scale)
+    return ImageSamplingParams(num_steps=cfg.image_steps, shift=cfg.image_shift, sde="sde",
+                               noise_level=cfg.noise_level, window_start=0, window_size=cfg.sde_window,
+                               guidance_scale=cfg.guidance_scale)
+
+
+@torch.no_grad()
+def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=False) -> Batch:
+    tok, dev = model.tokenizer, model.device
+    b = Batch(tasks, group_ids)
+    if scenario.lm_writes:
+        ids, mask = tok([scenario.lm_prompt(t) for t in tasks], device=dev)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0 if eval_mode else cfg.temperature,
+                                eos_token_ids=(tok.eos_token_id,))
+        b.text = TextEngine(model.lm, pad_token_id=tok.pad_token_id, tokenizer=tok, compile=False).generate(
+            ids, mask, params, generator=generator)
+        b.completions = [c.strip() for c in b.text.texts]
+    if scenario.draws:
+        size = model.config.image_size
+        b.cond_ids, b.cond_mask = tok([scenario.dit_text(t, c) for t, c in
+                                       zip(tasks, b.completions or [None] * len(tasks))], device=dev)
+        if scenario.edit:
+            b.sources = torch.stack([W.render_scene(t.source, size) for t in tasks]).to(dev)
+        b.traj = ImageEngine(model).generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
+                                             source_images=b.sources, generator=generator)
+        b.images = b.traj.images
+    return b
+
+
+@torch.no_grad()
+def score(model, scenario, cfg, b: Batch, generator) -> Batch:
+    cycled = [None] * len(b.tasks)
+    if scenario.edit:  # edit back with the inverse instruction (deterministic) and compare with the source
+        tok = model.tokenizer
+        ids, mask = tok([t.inverse for t in b.tasks], device=model.device)
+        back = ImageEngine(model).generate(ids, mask, image_params(cfg, eval_mode=True), source_images=b.images,
+                                           generator=generator)
+        cycled = list(back.images)
+    parts = []
+    for i, t in enumerate(b.tasks):
+        img = b.images[i] if b.images is not None else None
+        src = b.sources[i] if b.sources is not None else None
+        parts.append(scenario.reward(t, b.completions[i] if b.completions else "", img, cycled[i], src,
+                                     cfg.format_weight))
+    b.reward_parts = parts
+    b.rewards = torch.tensor([p["total"] for p in parts], dtype=torch.float32)
+    return b
+
+
+def text_loss(model, ref, cfg, b: Batch, idx, adv, n_total_tokens):
+    """GRPO-family loss on the completions of rows `idx`; returns (loss scaled for accumulation, metrics)."""
+    out = b.text
+    P = out.prompt_ids.shape[1]
+    ids = torch.cat([out.prompt_ids[idx], out.completion_ids[idx]], 1)
+    mask = torch.cat([out.prompt_mask[idx], out.completion_mask[idx].long()], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    h = hidden[:, P - 1:-1]
+    head = model.lm.get_output_embeddings()
+    kw = {}
+    if cfg.beta > 0:
+        with torch.no_grad():
+            rh = ref.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+            kw["ref_logp"], _ = fused_linear_logprobs(rh[:, P - 1:-1], ref.lm.get_output_embeddings().weight,
+                                                      out.completion_ids[idx], temperature=cfg.temperature,
+                                                      impl=cfg.impl)
+    loss_type = "dapo" if cfg.loss_type in ("bnpo", "dapo") else cfg.loss_type
+    if loss_type == "dapo":
+        kw["num_tokens"] = max(n_total_tokens, 1)
+    loss, m = fused_linear_policy_loss(h, head.weight, out.completion_ids[idx], out.logprobs[idx], adv,
+                                       out.completion_mask[idx], bias=getattr(head, "bias", None),
+                                       temperature=cfg.temperature, loss_type=loss_type, eps_low=cfg.eps_low,
+                                       eps_high=cfg.eps_high, beta=cfg.beta, kl="k3",
+                                       max_completion_length=cfg.max_new_tokens, impl=cfg.impl, **kw)
+    scale = 1.0 if loss_type == "dapo" else len(idx) / len(b.tasks)
+    return loss * scale, m
+
+
+def _replay_velocity(model, traj, steps, rows, cond):
+    x = traj.samples[steps][:, rows]
+    S, B = x.shape[:2]
+    c = cond.__class__(cond.cond.repeat(S, 1, 1), None if cond.pooled is None else cond.pooled.repeat(S, 1))
+    src = None if traj.source_latents is None else traj.source_latents[rows].repeat(S, 1, 1, 1)
+    unc = None
+    if traj.params.cfg:
+        u = traj.uncond
+        unc = u.__class__(u.cond[rows].repeat(S, 1, 1), None if u.pooled is None else u.pooled[rows].repeat(S, 1))
+    v = guided_velocity(model, x.flatten(0, 1), traj.sigmas[steps][:, rows].flatten(), c, unc,
+                        traj.params.guidance_scale, src)
+    return v.view(x.shape), x
+
+
+def image_loss(model, ref, cfg, b: Batch, idx, adv):
+    """Flow-GRPO loss on the trained window of rows `idx`; returns (loss scaled for accumulation, metrics)."""
+    traj = b.traj
+    steps = traj.trainable.nonzero().flatten()
+    cond = model.condition(b.cond_ids[idx], b.cond_mask[idx])
+    v, x = _replay_velocity(model, traj, steps, idx, cond)
+    p = traj.params
+    logp = flow_step_logprob(v, x, traj.next_samples[steps][:, idx], traj.sigmas[steps][:, idx],
+                             traj.sigmas_next[steps][:, idx], noise_level=p.noise_level, sde=p.sde,
+                             sigma_max=traj.sigma_max, impl=cfg.impl)
+    kw = {}
+    if cfg.beta_velocity > 0:
+        with torch.no_grad():
+            rcond = ref.condition(b.cond_ids[idx], b.cond_mask[idx])
+            kw = dict(velocity=v, ref_velocity=_replay_velocity(ref, traj, steps, idx, rcond)[0],
+                      beta_velocity=cfg.beta_velocity)
+    loss, m = flow_policy_loss(logp, traj.log_probs[steps][:, idx], adv, clip_range=cfg.flow_clip_range,
+                               impl=cfg.impl, **kw)
+    return loss * (len(idx) / len(b.tasks)), m

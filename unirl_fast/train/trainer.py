@@ -1,0 +1,247 @@
+"""The lean on-policy trainer: rollout -> reward -> group advantages -> one policy update per step.
+
+    Trainer(cfg).train()      # pretrains (or loads) the base model, evaluates it, runs RL, evaluates again
+
+Per step: `prompts_per_step` training tasks, each repeated `group_size` times; rollout; rewards; GRPO group
+advantages (shared by the LM and the DiT); losses over micro-batches with gradient accumulation; gradient
+clipping; AdamW with per-expert learning rates (LM / DiT / connector). A frozen copy of the base model is the
+reference for the text KL and the velocity-MSE. Everything goes through the public ops with `impl=cfg.impl`.
+Outputs in the run directory: config.json, metrics.jsonl (one line per step and per evaluation),
+checkpoints/, base/ (the cached warmed-up model), and PNG plots (reward curves, sample grids).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .. import group_advantages
+from ..profiling import PhaseTimer
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .pretrain import pretrain
+from .rl import image_loss, rollout, score, text_loss
+from .scenarios import get_scenario
+
+
+class Trainer:
+    def __init__(self, cfg, log=print):
+        self.cfg = cfg.validate()
+        self.log = log
+        self.scenario = get_scenario(cfg.scenario)
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.run_dir / "config.json")
+        torch.manual_seed(cfg.seed)
+        if cfg.model_path:
+            from ..models import UnifiedModel
+
+            self.model = UnifiedModel.from_pretrained(cfg.model_path)
+        else:
+            self.model = pretrain(cfg, self.scenario, log=log)
+        if cfg.fp8:
+            from ..fp8 import convert_to_fp8  # the unified precision flow: rollout and training share these
+
+            convert_to_fp8(self.model)
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self._set_trainable()
+        self.opt = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.rng = random.Random(cfg.seed)
+        self.gen = torch.Generator(device=self.model.device).manual_seed(cfg.seed)
+        self.train_tasks = self.scenario.tasks("train")
+        self.eval_tasks = self.scenario.tasks("eval")[: cfg.eval_prompts]
+        self.step = 0
+        self.history = []
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None:
+            self._resume(ckpt)
+
+    # set-up ---------------------------------------------------------------------------------------------------
+    def _set_trainable(self):
+        m, s = self.model, self.scenario
+        m.requires_grad_(False)
+        m.lm.requires_grad_(s.train_lm)
+        m.dit.requires_grad_(s.train_dit)
+        m.connector.requires_grad_(s.train_dit)
+
+    def _param_groups(self):
+        m, c = self.model, self.cfg
+        groups = [("lm", m.lm, c.lr_lm), ("dit", m.dit, c.lr_dit), ("connector", m.connector, c.lr_connector)]
+        out = []
+        for name, mod, lr in groups:
+            params = [p for p in mod.parameters() if p.requires_grad]
+            if params:
+                out.append({"params": params, "lr": lr, "name": name})
+        if not out:
+            raise ValueError(f"scenario {self.scenario.name!r} trains nothing")
+        return out
+
+    def _trainable_state(self):
+        return {k: v for k, v in self.model.state_dict().items()}
+
+    def _resume(self, path):
+        ck = load_checkpoint(path)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optim"])
+        st = ck["state"]
+        self.step, self.history = st["step"], st["history"]
+        self.rng.setstate(st["py_rng"])
+        self.gen.set_state(st["gen"])
+        torch.set_rng_state(st["torch_rng"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def save(self):
+        st = {"step": self.step, "history": self.history, "py_rng": self.rng.getstate(),
+              "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        return save_checkpoint(self.run_dir, self.step, {"model": self._trainable_state(),
+                                                         "optim": self.opt.state_dict(), "state": st},
+                               keep=self.cfg.keep_checkpoints)
+
+    # one step -------------------------------------------------------------------------------------------------
+    def _sample_tasks(self):
+        c = self.cfg
+        prompts = [self.train_tasks[self.rng.randrange(len(self.train_tasks))] for _ in range(c.prompts_per_step)]
+        tasks = [t for t in prompts for _ in range(c.group_size)]
+        gid = torch.arange(c.prompts_per_step).repeat_interleave(c.group_size)
+        return tasks, gid
+
+    def train_step(self) -> dict:
+        c, m, s = self.cfg, self.model, self.scenario
+        timer = PhaseTimer(m.device)
+        tasks, gid = self._sample_tasks()
+        m.eval()
+        with timer.phase("rollout"):
+            b = rollout(m, s, c, tasks, gid, self.gen)
+        with timer.phase("reward"):
+            score(m, s, c, b, self.gen)
+            adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
+        m.train()
+        metrics = {}
+        with timer.phase("train_fwd_bwd"):
+            self.opt.zero_grad(set_to_none=True)
+            n_tok = int(b.text.completion_mask.sum()) if b.text is not None else 0
+            for start in range(0, c.batch_size, c.micro_batch):
+                idx = torch.arange(start, start + c.micro_batch)
+                loss = torch.zeros((), device=m.device)
+                if s.train_lm and b.text is not None:
+                    lt, mt = text_loss(m, self.ref, c, b, idx, adv[idx], n_tok)
+                    loss = loss + lt
+                    _accumulate(metrics, "text", lt, mt, c.micro_batch / c.batch_size)
+                if s.train_dit and b.traj is not None:
+                    li, mi = image_loss(m, self.ref, c, b, idx, adv[idx])
+                    loss = loss + li
+                    _accumulate(metrics, "image", li, mi, c.micro_batch / c.batch_size)
+                loss.backward()
+        with timer.phase("optimizer"):
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+            self.opt.step()
+        self.step += 1
+        rec = {"step": self.step, "reward": b.rewards.mean().item(), "grad_norm": float(gnorm), **metrics,
+               **_reward_parts(b.reward_parts)}
+        rec.update(timer.finish_step())
+        rec["samples_per_s"] = c.batch_size / (rec["step_ms"] / 1e3)
+        return rec
+
+    # evaluation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean held-out reward: greedy text, ODE images from fixed noise (the same every evaluation)."""
+        c, m = self.cfg, self.model
+        m.eval()
+        gen = torch.Generator(device=m.device).manual_seed(c.seed + 4242)
+        rewards, parts, images = [], [], []
+        for start in range(0, len(self.eval_tasks), c.micro_batch):
+            tasks = self.eval_tasks[start:start + c.micro_batch]
+            b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True)
+            score(m, self.scenario, c, b, gen)
+            rewards.append(b.rewards)
+            parts += b.reward_parts
+            if b.images is not None:
+                images.append(b.images.cpu())
+        out = {"eval_reward": torch.cat(rewards).mean().item(), **_reward_parts(parts, prefix="eval_")}
+        out["_images"] = torch.cat(images) if images else None
+        return out
+
+    # the loop -------------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        c = self.cfg
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.step == 0:
+            base = self.evaluate()
+            self._write(metrics_path, {"step": 0, "phase": "eval", **_public(base)})
+            self._save_grid(base["_images"], "samples_before.png")
+            self.log(f"base model held-out reward {base['eval_reward']:.3f}")
+        bar = tqdm(total=c.steps, initial=self.step, desc=c.scenario, disable=None)
+        while self.step < c.steps:
+            rec = self.train_step()
+            self.history.append(rec)
+            self._write(metrics_path, {"phase": "train", **rec})
+            bar.update(1)
+            self.log(_log_line(rec))
+            if self.step % c.eval_every == 0 or self.step == c.steps:
+                ev = self.evaluate()
+                self.history.append({"step": self.step, "phase": "eval", **_public(ev)})
+                self._write(metrics_path, {"step": self.step, "phase": "eval", **_public(ev)})
+                self.log(f"step {self.step} held-out reward {ev['eval_reward']:.3f}")
+                if self.step == c.steps:
+                    self._save_grid(ev["_images"], "samples_after.png")
+            if self.step % c.save_every == 0 or self.step == c.steps:
+                self.save()
+        bar.close()
+        final = _read_evals(metrics_path)
+        self._plot(metrics_path)
+        return final
+
+    def _write(self, path, rec):
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _save_grid(self, images, name):
+        from .plots import save_grid
+
+        if images is not None:
+            save_grid(images[:16], self.run_dir / name)
+
+    def _plot(self, metrics_path):
+        from .plots import plot_rewards
+
+        plot_rewards(metrics_path, self.run_dir / "rewards.png")
+
+
+def _accumulate(metrics, prefix, loss, m, weight):
+    """Loss values are already scaled for accumulation (they add up); metrics are micro-batch means (weighted)."""
+    metrics[f"{prefix}_loss"] = metrics.get(f"{prefix}_loss", 0.0) + float(loss.detach())
+    for k, v in m.items():
+        key = f"{prefix}_{k}"
+        metrics[key] = metrics.get(key, 0.0) + float(v) * weight
+
+
+def _reward_parts(parts, prefix=""):
+    if not parts:
+        return {}
+    keys = [k for k in parts[0] if k != "total"]
+    return {f"{prefix}reward_{k}": sum(p[k] for p in parts) / len(parts) for k in keys}
+
+
+def _public(d):
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def _log_line(r):
+    kl = r.get("text_kl_mean", r.get("image_approx_kl", 0.0))
+    clip = r.get("text_clip_frac_high", 0.0) + r.get("text_clip_frac_low", 0.0) + r.get("image_clip_frac", 0.0)
+    loss = r.get("text_loss", 0.0) + r.get("image_loss", 0.0)
+    mem = max([v for k, v in r.items() if k.endswith("peak_mem_MiB")] or [0.0])
+    return (f"step {r['step']:4d}  loss {loss:+.4f}  reward {r['reward']:.3f}  kl {kl:.2e}  clip {clip:.3f}  "
+            f"{r['samples_per_s']:.2f} samples/s  mem {mem:.0f} MiB")
+
+
+def _read_evals(path):
+    evals = [json.loads(line) for line in open(path) if '"phase": "eval"' in line]
+    return {"base_eval_reward": evals[0]["eval_reward"] if evals else None,
+            "final_eval_reward": evals[-1]["eval_reward"] if evals else None}
