@@ -5,10 +5,10 @@ conditioned on, which experts train, and the reward.
 |---|---|---|---|---|
 | understand | the answer to a question about a scene | - | LM | exact match |
 | generate | - | the prompt | DiT + connector | image score |
-| reason-generate | a plain description from a riddle/sum prompt | the LM's text | LM + DiT + connector | image score + format |
+| reason-generate | a plain description from a riddle/sum | the LM's text | LM + DiT + connector | image + format |
 | refine-prompt | a plain description (DiT frozen) | the LM's text | LM | image score |
-| edit | - | instruction + source image | DiT + connector | edit score + cycle consistency |
-| reason-edit | a plain instruction from a riddle | the LM's text + source | LM + DiT + connector | edit score + cycle + format |
+| edit | - | instruction + source image | DiT + connector | edit + cycle consistency |
+| reason-edit | a plain instruction from a riddle | LM text + source | LM + DiT + connector | edit + cycle + format |
 
 Image score: `world.score_image` (GenEval-style count / colour / position checks). Cycle consistency: the
 edited image is edited back with the inverse instruction (ODE sampling, no gradient) and compared with the
