@@ -14,12 +14,53 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train import Trainer
+    from .train.config import config_from_args
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"unirl-fast train: {e}", file=sys.stderr)
+        return 2
+    result = Trainer(cfg).train()
+    print(json.dumps({"run_dir": cfg.run_dir, **result}))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .train import TrainConfig, Trainer
+
+    path = Path(args.run_dir) / "config.json"
+    if not path.is_file():
+        print(f"unirl-fast eval: {args.run_dir!r} has no config.json (not a run directory)", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(**json.loads(path.read_text()))
+    if args.eval_prompts:
+        cfg = dataclasses.replace(cfg, eval_prompts=args.eval_prompts)
+    res = Trainer(cfg).evaluate()
+    print(json.dumps({k: v for k, v in res.items() if not k.startswith("_")}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unirl-fast", description="Fused ops and a lean trainer for unified-model RL")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, device and usable optional backends")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
+    from .train.config import add_config_args
+
+    train = sub.add_parser("train", help="RL on a unified model (default: reason-generate on the synthetic world)")
+    add_config_args(train)
+    train.set_defaults(func=_cmd_train)
+    ev = sub.add_parser("eval", help="held-out reward of a run's latest checkpoint")
+    ev.add_argument("run_dir")
+    ev.add_argument("--eval-prompts", type=int, default=None)
+    ev.set_defaults(func=_cmd_eval)
     return p
 
 

@@ -18,7 +18,7 @@ SCENARIOS = ("understand", "generate", "reason-generate", "refine-prompt", "edit
 @dataclass(frozen=True)
 class TrainConfig:
     scenario: str = "reason-generate"
-    preset: str = "world-tiny"  # model preset (`world-tiny` is `tiny` sized for the 32 px synthetic world)
+    preset: str = "tiny"  # model preset; `tiny` is adapted to the 32 px synthetic world (see train.pretrain)
     model_path: str | None = None  # a saved UnifiedModel directory: skips the pretrain stage
     run_dir: str = "runs/default"
     seed: int = 0
@@ -107,7 +107,7 @@ PRESETS = {
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="named defaults")
+    parser.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="named trainer defaults")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):

@@ -24,8 +24,9 @@ from ..models.config import _sana
 
 
 def world_model_config(preset: str, edit: bool):
-    """`world-tiny`: the `tiny` LM, a 32 px pixel-space Sana DiT (width 64, patch 4) fit for shape scenes."""
-    if preset != "world-tiny":
+    """`tiny` for the world: the `tiny` LM and a 32 px pixel-space Sana DiT (width 64, patch 4) fit for shape
+    scenes; other presets are used as they are (edit=True doubles the DiT's input channels)."""
+    if preset != "tiny":
         cfg = preset_config(preset)
         return cfg.replace(edit=edit) if edit != cfg.edit else cfg
     base = preset_config("tiny")
