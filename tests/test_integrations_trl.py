@@ -75,9 +75,12 @@ def _inputs(batch, *, old=True, ref=False, is_ratio=None):
     base, cur = batch
     inputs = dict(base)
     B, K = cur.shape
-    inputs["advantages"] = torch.randn(B)
-    if old:  # ratios spread around 1: both clip sides and (with delta) the dual clip are hit
-        inputs["old_per_token_logps"] = cur + 0.5 * torch.randn_like(cur)
+    # every (ratio above / below 1, advantage sign) pair occurs, per token and per sequence, so both clip
+    # sides and (with delta) the dual clip are hit
+    seq_shift = 0.8 * torch.tensor([1.0, -1.0]).repeat(B)[:B, None]
+    inputs["advantages"] = torch.randn(B).abs() * torch.tensor([-1.0, -1.0, 1.0, 1.0]).repeat(B)[:B]
+    if old:
+        inputs["old_per_token_logps"] = cur + 0.5 * torch.randn_like(cur) - seq_shift
     if ref:
         inputs["ref_per_token_logps"] = cur + 0.3 * torch.randn_like(cur)
     if is_ratio == "token":
