@@ -164,3 +164,13 @@ def test_bad_inputs_raise():
         token_logprobs(model, ids, mask[:, :-1])
     with pytest.raises(ValueError, match="at least 2 tokens"):
         token_logprobs(model, ids[:, :1], mask[:, :1])
+
+
+def test_all_padding_gives_zeros_and_zero_grad():
+    model = _model("qwen2")
+    ids, mask = _batch()
+    mask[:, 2:] = 0
+    lp, ent = token_logprobs(model, ids, mask, logits_to_keep=5, return_entropy=True, impl="reference")
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == (3, 5) and (lp == 0).all() and (ent == 0).all()
+    assert model.lm_head.weight.grad.abs().sum() == 0
