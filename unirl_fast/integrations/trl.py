@@ -41,8 +41,9 @@ Raises (never silently changes the objective): unsupported loss types, delta < 1
 use_bias_correction_kl with beta != 0, the entropy bonus outside bnpo, MoE auxiliary loss, multimodal
 inputs, and multi-process / DeepSpeed / FSDP runs (calling the backbone directly would bypass the wrapper).
 Precision: our head computes the logits in fp32 (FORMULAS.md section 1). Under TRL's default bf16 autocast
-TRL's own head runs in bf16 unless cast_lm_head_to_fp32=True, so the two agree to bf16 rounding, not bitwise;
-with bf16=False (as in the tests) or cast_lm_head_to_fp32=True they agree to fp32 rounding.
+TRL's own head runs in bf16 unless cast_lm_head_to_fp32=True, so the two agree to bf16 rounding (measured on CPU:
+~5e-3 relative on parameter gradients). With cast_lm_head_to_fp32=True the losses agree to fp32 rounding and the
+gradients to bf16 rounding of the hidden-state gradient (~1.5e-4 relative); with bf16=False, to fp32 rounding.
 Logged metrics (entropy, kl, clip_ratio/low_mean|high_mean|region_mean) are token-weighted means from the
 op; TRL's per-sequence clip_ratio/low_min and high_max are not logged.
 """
