@@ -79,6 +79,19 @@ def test_quantizer_noncontiguous_input(impl, device):
         assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
 
 
+@pytest.mark.parametrize("rows", [77, 256], ids=["R77", "R256"])
+def test_fused_dual_quantizer_equals_two_calls(rows, device):
+    from unirl_fast.fp8.quantize import _quantize_fp8_dual_triton
+
+    x = torch.randn(rows, 384, device=device, dtype=torch.bfloat16) * 5
+    x[:, 128:256] = 0.0
+    q, s, qt, st = _quantize_fp8_dual_triton(x)
+    for (a, sa), grouping in (((q, s), "1x128"), ((qt, st), "128x1")):
+        b, sb = quantize_fp8(x, grouping, impl="reference")
+        assert a.shape == b.shape and a.stride() == b.stride() and sa.shape == sb.shape
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and torch.equal(sa, sb)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("grouping", ["1x128", "128x1", "128x128"])
 def test_zero_blocks(impl, grouping, device):

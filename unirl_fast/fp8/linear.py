@@ -33,7 +33,7 @@ from torch import nn
 from .._checks import check_option, check_tensor
 from ..ops._dispatch import choose, triton_impl
 from .gemm import BACKENDS, GEMMS, resolve_gemm
-from .quantize import GROUP, check_scales_finite, quantize_fp8_ref
+from .quantize import GROUP, check_scales_finite, quantize_fp8_dual_ref, quantize_fp8_ref
 
 
 def _quant(x: torch.Tensor, grouping: str, gemm: str, name: str):
@@ -47,22 +47,32 @@ def _quant(x: torch.Tensor, grouping: str, gemm: str, name: str):
     return q, s
 
 
+def _quant_dual(x: torch.Tensor, gemm: str, name: str):
+    """("1x128" q, s, "128x1" q, s) of x, from one read on the Triton path (bitwise equal to two `_quant` calls)."""
+    impl = "reference" if gemm == "emulation" else "triton"
+    if choose("quantize_fp8_dual", impl, x.device) == "triton":
+        out = triton_impl("quantize_fp8_dual")(x)
+    else:
+        out = quantize_fp8_dual_ref(x)
+    check_scales_finite(name, out[1])
+    return out
+
+
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, wq, ws, gemms, save_fp8_activation, needs_wgrad):
         # x [M, K], weight [N, K], wq/ws its 128x128 quantization; gemms = (fwd/dgrad gemm, wgrad gemm)
-        xq, xs = _quant(x, "1x128", gemms[0], "x")
+        if needs_wgrad and save_fp8_activation:
+            xq, xs, xtq, xts = _quant_dual(x, gemms[0], "x")
+            saved, ctx.fp8_saved = (xtq, xts), True
+        else:
+            xq, xs = _quant(x, "1x128", gemms[0], "x")
+            saved, ctx.fp8_saved = ((x, None) if needs_wgrad else (None, None)), False
         y = GEMMS[gemms[0]](xq, xs, wq, ws).to(x.dtype)                          # [M, N]
         if bias is not None:
             y = y + bias.to(y.dtype)
-        ctx.gemms, ctx.x_dtype, ctx.m = gemms, x.dtype, x.shape[0]
+        ctx.gemms, ctx.x_dtype = gemms, x.dtype
         ctx.has_bias = bias is not None
-        if not needs_wgrad:
-            saved, ctx.fp8_saved = (None, None), False
-        elif save_fp8_activation:
-            saved, ctx.fp8_saved = _quant(x, "128x1", gemms[1], "x"), True
-        else:
-            saved, ctx.fp8_saved = (x, None), False
         ctx.save_for_backward(weight, wq, ws, *saved)
         return y
 
@@ -72,13 +82,18 @@ class FP8LinearFunction(torch.autograd.Function):
         g_fwd, g_wgrad = ctx.gemms
         dy = dy.contiguous()
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_dx and need_dw:
+            dyq, dys, dytq, dyts = _quant_dual(dy, g_fwd, "grad_output")
+        elif need_dx:
             dyq, dys = _quant(dy, "1x128", g_fwd, "grad_output")
+        elif need_dw:
+            dytq, dyts = _quant(dy, "128x1", g_wgrad, "grad_output")
+        if need_dx:
             # [M, K] = [M, N] @ ([K, N])^T: W^T as the K-contiguous operand, blocks transposed with it
             dx = GEMMS[g_fwd](dyq, dys, wq.t().contiguous(), ws.t().contiguous()).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
+        if need_dw:
             xtq, xts = (xa, xb) if ctx.fp8_saved else _quant(xa, "128x1", g_wgrad, "x")
-            dytq, dyts = _quant(dy, "128x1", g_wgrad, "grad_output")
             # [N, K] = [N, M_pad] @ ([K, M_pad])^T
             dw = GEMMS[g_wgrad](dytq, dyts, xtq, xts).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -77,6 +77,18 @@ def _quantize_fp8_triton(x: torch.Tensor, grouping: str):
     return fp8_quant_fwd(x, grouping, EPS)
 
 
+@register_triton("quantize_fp8_dual")
+def _quantize_fp8_dual_triton(x: torch.Tensor):
+    from ..kernels.fp8_quant import fp8_quant_dual_fwd
+
+    return fp8_quant_dual_fwd(x, EPS)
+
+
+def quantize_fp8_dual_ref(x: torch.Tensor):
+    """("1x128" q, s, "128x1" q, s) of the same x: what the fused kernel returns from one read."""
+    return (*quantize_fp8_ref(x, "1x128"), *quantize_fp8_ref(x, "128x1"))
+
+
 def quantize_fp8(x: torch.Tensor, grouping: str = "1x128", *, impl: str = "auto"):
     """Quantize x [R, C] (fp32/bf16/fp16) to E4M3 with fp32 block scales.
 
