@@ -98,11 +98,11 @@ def resolve_gemm(backend: str, device, kind: str) -> str:
     if backend == "triton":
         if has_fp8_gemm(device) or (device.type == "cpu" and interpreting()):
             return "triton"
-        raise RuntimeError(f"backend='triton' needs a CUDA GPU with FP8 tensor cores (sm89+), got {_describe(device)}; "
-                           "use backend='emulation' (exact CPU emulation) or 'auto'")
+        raise RuntimeError(f"backend='triton' needs a CUDA GPU with FP8 tensor cores (sm89+), "
+                           f"got {_describe(device)}; use backend='emulation' (exact CPU emulation) or 'auto'")
     if not has_fp8_gemm(device):
-        raise RuntimeError(f"backend='scaled_mm' needs a CUDA GPU with FP8 tensor cores (sm89+), got {_describe(device)}; "
-                           "use backend='emulation' (exact CPU emulation) or 'auto'")
+        raise RuntimeError(f"backend='scaled_mm' needs a CUDA GPU with FP8 tensor cores (sm89+), "
+                           f"got {_describe(device)}; use backend='emulation' (exact CPU emulation) or 'auto'")
     reason = scaled_mm_failure(device, kind)
     if reason is not None:
         raise RuntimeError(f"backend='scaled_mm' is not usable here: {reason}; use backend='triton' or 'auto'")

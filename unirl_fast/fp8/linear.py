@@ -8,7 +8,13 @@ Legend: M tokens (any count), K in_features, N out_features (both multiples of 1
 Each GEMM accumulates in fp32 and rounds its output to bf16 once (then y, dx, dW are returned in the
 dtype of x / of the weight; a bias is added after the GEMM in the input dtype and its gradient is an fp32
 token sum). Every scale group runs along the GEMM's reduction axis, as block scaling requires; tokens are
-padded to a multiple of 128 (zero rows) only inside the wgrad operands.
+padded to a multiple of 128 (zero rows) only inside the wgrad operands. Where both directions of one tensor
+are needed (x in a training forward, dy in the backward) one fused kernel reads it once and writes both.
+
+Quantizations per layer and step: W once per weight version (cached), x once (rollout) or one fused dual
+pass (training), dy one fused dual pass, W^T a transposed copy of the FP8 weight (N*K bytes) in backward.
+Non-finite x, dy or W raise ValueError; that check reads the scales on the host (one sync per quantization):
+set UNIRL_FAST_VALUE_CHECKS=0 in a hot loop once the pipeline is trusted (the benchmark times it that way).
 
 Unified flow: rollout (eval / no_grad) and training call the same `FP8LinearFunction.forward`, which
 quantizes x and W with one quantizer family and runs one GEMM, so a token's rollout log-prob and the one
@@ -127,7 +133,7 @@ class FP8Linear(nn.Linear):
         self._wcache = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, backend="auto", save_fp8_activation=True) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, *, backend="auto", save_fp8_activation=True) -> FP8Linear:
         """Wrap an existing nn.Linear, keeping its weight and bias Parameter objects (optimizers keep working)."""
         _check_features(linear.in_features, linear.out_features)
         new = cls.__new__(cls)
@@ -157,7 +163,8 @@ class FP8Linear(nn.Linear):
         gemms = (resolve_gemm(self.backend, x.device, "block"), resolve_gemm(self.backend, x.device, "row"))
         wq, ws = self.quantized_weight(gemms[0])
         needs_wgrad = torch.is_grad_enabled() and self.weight.requires_grad
-        y = FP8LinearFunction.apply(x2, self.weight, self.bias, wq, ws, gemms, self.save_fp8_activation, needs_wgrad)
+        y = FP8LinearFunction.apply(x2, self.weight, self.bias, wq, ws, gemms, self.save_fp8_activation,
+                                    needs_wgrad)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
