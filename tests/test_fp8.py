@@ -180,6 +180,16 @@ def _saved_tensors(fn):
     return out, saved
 
 
+@pytest.mark.parametrize("backend", ["emulation", "triton"])
+def test_fp8linear_empty_batch(backend, device):
+    layer = FP8Linear(128, 256, backend=backend, device=device)
+    x = torch.randn(0, 128, device=device, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 256) and x.grad.shape == (0, 128)
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+
+
 def test_save_fp8_activation_both_ways():
     base = FP8Linear(256, 384, bias=False, backend="emulation", save_fp8_activation=True)
     other = FP8Linear.from_linear(base, backend="emulation", save_fp8_activation=False)

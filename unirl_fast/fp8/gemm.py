@@ -34,6 +34,8 @@ def gemm_emulation(a, sa, bt, sb, out_dtype=torch.bfloat16):
 
 
 def gemm_scaled_mm(a, sa, bt, sb, out_dtype=torch.bfloat16):
+    if a.numel() == 0 or bt.numel() == 0:  # empty batch (M = 0, or wgrad's K = M_pad = 0): not worth a cuBLAS call
+        return torch.zeros(a.shape[0], bt.shape[0], device=a.device, dtype=out_dtype)
     scale_a = sa.t().contiguous().t()      # [M, K/128], strides (1, M)
     scale_b = sb.contiguous().t()          # [K/128, N/128 or N], strides (1, K/128)
     return torch._scaled_mm(a, bt.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)

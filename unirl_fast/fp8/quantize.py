@@ -66,6 +66,8 @@ def quantize_fp8_ref(x: torch.Tensor, grouping: str):
 def dequantize_fp8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """fp32 values q * s, with s broadcast over its groups (any of the three layouts above)."""
     R, C = q.shape
+    if q.numel() == 0:
+        return torch.zeros(R, C, dtype=torch.float32, device=q.device)
     gr, gc = R // s.shape[0], C // s.shape[1]
     return (q.float().view(s.shape[0], gr, s.shape[1], gc) * s[:, None, :, None]).view(R, C)
 
