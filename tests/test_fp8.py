@@ -280,9 +280,10 @@ def test_convert_to_fp8_transformers(kind):
     assert only_mlp and all(".mlp." in n for n in only_mlp)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_unified_rollout_equals_training(kind):
-    model = _tiny_lm(kind)
+@pytest.mark.parametrize("kind,dtype", [("llama", torch.float32), ("qwen2", torch.float32), ("qwen2", torch.bfloat16)],
+                         ids=["llama-fp32", "qwen2-fp32", "qwen2-bf16"])
+def test_unified_rollout_equals_training(kind, dtype):
+    model = _tiny_lm(kind).to(dtype)
     plain = copy.deepcopy(model)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     convert_to_fp8(model)
