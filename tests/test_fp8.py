@@ -280,6 +280,22 @@ def test_convert_to_fp8_transformers(kind):
     assert only_mlp and all(".mlp." in n for n in only_mlp)
 
 
+def test_convert_to_fp8_diffusion_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64,
+                                  num_attention_heads=2, joint_attention_dim=128, caption_projection_dim=128,
+                                  pooled_projection_dim=128, out_channels=4, pos_embed_max_size=16)
+    names = convert_to_fp8(model, backend="emulation")
+    assert "transformer_blocks.0.attn.to_q" in names and "transformer_blocks.1.ff.net.2" in names
+    assert not any("norm" in n or "time_text_embed" in n for n in names)
+    assert type(model.transformer_blocks[0].norm1.linear) is nn.Linear and type(model.proj_out) is nn.Linear
+    out = model(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 7, 128),
+                pooled_projections=torch.randn(2, 128), timestep=torch.tensor([500.0, 20.0])).sample
+    out.square().mean().backward()
+    assert all(model.get_submodule(n).weight.grad is not None for n in names)
+
+
 @pytest.mark.parametrize("kind,dtype", [("llama", torch.float32), ("qwen2", torch.float32), ("qwen2", torch.bfloat16)],
                          ids=["llama-fp32", "qwen2-fp32", "qwen2-bf16"])
 def test_unified_rollout_equals_training(kind, dtype):

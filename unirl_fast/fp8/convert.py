@@ -2,8 +2,10 @@
 
 Eligible: a plain nn.Linear (not already FP8Linear) with in_features and out_features divisible by 128,
 that is not the LM head (a module named `lm_head`, the model's output embeddings, or any Linear whose weight
-is tied to an nn.Embedding) and that `filter_fn(name, module)` accepts. Embeddings and norms are never
-nn.Linear, so they stay as they are; attention itself (softmax(QK^T)V) stays in the input dtype, only its
+is tied to an nn.Embedding), that does not sit inside a norm or embedding module (by class name: "Norm",
+"Embed"; e.g. diffusers' AdaLayerNormZero modulation Linear and the timestep / pooled-text embedders of a
+diffusion transformer: conditioning paths with one row per sample, no FP8 speed to gain and error to add) and
+that `filter_fn(name, module)` accepts. Embeddings and norms themselves are never nn.Linear; attention itself (softmax(QK^T)V) stays in the input dtype, only its
 projections become FP8. The swapped modules keep the original weight/bias Parameter objects, so an optimizer
 built before (or after) the conversion updates the same master weights, and the rollout engine that
 shares the module objects runs the very same FP8 forward as the trainer.
@@ -27,6 +29,15 @@ def _head_weights(model: nn.Module) -> set:
     return ids
 
 
+def _inside_norm_or_embedding(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        cls = type(model.get_submodule(".".join(parts[:i]))).__name__
+        if "Norm" in cls or "Embed" in cls:
+            return True
+    return False
+
+
 def convert_to_fp8(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, *,
                    backend: str = "auto", save_fp8_activation: bool = True) -> list:
     """Replace eligible nn.Linear submodules of `model` by FP8Linear (in place); return the converted names.
@@ -39,7 +50,7 @@ def convert_to_fp8(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear or name.split(".")[-1] == "lm_head" or id(mod.weight) in head:
             continue
-        if mod.in_features % GROUP or mod.out_features % GROUP:
+        if mod.in_features % GROUP or mod.out_features % GROUP or _inside_norm_or_embedding(model, name):
             continue
         if filter_fn is not None and not filter_fn(name, mod):
             continue
