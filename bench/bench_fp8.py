@@ -172,7 +172,12 @@ def bench_mismatch(dev, smoke):
 
 
 def plot(rows, path):
-    import matplotlib
+    """The figure needs the [bench] extra (matplotlib); without it only the CSV and the tables are written."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no figure written")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -191,6 +196,7 @@ def plot(rows, path):
     fig.suptitle(f"FP8 unified flow on {rows[0]['device']}" + (" (smoke: CPU emulation)" if rows[0]["smoke"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return path
 
 
 def main(argv=None):
@@ -204,7 +210,7 @@ def main(argv=None):
     rows = [{**r, "smoke": smoke, **env} for r in rows]
     path = append_rows("fp8.csv", rows, args.out)
     png = Path(args.out or RESULTS_DIR) / ("fp8_smoke.png" if smoke else "fp8.png")
-    plot(rows, png)
+    png = plot(rows, png)
     print(f"ceilings on {env['device']}: copy {ceil['copy_GBps']:.1f} GB/s, {ceil['gemm_dtype']} GEMM "
           f"{ceil['gemm_TFLOPs']:.3f} TFLOP/s, FP8 GEMM {ceil['fp8_gemm_TFLOPs']}")
     cols = {"gemm": ["shape", "M", "N", "K", "impl", "median_ms", "p20_ms", "p80_ms", "TFLOPs", "x_vs_bf16",

@@ -281,7 +281,7 @@ def test_convert_to_fp8_transformers(kind):
 
 
 def test_convert_to_fp8_diffusion_transformer():
-    from diffusers import SD3Transformer2DModel
+    SD3Transformer2DModel = pytest.importorskip("diffusers").SD3Transformer2DModel  # the [diffusion] extra
 
     model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64,
                                   num_attention_heads=2, joint_attention_dim=128, caption_projection_dim=128,

@@ -29,8 +29,8 @@ optimizer step, not once per decode step.
 
 Limits: 2-D weights only; K, N multiples of 128 (ValueError otherwise; `convert_to_fp8` skips such layers);
 no autocast integration (FP8 is its own precision policy); not made torch.compile-friendly (the weight
-cache reads the storage pointer and version counter: expect a graph break per layer); embeddings, LM head, norms and attention
-stay in the input dtype by construction (only nn.Linear layers are swapped).
+cache reads the storage pointer and version counter: expect a graph break per layer); embeddings, LM head,
+norms and attention stay in the input dtype by construction (only nn.Linear layers are swapped).
 """
 from __future__ import annotations
 
