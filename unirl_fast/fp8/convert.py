@@ -6,9 +6,10 @@ is tied to an nn.Embedding), that does not sit inside a norm or embedding module
 "Embed"; e.g. diffusers' AdaLayerNormZero modulation Linear and the timestep / pooled-text embedders of a
 diffusion transformer: conditioning paths with one row per sample, no FP8 speed to gain and error to add) and
 that `filter_fn(name, module)` accepts. Embeddings and norms themselves are never nn.Linear; attention
-itself (softmax(QK^T)V) stays in the input dtype, only its projections become FP8. The swapped modules keep the original weight/bias Parameter objects, so an optimizer
-built before (or after) the conversion updates the same master weights, and the rollout engine that
-shares the module objects runs the very same FP8 forward as the trainer.
+itself (softmax(QK^T)V) stays in the input dtype, only its projections become FP8. The swapped modules
+keep the original weight/bias Parameter objects, so an optimizer built before (or after) the conversion
+updates the same master weights, and the rollout engine that shares the module objects runs the very
+same FP8 forward as the trainer.
 """
 from __future__ import annotations
 
