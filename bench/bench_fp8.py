@@ -34,8 +34,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (RESULTS_DIR, append_rows, base_parser, env_columns, format_table,  # noqa: E402
-                          measure_ceilings, peak_extra_memory_bytes, ratio, resolve_smoke, time_fn)
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    append_rows,
+    base_parser,
+    env_columns,
+    format_table,
+    measure_ceilings,
+    peak_extra_memory_bytes,
+    ratio,
+    resolve_smoke,
+    time_fn,
+)
 from unirl_fast.fp8 import FP8Linear, convert_to_fp8, has_fp8_gemm, quantize_fp8, rollout_mismatch  # noqa: E402
 from unirl_fast.fp8.gemm import scaled_mm_failure  # noqa: E402
 
@@ -79,7 +89,7 @@ def bench_gemms(dev, smoke, ceil):
         for impl, layer in layers.items():
             xi = x.clone().requires_grad_()
 
-            def step(layer=layer, xi=xi):
+            def step(layer=layer, xi=xi, dy=dy):
                 layer.weight.grad = None
                 xi.grad = None
                 layer(xi).backward(dy)

@@ -8,11 +8,10 @@ import copy
 
 import pytest
 import torch
+from tolerance import rel_err, scale_free_err
 from torch import nn
 
-from tolerance import rel_err, scale_free_err
-from unirl_fast.fp8 import (FP8Linear, convert_to_fp8, dequantize_fp8, quantize_fp8, rollout_mismatch,
-                            scaled_mm_failure)
+from unirl_fast.fp8 import FP8Linear, convert_to_fp8, dequantize_fp8, quantize_fp8, rollout_mismatch, scaled_mm_failure
 
 E4M3 = torch.float8_e4m3fn
 # DeepGEMM's bound for its FP8 GEMMs; E4M3 on both operands of Gaussian data measures ~6.6e-4 here
@@ -198,7 +197,7 @@ def test_save_fp8_activation_both_ways():
     results = []
     for layer in (base, other):
         xi = x.clone().requires_grad_()
-        y, saved = _saved_tensors(lambda: layer(xi))
+        y, saved = _saved_tensors(lambda layer=layer, xi=xi: layer(xi))
         y.backward(dy)
         results.append((y, xi.grad, base.weight.grad.clone(), saved))
         base.weight.grad = None

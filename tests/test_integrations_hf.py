@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from tolerance import assert_close_rule
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
