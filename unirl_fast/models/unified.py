@@ -97,7 +97,7 @@ class UnifiedModel(nn.Module):
     # construction / persistence -------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UnifiedModel":
-        """Random-init model of a named preset (`tiny`, `tiny-sd3`, `small`, `bench-1.5b`); overrides go to the config."""
+        """Random-init model (train mode) of a named preset (`tiny`, `tiny-sd3`, `small`, `bench-1.5b`); overrides go to the config."""
         cfg = preset_config(name)
         return cls(cfg.replace(**overrides) if overrides else cfg)
 
@@ -134,7 +134,7 @@ class UnifiedModel(nn.Module):
         except (RuntimeError, SafetensorError) as e:
             raise ValueError(f"{weights} does not match its config (wrong widths or a different model): "
                              f"{str(e)[:800]}") from None
-        return model.to(device=device, dtype=dtype)
+        return model.to(device=device, dtype=dtype).eval()
 
     # geometry -------------------------------------------------------------------------------------------------
     @property
