@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks as C
+from ..models.experts import sdpa_or_flash
 from ..ops import fused_linear_logprobs
 
 
@@ -95,6 +96,17 @@ def sample_from_logprobs(logp: torch.Tensor, greedy: bool, generator=None) -> to
     return (logp.exp() / e).argmax(-1)
 
 
+def _set_attention(lm, attn_implementation):
+    if attn_implementation is None:
+        return
+    if attn_implementation == "auto":
+        p = next(lm.parameters())
+        if not (p.is_cuda and p.dtype in (torch.float16, torch.bfloat16)) or sdpa_or_flash() != "flash_attention_2":
+            return
+        attn_implementation = "flash_attention_2"
+    lm.set_attn_implementation(attn_implementation)
+
+
 def _eos_ids(lm, params):
     if params.eos_token_ids is not None:
         return tuple(int(i) for i in params.eos_token_ids)
@@ -113,14 +125,18 @@ class TextEngine:
         lm: the causal LM; its weights are used in place (no copy). pad_token_id: fed to finished rows and written
         after the end of completions (default: lm.config.pad_token_id, else 0). compile: wrap the decode forward
         in torch.compile(mode="reduce-overhead"); None = on when the LM is on CUDA. tokenizer: for stop strings
-        and decoded texts (anything with `decode`).
+        and decoded texts (anything with `decode`). attn_implementation: "auto" switches the LM (in place, so
+        the trainer's forward uses it too) to flash_attention_2 when flash-attn is installed and the LM is on CUDA
+        in fp16/bf16, and otherwise leaves it as built (SDPA for `UnifiedModel`); None never changes it.
     Example:
         >>> eng = TextEngine(model.lm, tokenizer=model.tokenizer)
         >>> out = eng.generate(ids, mask, SamplingParams(max_new_tokens=32, temperature=1.0))
     """
 
-    def __init__(self, lm, *, pad_token_id: int | None = None, compile: bool | None = None, tokenizer=None):
+    def __init__(self, lm, *, pad_token_id: int | None = None, compile: bool | None = None, tokenizer=None,
+                 attn_implementation: str | None = "auto"):
         self.lm = lm
+        _set_attention(lm, attn_implementation)
         self.tokenizer = tokenizer
         pad = pad_token_id if pad_token_id is not None else getattr(lm.config, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
