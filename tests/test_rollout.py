@@ -216,6 +216,8 @@ def test_image_param_errors():
         ImageSamplingParams(num_steps=6, window_start=2, window_size=5)
     with pytest.raises(ValueError, match="sde must be one of"):
         ImageSamplingParams(sde="ddim")
+    with pytest.raises(ValueError, match="needs num_steps >= 2"):
+        ImageSamplingParams(num_steps=1)
     with pytest.raises(ValueError, match="noise_level=0"):
         ImageSamplingParams(noise_level=0.0)
 

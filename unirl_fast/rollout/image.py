@@ -55,6 +55,8 @@ class ImageSamplingParams:
             raise ValueError("noise_level=0 makes the 'sde' step deterministic; use sde='ode'")
         if self.sde == "cps" and not 0 < self.noise_level <= 1:
             raise ValueError(f"noise_level for sde='cps' must be in (0, 1], got {self.noise_level!r}")
+        if self.sde != "ode" and self.num_steps < 2:
+            raise ValueError(f"sde={self.sde!r} needs num_steps >= 2 (its std uses the second-largest sigma)")
         if not 0 <= self.window_start < self.num_steps:
             raise ValueError(f"window_start={self.window_start} must be in [0, num_steps={self.num_steps})")
         if self.window_size is not None and not 0 < self.window_size <= self.num_steps - self.window_start:
@@ -153,7 +155,7 @@ class ImageEngine:
                 raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
             x = noise.float()
         sig = timestep_schedule(T, params.shift, dev)
-        sigma_max = float(sig[1]) if T > 1 else 0.5
+        sigma_max = float(sig[1]) if T > 1 else 0.0  # unused by ode
         on = params.stochastic_steps()
         samples = torch.empty((T, *shape), device=dev)
         next_samples = torch.empty((T, *shape), device=dev)
