@@ -22,6 +22,15 @@ def _tiny_edit_kl_config():
     return cfg.replace(vae_type="kl", vae=vae, edit=True, dit={**cfg.dit, "in_channels": 8, "out_channels": 4})
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models are launch-bound: on the shared 2-core CPU, one intra-op thread avoids oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)

@@ -12,6 +12,15 @@ from unirl_fast.rollout import (ImageEngine, ImageSamplingParams, SamplingParams
 PROMPTS = ["The cat", "a much longer prompt here", "x"]
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models are launch-bound: on the shared 2-core CPU, one intra-op thread avoids oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
