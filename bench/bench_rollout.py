@@ -49,8 +49,8 @@ def bench_text(model, dev, B, P, T, reps):
                                           top_k=0, top_p=1.0, max_new_tokens=T, min_new_tokens=T,
                                           pad_token_id=0, eos_token_id=None), dev, reps)
     rows = []
-    for name, t, flag in (("ours (static cache" + (", compiled)" if engine.compile else ")"), ours, None),
-                          ("transformers generate", hf, None)):
+    for name, t in (("ours (static cache" + (", compiled)" if engine.compile else ")"), ours),
+                    ("transformers generate", hf)):
         rows.append({"bench": "text", "impl": name, "batch": B, "prompt": P, "new_tokens": T,
                      "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms,
                      "throughput": B * T / (t.median_ms * 1e-3), "unit": "tokens/s"})
@@ -67,7 +67,7 @@ def bench_image(model, dev, B, steps, reps):
         p = ImageSamplingParams(num_steps=steps, guidance_scale=w, decode=False, window_start=0,
                                 window_size=min(2, steps))
         g = torch.Generator(device=dev).manual_seed(0)
-        times[name] = t = _timed(lambda: engine.generate(ids, mask, p, generator=g), dev, reps)
+        times[name] = t = _timed(lambda p=p, g=g: engine.generate(ids, mask, p, generator=g), dev, reps)
         rows.append({"bench": "image", "impl": name, "batch": B, "steps": steps, "median_ms": t.median_ms,
                      "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "throughput": B / (t.median_ms * 1e-3),
                      "unit": "images/s"})

@@ -22,7 +22,7 @@ Memory: 2 T B C h w fp32 for the record (at 512 px, DC-AE: 2 * 10 * 64 * 32 * 16
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -101,7 +101,6 @@ class ImageTrajectory:
     uncond: Conditioning | None = None
     source_latents: torch.Tensor | None = None
     images: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def guided_velocity(model, x, sigma, cond: Conditioning, uncond: Conditioning | None, guidance_scale: float,
@@ -188,7 +187,7 @@ def replay_logprobs(model, traj: ImageTrajectory, *, conditioning: Conditioning 
         raise ValueError("no trainable steps to replay (an all-ODE trajectory has no log-probs)")
     if p.sde == "ode":
         raise ValueError("an sde='ode' trajectory has no log-probs to replay")
-    S, B = idx.numel(), traj.samples.shape[1]
+    S = idx.numel()
     cond = traj.conditioning if conditioning is None else conditioning
     unc = traj.uncond if uncond is None else uncond
 

@@ -169,7 +169,8 @@ class TextEngine:
             attention_mask = torch.ones_like(input_ids)
         C.check_tensor("attention_mask", attention_mask, ndim=2)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise ValueError("prompts must have at least one token")
         if C.value_checks_enabled() and not bool(attention_mask[:, -1].bool().all()):
