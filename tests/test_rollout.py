@@ -243,3 +243,18 @@ def test_compiled_decode_matches_eager_on_gpu():
     for _ in range(2):  # the second call reuses the compiled graph and the static cache
         compiled = eng.generate(ids, mask, params)
         assert (compiled.completion_ids == eager.completion_ids).float().mean() > 0.9  # bf16 near-ties may flip
+
+
+def test_edit_rollout_replays_with_source_latents():
+    from test_models import _tiny_edit_kl_config
+
+    m = UnifiedModel(_tiny_edit_kl_config()).eval()
+    ids, mask = m.tokenizer(PROMPTS[:2])
+    src = torch.rand(2, 3, 16, 16) * 2 - 1
+    p = ImageSamplingParams(num_steps=3, window_size=2)
+    traj = ImageEngine(m).generate(ids, mask, p, source_images=src, generator=torch.Generator().manual_seed(2))
+    assert traj.source_latents.shape == (2, *m.latent_shape) and traj.images.shape == src.shape
+    with torch.no_grad():
+        torch.testing.assert_close(replay_logprobs(m, traj), traj.log_probs[:2], rtol=1e-4, atol=1e-4)
+        traj.source_latents = -traj.source_latents  # the source image conditions the velocity
+        assert (replay_logprobs(m, traj) - traj.log_probs[:2]).abs().max() > 1e-3

@@ -193,6 +193,7 @@ class TextEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(input_ids, pos, torch.arange(P, device=dev), full_mask, cache)
         next_pos = pos[:, -1:] + 1
+        cache_positions = torch.arange(P, P + T, device=dev)  # built once: no host-to-device copy per step
         tokens = torch.full((B, T), self.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(B, T, dtype=torch.float32, device=dev)
         valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
@@ -212,7 +213,7 @@ class TextEngine:
             if t == T - 1:
                 break
             feed = torch.where(done, self.pad_token_id, y)[:, None]
-            logits = self._decode(feed, next_pos, torch.tensor([P + t], device=dev), full_mask, cache)
+            logits = self._decode(feed, next_pos, cache_positions[t:t + 1], full_mask, cache)
             next_pos = next_pos + 1
         texts = None if self.tokenizer is None else [
             self.tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, valid)]
