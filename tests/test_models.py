@@ -138,6 +138,11 @@ def test_experts_from_local_directories(models, tmp_path):
         torch.testing.assert_close(m2(ids, mask, x, sigma), m(ids, mask, x, sigma), rtol=1e-5, atol=1e-6)
     resolved = m2.resolved_config()
     assert resolved.lm_path is None and resolved.dit_path is None and resolved.lm["model_type"] == "qwen2"
+    m2.save_pretrained(tmp_path / "unified")  # the checkpoint no longer needs the expert directories
+    (tmp_path / "lm" / "config.json").unlink()
+    with torch.no_grad():
+        torch.testing.assert_close(UnifiedModel.from_pretrained(tmp_path / "unified")(ids, mask, x, sigma),
+                                   m2(ids, mask, x, sigma), rtol=0, atol=0)
 
 
 def test_bad_directories(models, tmp_path):
