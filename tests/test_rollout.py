@@ -78,6 +78,11 @@ def test_sampled_logprobs_equal_recompute(model, temperature):
     m = out.completion_mask
     assert m.sum() > 10
     torch.testing.assert_close(lp[m], out.logprobs[m], rtol=1e-4, atol=1e-4)
+    bucketed = TextEngine(model.lm, pad_token_id=0, prompt_bucket=16).generate(
+        ids, mask, SamplingParams(max_new_tokens=16, temperature=temperature, eos_token_ids=(5,)),
+        generator=torch.Generator().manual_seed(3))  # internal left padding to 16 columns changes nothing
+    assert torch.equal(bucketed.completion_ids, out.completion_ids) and bucketed.prompt_ids is ids
+    torch.testing.assert_close(bucketed.logprobs, out.logprobs, rtol=1e-5, atol=1e-5)
     assert (out.logprobs[~m] == 0).all() and (out.completion_ids[~m] == 0).all()
     with torch.no_grad():
         for p in model.lm.parameters():  # the comparison is not vacuous: other weights give other log-probs

@@ -128,13 +128,16 @@ class TextEngine:
         and decoded texts (anything with `decode`). attn_implementation: "auto" switches the LM (in place, so
         the trainer's forward uses it too) to flash_attention_2 when flash-attn is installed and the LM is on CUDA
         in fp16/bf16, and otherwise leaves it as built (SDPA for `UnifiedModel`); None never changes it.
+        prompt_bucket: prompts are left-padded (internally) to a multiple of this many columns so that batches
+        of different prompt lengths reuse one compiled graph and one cache (a compiled step specialises on
+        shapes); None = 64 when compiling, else 1. The returned prompt_ids are the caller's, unpadded.
     Example:
         >>> eng = TextEngine(model.lm, tokenizer=model.tokenizer)
         >>> out = eng.generate(ids, mask, SamplingParams(max_new_tokens=32, temperature=1.0))
     """
 
     def __init__(self, lm, *, pad_token_id: int | None = None, compile: bool | None = None, tokenizer=None,
-                 attn_implementation: str | None = "auto"):
+                 attn_implementation: str | None = "auto", prompt_bucket: int | None = None):
         self.lm = lm
         _set_attention(lm, attn_implementation)
         self.tokenizer = tokenizer
@@ -142,6 +145,10 @@ class TextEngine:
         self.pad_token_id = int(pad) if pad is not None else 0
         device = next(lm.parameters()).device
         self.compile = device.type == "cuda" if compile is None else bool(compile)
+        bucket = (64 if self.compile else 1) if prompt_bucket is None else prompt_bucket
+        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket <= 0:
+            raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
+        self.prompt_bucket = bucket
         self._cache = None
         self._cache_key = None
         self._decode = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if self.compile \
@@ -181,9 +188,14 @@ class TextEngine:
     def generate(self, input_ids, attention_mask=None, params: SamplingParams = SamplingParams(), *,
                  generator=None) -> TextRolloutOutput:
         """input_ids / attention_mask [B, P] left-padded -> TextRolloutOutput (see the class docstring)."""
-        mask = self._check_inputs(input_ids, attention_mask)
+        orig_ids, mask = input_ids, self._check_inputs(input_ids, attention_mask)
+        orig_mask = mask
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: TextEngine(lm, tokenizer=...)")
+        extra = -input_ids.shape[1] % self.prompt_bucket
+        if extra:
+            input_ids = torch.nn.functional.pad(input_ids, (extra, 0), value=self.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (extra, 0), value=0)
         B, P = input_ids.shape
         T, dev = params.max_new_tokens, input_ids.device
         greedy = params.temperature == 0
@@ -217,7 +229,7 @@ class TextEngine:
             next_pos = next_pos + 1
         texts = None if self.tokenizer is None else [
             self.tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, valid)]
-        return TextRolloutOutput(input_ids, mask, tokens, logprobs, valid, texts)
+        return TextRolloutOutput(orig_ids, orig_mask, tokens, logprobs, valid, texts)
 
     def _apply_stop_strings(self, params, tokens, logprobs, valid, done, n):
         """Cut rows whose completion (first n tokens) contains a stop string; return the updated done flags."""
