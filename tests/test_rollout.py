@@ -263,3 +263,14 @@ def test_edit_rollout_replays_with_source_latents():
         torch.testing.assert_close(replay_logprobs(m, traj), traj.log_probs[:2], rtol=1e-4, atol=1e-4)
         traj.source_latents = -traj.source_latents  # the source image conditions the velocity
         assert (replay_logprobs(m, traj) - traj.log_probs[:2]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager_on_cpu(model):
+    """The torch.compile path traces on CPU too (inductor; ~30 s of compile, hence slow)."""
+    ids, mask = model.tokenizer(PROMPTS)
+    params = SamplingParams(max_new_tokens=12, temperature=0, eos_token_ids=())
+    eager = _engine(model).generate(ids, mask, params)
+    eng = TextEngine(model.lm, compile=True, pad_token_id=0)
+    for _ in range(2):
+        assert torch.equal(eng.generate(ids, mask, params).completion_ids, eager.completion_ids)
