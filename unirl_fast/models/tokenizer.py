@@ -1,0 +1,64 @@
+"""A character-level tokenizer built in code, for the `tiny` presets and synthetic worlds (no downloads).
+
+Ids: 0 = pad, 1 = bos, 2 = eos, 3 = unk, then one id per printable ASCII character (32..126) and newline.
+Anything else maps to unk. `decode(encode(s)) == s` for printable ASCII text. Batches are left-padded
+(what the rollout engine expects: every prompt ends at the same column).
+"""
+from __future__ import annotations
+
+import torch
+
+_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+class CharTokenizer:
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    unk_token_id = 3
+
+    def __init__(self):
+        self._to_id = {c: i + len(_SPECIALS) for i, c in enumerate(_CHARS)}
+        self._to_char = {i: c for c, i in self._to_id.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(_SPECIALS) + len(_CHARS)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = [self._to_id.get(c, self.unk_token_id) for c in text]
+        return ([self.bos_token_id] if add_bos else []) + ids + ([self.eos_token_id] if add_eos else [])
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        out = []
+        for i in ids:
+            if i in self._to_char:
+                out.append(self._to_char[i])
+            elif not skip_special_tokens:
+                out.append(_SPECIALS[i] if 0 <= i < len(_SPECIALS) else _SPECIALS[self.unk_token_id])
+        return "".join(out)
+
+    def batch_decode(self, batch, *, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
+
+    def __call__(self, texts, *, add_bos: bool = True, device=None):
+        """Left-padded batch -> (input_ids [B, L] int64, attention_mask [B, L] int64)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [self.encode(t, add_bos=add_bos) for t in texts]
+        L = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), L), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, L - len(r):] = torch.tensor(r)
+                mask[i, L - len(r):] = 1
+        return ids.to(device), mask.to(device)

@@ -1,0 +1,244 @@
+"""`UnifiedModel`: LM expert + connector + diffusion expert (+ optional autoencoder), saved as one checkpoint.
+
+Data flow for one text-to-image (or edit) velocity evaluation:
+
+    prompt ids [B, L] (left-padded) --embed--> [B, L, H_lm] ++ queries [N, H_lm] --LM--> query states [B, N, H_lm]
+    --connector--> cond [B, N, D_cond] (+ pooled [B, D_pool] for SD3)
+    latents x_sigma [B, C, h, w] (++ source latents [B, C, h, w] along channels when editing)
+    --DiT(timestep = 1000 sigma, cond)--> velocity [B, C, h, w]
+
+Editing: the source image is encoded with the same autoencoder (or kept in pixels) and concatenated to the noisy
+latents along channels, so the DiT is built with in_channels = 2C and out_channels = C (InstructPix2Pix-style).
+Channel concatenation keeps the DiT's token count (and attention cost) unchanged, unlike extra source tokens.
+
+Latent space: pixels in [-1, 1] when there is no autoencoder (the tiny presets); otherwise
+AutoencoderKL: (mean(E(x)) - shift) * scale, AutoencoderDC: E(x) * scale. The encoder mean (not a sample) is used
+so that encoding is deterministic.
+
+Checkpoint layout: `unified_config.json` (the full UnifiedConfig with every expert's config inlined, so no other
+directory is needed) and `model.safetensors` (every parameter and buffer: LM, connector, DiT, autoencoder; tied
+weights stored once).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import UnifiedConfig, preset_config
+from .connector import QueryConnector
+from .experts import (build_dit, build_lm, build_vae, diffusers_config_dict, dit_widths, lm_config_dict,
+                      vae_geometry)
+from .tokenizer import CharTokenizer
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class Conditioning:
+    """What the DiT is conditioned on: cond [B, N, D_cond], pooled [B, D_pool] (SD3) or None."""
+    cond: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
+        return Conditioning(torch.cat([self.cond, other.cond]), pooled)
+
+    def detach(self) -> "Conditioning":
+        return Conditioning(self.cond.detach(), None if self.pooled is None else self.pooled.detach())
+
+
+class UnifiedModel(nn.Module):
+    def __init__(self, config: UnifiedConfig, *, attn_implementation: str = "sdpa"):
+        super().__init__()
+        if not isinstance(config, UnifiedConfig):
+            raise TypeError(f"config must be a UnifiedConfig, got {type(config).__name__}")
+        self.config = config
+        self.lm = build_lm(config.lm, config.lm_path, attn_implementation=attn_implementation)
+        self.dit = build_dit(config.dit_type, config.dit, config.dit_path)
+        self.vae = build_vae(config.vae_type, config.vae, config.vae_path)
+        if self.vae is not None:
+            self.vae.requires_grad_(False)
+        self.latent_channels, self.vae_factor = vae_geometry(config.vae_type, self.vae)
+        cond_width, pooled_width = dit_widths(config.dit_type, self.dit)
+        self._check_geometry()
+        self.connector = QueryConnector(self.lm.config.hidden_size, cond_width, num_queries=config.num_queries,
+                                        dim=config.connector_dim, layers=config.connector_layers,
+                                        heads=config.connector_heads, pooled_width=pooled_width)
+        self.tokenizer = CharTokenizer() if config.tokenizer == "char" else None
+        if self.tokenizer is not None and self.lm.config.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"LM vocab_size={self.lm.config.vocab_size} is smaller than the char tokenizer's "
+                             f"{self.tokenizer.vocab_size}")
+
+    def _check_geometry(self):
+        cfg, dc = self.config, self.dit.config
+        C = self.latent_channels
+        want_in = 2 * C if cfg.edit else C
+        if dc.in_channels != want_in:
+            raise ValueError(f"DiT in_channels={dc.in_channels} but the latent space has {C} channels"
+                             f"{' (x2 for edit=True: source latents are concatenated)' if cfg.edit else ''}: "
+                             f"expected {want_in}")
+        out = dc.out_channels or dc.in_channels
+        if out != C:
+            raise ValueError(f"DiT out_channels={out} but the latent space has {C} channels")
+        if cfg.image_size % self.vae_factor:
+            raise ValueError(f"image_size={cfg.image_size} is not a multiple of the autoencoder factor "
+                             f"{self.vae_factor}")
+        side = cfg.image_size // self.vae_factor
+        if side % dc.patch_size:
+            raise ValueError(f"latent side {side} (image_size {cfg.image_size} / {self.vae_factor}) is not a "
+                             f"multiple of the DiT patch_size={dc.patch_size}")
+        if cfg.dit_type == "sd3" and side // dc.patch_size > dc.pos_embed_max_size:
+            raise ValueError(f"latent side {side} / patch {dc.patch_size} exceeds SD3 pos_embed_max_size="
+                             f"{dc.pos_embed_max_size}")
+
+    # construction / persistence -------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "UnifiedModel":
+        """Random-init model (train mode) of a named preset (`tiny`, `tiny-sd3`, `small`, `bench-1.5b`).
+
+        `overrides` replace UnifiedConfig fields."""
+        cfg = preset_config(name)
+        return cls(cfg.replace(**overrides) if overrides else cfg)
+
+    def resolved_config(self) -> UnifiedConfig:
+        """The config with every expert's config inlined (no paths): what `save_pretrained` writes."""
+        vae = diffusers_config_dict(self.vae) if self.vae is not None else None
+        return self.config.replace(lm=lm_config_dict(self.lm), lm_path=None, dit=diffusers_config_dict(self.dit),
+                                   dit_path=None, vae=vae, vae_path=None)
+
+    def save_pretrained(self, directory) -> Path:
+        from safetensors.torch import save_model
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.resolved_config().save(d)
+        save_model(self, str(d / WEIGHTS_NAME))
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory, *, device=None, dtype=None) -> "UnifiedModel":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
+        cfg = UnifiedConfig.load(d)
+        weights = d / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{str(directory)!r} has a config but no {WEIGHTS_NAME}")
+        model = cls(cfg)
+        try:
+            load_model(model, str(weights), strict=True, device="cpu")
+        except (RuntimeError, SafetensorError) as e:
+            raise ValueError(f"{weights} does not match its config (wrong widths or a different model): "
+                             f"{str(e)[:800]}") from None
+        return model.to(device=device, dtype=dtype).eval()
+
+    # geometry -------------------------------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.config.image_size // self.vae_factor
+        return (self.latent_channels, side, side)
+
+    @property
+    def device(self) -> torch.device:
+        return self.connector.queries.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.connector.queries.dtype
+
+    # LM side --------------------------------------------------------------------------------------------------
+    def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Conditioning:
+        """Left-padded prompts [B, L] (L may be 0: the unconditional branch) -> Conditioning.
+
+        The N queries go after the prompt; positions count only attended tokens, so left padding does not shift
+        the queries' positions. Differentiable in the LM and connector parameters.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if tuple(attention_mask.shape) != (B, L):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, L)}")
+        emb = self.lm.get_input_embeddings()
+        q = self.connector.queries.to(emb.weight.dtype).unsqueeze(0).expand(B, -1, -1)
+        embeds = torch.cat([emb(input_ids), q], 1)
+        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, self.config.num_queries).long()], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+        hidden = out.last_hidden_state[:, L:]
+        cond, pooled = self.connector(hidden.to(self.connector.proj_in.weight.dtype))
+        return Conditioning(cond, pooled)
+
+    def null_condition(self, batch_size: int) -> Conditioning:
+        """The unconditional branch for CFG: an empty prompt (only the queries)."""
+        ids = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)
+        return self.condition(ids, torch.zeros_like(ids))
+
+    # DiT side -------------------------------------------------------------------------------------------------
+    def velocity(self, latents: torch.Tensor, sigma, conditioning: Conditioning,
+                 source_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching velocity v [B, C, h, w] (DiT dtype) at noise level sigma (float or [B]).
+
+        The DiT sees timestep = 1000 sigma (the diffusers flow-matching convention of SANA and SD3)."""
+        B = latents.shape[0]
+        if tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, "
+                             f"{', '.join(map(str, self.latent_shape))}]")
+        if conditioning.cond.shape[0] != B:
+            raise ValueError(f"conditioning batch {conditioning.cond.shape[0]} != latents batch {B}")
+        x = latents
+        if self.config.edit:
+            if source_latents is None:
+                raise ValueError("this model was built with edit=True: pass source_latents (encode_images(source))")
+            if source_latents.shape != latents.shape:
+                raise ValueError(f"source_latents shape {tuple(source_latents.shape)} != latents "
+                                 f"{tuple(latents.shape)}")
+            x = torch.cat([latents, source_latents.to(latents.dtype)], 1)
+        elif source_latents is not None:
+            raise ValueError("source_latents given but the model was built with edit=False")
+        dtype = self.dit.dtype
+        t = (torch.as_tensor(sigma, dtype=torch.float32, device=latents.device) * 1000.0).expand(B).to(dtype)
+        cond = conditioning.cond.to(dtype)
+        if self.config.dit_type == "sd3":
+            out = self.dit(x.to(dtype), encoder_hidden_states=cond, pooled_projections=conditioning.pooled.to(dtype),
+                           timestep=t, return_dict=False)[0]
+        else:
+            out = self.dit(x.to(dtype), encoder_hidden_states=cond, timestep=t, return_dict=False)[0]
+        return out
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> latents [B, C, h, w] (deterministic: the encoder mean)."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.config.image_size \
+                or images.shape[-2] != self.config.image_size:
+            raise ValueError(f"images have shape {tuple(images.shape)}; expected [B, 3, {self.config.image_size}, "
+                             f"{self.config.image_size}]")
+        if self.vae is None:
+            return images.to(self.dtype)
+        c = self.vae.config
+        x = images.to(self.vae.dtype)
+        if self.config.vae_type == "kl":
+            z = self.vae.encode(x).latent_dist.mean
+            return (z - (c.shift_factor or 0.0)) * c.scaling_factor
+        return self.vae.encode(x).latent * c.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, H, W], clamped to [-1, 1]."""
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        c = self.vae.config
+        z = latents.to(self.vae.dtype) / c.scaling_factor
+        if self.config.vae_type == "kl":
+            z = z + (c.shift_factor or 0.0)
+        return self.vae.decode(z).sample.clamp(-1, 1)
+
+    def forward(self, input_ids, attention_mask, latents, sigma, source_images=None):
+        """Whole path: prompts -> conditioning -> velocity at (latents, sigma). Returns v [B, C, h, w]."""
+        src = self.encode_images(source_images) if source_images is not None else None
+        return self.velocity(latents, sigma, self.condition(input_ids, attention_mask), src)

@@ -1,0 +1,263 @@
+"""Batched text rollout with a static KV cache, for RL (log-probs of the sampling distribution and masks).
+
+Per decode step t, for each of B sequences (left-padded prompts, so they all end at column P):
+
+    z     = logits / T                              fp32; T = 0 means greedy (argmax; logp of softmax(logits))
+    z     = top-k filter (keep the k largest), then top-p filter (keep the smallest prefix of the sorted
+            distribution whose mass reaches p; the top token always stays)   -> filtered entries are -inf
+    logp  = log_softmax(z);  y ~ Categorical(exp(logp))   (exponential race: argmax p / E, E ~ Exp(1))
+    record y and logp[y]: the log-prob of the distribution that actually sampled y, which is what truncated
+    importance sampling (TIS) needs to correct the rollout/trainer mismatch.
+
+The KV cache is a transformers `StaticCache` of length P + max_new_tokens allocated once (and reused while the
+batch shape stays the same), so the decode step has static shapes: on CUDA it is wrapped in
+`torch.compile(mode="reduce-overhead")` (CUDA graphs) by default. Attention is PyTorch SDPA (or flash-attn 2 when
+the LM was built with it). Positions count only attended tokens, so left padding does not shift them.
+
+Stopping: a sequence is done after it emits an EOS id (the EOS token is kept in the completion and its mask) or
+when its decoded completion contains a stop string (the completion is cut after the token that completes the
+stop string). Done rows keep being fed a pad token (static shapes) but their outputs are masked: mask = 0,
+token = pad, logp = 0. Finished batches and stop strings are checked every `check_every` steps (one host sync
+each) so the loop does not sync per token.
+
+Memory: the cache holds 2 * layers * B * (P + T) * kv_heads * head_dim elements; the per-step logits [B, V] fp32.
+Limits: no speculative decoding, no paged attention, one prompt length per batch (left padding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _checks as C
+from ..models.experts import sdpa_or_flash
+from ..ops import fused_linear_logprobs
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_strings: tuple = ()
+    eos_token_ids: tuple | None = None
+    check_every: int = 16
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        C.check_finite_scalar("temperature", self.temperature, nonneg=True)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
+        if self.check_every <= 0:
+            raise ValueError(f"check_every must be positive, got {self.check_every!r}")
+
+
+@dataclass
+class TextRolloutOutput:
+    """prompt_ids/prompt_mask [B, P] (left-padded), completion_ids [B, T] (pad after the end), logprobs [B, T]
+    fp32 (0 where masked), completion_mask [B, T] bool, texts (decoded completions, when a tokenizer was given)."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    logprobs: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list | None = None
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [B, V] -> log-probs [B, V] fp32 of the processed sampling distribution (-inf where filtered)."""
+    z = logits.float()
+    if temperature > 0:
+        z = z / temperature
+    if top_k and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, idx = torch.sort(z, dim=-1, descending=True)
+        p = torch.softmax(sorted_z, -1)
+        drop = (p.cumsum(-1) - p) >= top_p
+        drop[..., 0] = False
+        z = z.scatter(-1, idx, sorted_z.masked_fill(drop, float("-inf")))
+    return torch.log_softmax(z, -1)
+
+
+def sample_from_logprobs(logp: torch.Tensor, greedy: bool, generator=None) -> torch.Tensor:
+    """Token ids [B] from log-probs [B, V]: argmax when greedy, else the exponential race (exact sampling)."""
+    if greedy:
+        return logp.argmax(-1)
+    e = torch.empty_like(logp).exponential_(generator=generator)
+    return (logp.exp() / e).argmax(-1)
+
+
+def _set_attention(lm, attn_implementation):
+    if attn_implementation is None:
+        return
+    if attn_implementation == "auto":
+        p = next(lm.parameters())
+        if not (p.is_cuda and p.dtype in (torch.float16, torch.bfloat16)) or sdpa_or_flash() != "flash_attention_2":
+            return
+        attn_implementation = "flash_attention_2"
+    lm.set_attn_implementation(attn_implementation)
+
+
+def _eos_ids(lm, params):
+    if params.eos_token_ids is not None:
+        return tuple(int(i) for i in params.eos_token_ids)
+    eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = lm.config.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+class TextEngine:
+    """Rollout engine around a transformers causal LM (e.g. `UnifiedModel.lm`).
+
+    Args:
+        lm: the causal LM; its weights are used in place (no copy). pad_token_id: fed to finished rows and written
+        after the end of completions (default: lm.config.pad_token_id, else 0). compile: wrap the decode forward
+        in torch.compile(mode="reduce-overhead"); None = on when the LM is on CUDA. tokenizer: for stop strings
+        and decoded texts (anything with `decode`). attn_implementation: "auto" switches the LM (in place, so
+        the trainer's forward uses it too) to flash_attention_2 when flash-attn is installed and the LM is on CUDA
+        in fp16/bf16, and otherwise leaves it as built (SDPA for `UnifiedModel`); None never changes it.
+        prompt_bucket: prompts are left-padded (internally) to a multiple of this many columns so that batches
+        of different prompt lengths reuse one compiled graph and one cache (a compiled step specialises on
+        shapes); None = 64 when compiling, else 1. The returned prompt_ids are the caller's, unpadded.
+    Example:
+        >>> eng = TextEngine(model.lm, tokenizer=model.tokenizer)
+        >>> out = eng.generate(ids, mask, SamplingParams(max_new_tokens=32, temperature=1.0))
+    """
+
+    def __init__(self, lm, *, pad_token_id: int | None = None, compile: bool | None = None, tokenizer=None,
+                 attn_implementation: str | None = "auto", prompt_bucket: int | None = None):
+        self.lm = lm
+        _set_attention(lm, attn_implementation)
+        self.tokenizer = tokenizer
+        pad = pad_token_id if pad_token_id is not None else getattr(lm.config, "pad_token_id", None)
+        self.pad_token_id = int(pad) if pad is not None else 0
+        device = next(lm.parameters()).device
+        self.compile = device.type == "cuda" if compile is None else bool(compile)
+        bucket = (64 if self.compile else 1) if prompt_bucket is None else prompt_bucket
+        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket <= 0:
+            raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
+        self.prompt_bucket = bucket
+        self._cache = None
+        self._cache_key = None
+        self._decode = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if self.compile \
+            else self._forward
+
+    def _forward(self, ids, pos, cache_pos, mask, cache):
+        out = self.lm(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
+                      cache_position=cache_pos, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _static_cache(self, B, max_len, device, dtype):
+        from transformers import StaticCache
+
+        key = (B, max_len, device, dtype)
+        if self._cache_key == key:
+            self._cache.reset()
+        else:
+            self._cache = StaticCache(config=self.lm.config, max_cache_len=max_len)
+            self._cache_key = key
+        return self._cache
+
+    def _check_inputs(self, input_ids, attention_mask):
+        C.check_tensor("input_ids", input_ids, ndim=2, integer=True)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        C.check_tensor("attention_mask", attention_mask, ndim=2)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("prompts must have at least one token")
+        if C.value_checks_enabled() and not bool(attention_mask[:, -1].bool().all()):
+            raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 for every row")
+        return attention_mask.long()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, params: SamplingParams = SamplingParams(), *,
+                 generator=None) -> TextRolloutOutput:
+        """input_ids / attention_mask [B, P] left-padded -> TextRolloutOutput (see the class docstring)."""
+        orig_ids, mask = input_ids, self._check_inputs(input_ids, attention_mask)
+        orig_mask = mask
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: TextEngine(lm, tokenizer=...)")
+        extra = -input_ids.shape[1] % self.prompt_bucket
+        if extra:
+            input_ids = torch.nn.functional.pad(input_ids, (extra, 0), value=self.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (extra, 0), value=0)
+        B, P = input_ids.shape
+        T, dev = params.max_new_tokens, input_ids.device
+        greedy = params.temperature == 0
+        eos = torch.tensor(_eos_ids(self.lm, params), dtype=torch.long, device=dev)
+        full_mask = torch.cat([mask, mask.new_ones(B, T)], 1)
+        cache = self._static_cache(B, P + T, dev, self.lm.dtype)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(input_ids, pos, torch.arange(P, device=dev), full_mask, cache)
+        next_pos = pos[:, -1:] + 1
+        cache_positions = torch.arange(P, P + T, device=dev)  # built once: no host-to-device copy per step
+        tokens = torch.full((B, T), self.pad_token_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(B, T, dtype=torch.float32, device=dev)
+        valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(T):
+            logp = sampling_logprobs(logits, 1.0 if greedy else params.temperature, params.top_k, params.top_p)
+            y = sample_from_logprobs(logp, greedy, generator)
+            live = ~done
+            tokens[:, t] = torch.where(live, y, self.pad_token_id)
+            logprobs[:, t] = torch.where(live, logp.gather(-1, y[:, None])[:, 0], 0.0)
+            valid[:, t] = live
+            done = done | torch.isin(y, eos)
+            if (t + 1) % params.check_every == 0 or t == T - 1:
+                done = self._apply_stop_strings(params, tokens, logprobs, valid, done, t + 1)
+                if bool(done.all()):
+                    break
+            if t == T - 1:
+                break
+            feed = torch.where(done, self.pad_token_id, y)[:, None]
+            logits = self._decode(feed, next_pos, cache_positions[t:t + 1], full_mask, cache)
+            next_pos = next_pos + 1
+        texts = None if self.tokenizer is None else [
+            self.tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, valid)]
+        return TextRolloutOutput(orig_ids, orig_mask, tokens, logprobs, valid, texts)
+
+    def _apply_stop_strings(self, params, tokens, logprobs, valid, done, n):
+        """Cut rows whose completion (first n tokens) contains a stop string; return the updated done flags."""
+        if not params.stop_strings:
+            return done
+        for i in (~done).nonzero().flatten().tolist():
+            row = tokens[i, :n].tolist()
+            if not any(s in self.tokenizer.decode(row) for s in params.stop_strings):
+                continue
+            end = next(k for k in range(1, n + 1)
+                       if any(s in self.tokenizer.decode(row[:k]) for s in params.stop_strings))
+            tokens[i, end:] = self.pad_token_id
+            logprobs[i, end:] = 0.0
+            valid[i, end:] = False
+            done[i] = True
+        return done
+
+
+def recompute_logprobs(lm, out: TextRolloutOutput, *, temperature: float = 1.0, impl: str = "auto"):
+    """Trainer-side log-probs [B, T] fp32 of a rollout's completions under `lm` (0 where masked), computed
+    from the final hidden states with `fused_linear_logprobs` (logits never materialised on the Triton path)."""
+    ids = torch.cat([out.prompt_ids, out.completion_ids], 1)
+    mask = torch.cat([out.prompt_mask.long(), out.completion_mask.long()], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    P = out.prompt_ids.shape[1]
+    h = hidden[:, P - 1:-1]
+    targets = out.completion_ids.masked_fill(~out.completion_mask, -100)
+    head = lm.get_output_embeddings()
+    logp, _ = fused_linear_logprobs(h, head.weight, targets, bias=head.bias, temperature=temperature, impl=impl)
+    return logp
