@@ -22,6 +22,8 @@ setup(
         "numpy",
         "nvidia-ml-py",
         "tqdm",
+        "safetensors",
+        "matplotlib",  # the trainer's reward curves and sample grids
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark", "hypothesis", "ruff"],
@@ -29,6 +31,7 @@ setup(
         "deepspeed": ["deepspeed"],
         "flash": ["flash-attn"],
         "bench": ["liger-kernel", "matplotlib"],
+        "trl": ["trl==1.16.0"],  # the version the TRL integration is tested against
     },
     entry_points={"console_scripts": ["unirl-fast=unirl_fast.cli:main"]},
 )

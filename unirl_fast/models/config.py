@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 DIT_TYPES = ("sana", "sd3")
@@ -54,7 +54,6 @@ class UnifiedConfig:
     connector_heads: int = 4
     edit: bool = False
     tokenizer: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.dit_type not in DIT_TYPES:

@@ -49,13 +49,13 @@ def check_local_dir(path, what: str, needed=("config.json",)) -> Path:
     return p
 
 
-def build_lm(config: dict | None, path: str | None, *, attn_implementation: str = "sdpa", dtype=None):
+def build_lm(config: dict | None, path: str | None, *, attn_implementation: str = "sdpa"):
     """A transformers causal LM from a config dict (random init) or a local directory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if path is not None:
         check_local_dir(path, "LM")
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                     attn_implementation=attn_implementation)
     cfg = dict(config)
     model_type = cfg.pop("model_type")
@@ -64,8 +64,7 @@ def build_lm(config: dict | None, path: str | None, *, attn_implementation: str 
     except ValueError as e:
         raise ValueError(f"unknown LM model_type {model_type!r}: {e}") from None
     hf_cfg._attn_implementation = attn_implementation
-    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)
-    return model if dtype is None else model.to(dtype)
+    return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)
 
 
 def build_dit(dit_type: str, config: dict | None, path: str | None):

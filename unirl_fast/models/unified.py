@@ -97,7 +97,9 @@ class UnifiedModel(nn.Module):
     # construction / persistence -------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UnifiedModel":
-        """Random-init model of a named preset (`tiny`, `tiny-sd3`, `small`, `bench-1.5b`); overrides go to the config."""
+        """Random-init model (train mode) of a named preset (`tiny`, `tiny-sd3`, `small`, `bench-1.5b`).
+
+        `overrides` replace UnifiedConfig fields."""
         cfg = preset_config(name)
         return cls(cfg.replace(**overrides) if overrides else cfg)
 
@@ -127,14 +129,14 @@ class UnifiedModel(nn.Module):
         cfg = UnifiedConfig.load(d)
         weights = d / WEIGHTS_NAME
         if not weights.is_file():
-            raise FileNotFoundError(f"{str(directory)!r} has {cfg and 'a config'} but no {WEIGHTS_NAME}")
+            raise FileNotFoundError(f"{str(directory)!r} has a config but no {WEIGHTS_NAME}")
         model = cls(cfg)
         try:
             load_model(model, str(weights), strict=True, device="cpu")
         except (RuntimeError, SafetensorError) as e:
             raise ValueError(f"{weights} does not match its config (wrong widths or a different model): "
                              f"{str(e)[:800]}") from None
-        return model.to(device=device, dtype=dtype)
+        return model.to(device=device, dtype=dtype).eval()
 
     # geometry -------------------------------------------------------------------------------------------------
     @property
@@ -182,10 +184,13 @@ class UnifiedModel(nn.Module):
     # DiT side -------------------------------------------------------------------------------------------------
     def velocity(self, latents: torch.Tensor, sigma, conditioning: Conditioning,
                  source_latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Flow-matching velocity v [B, C, h, w] (DiT dtype) at noise level sigma (float or [B]); timestep = 1000 sigma."""
+        """Flow-matching velocity v [B, C, h, w] (DiT dtype) at noise level sigma (float or [B]).
+
+        The DiT sees timestep = 1000 sigma (the diffusers flow-matching convention of SANA and SD3)."""
         B = latents.shape[0]
         if tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, {', '.join(map(str, self.latent_shape))}]")
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, "
+                             f"{', '.join(map(str, self.latent_shape))}]")
         if conditioning.cond.shape[0] != B:
             raise ValueError(f"conditioning batch {conditioning.cond.shape[0]} != latents batch {B}")
         x = latents
@@ -193,7 +198,8 @@ class UnifiedModel(nn.Module):
             if source_latents is None:
                 raise ValueError("this model was built with edit=True: pass source_latents (encode_images(source))")
             if source_latents.shape != latents.shape:
-                raise ValueError(f"source_latents shape {tuple(source_latents.shape)} != latents {tuple(latents.shape)}")
+                raise ValueError(f"source_latents shape {tuple(source_latents.shape)} != latents "
+                                 f"{tuple(latents.shape)}")
             x = torch.cat([latents, source_latents.to(latents.dtype)], 1)
         elif source_latents is not None:
             raise ValueError("source_latents given but the model was built with edit=False")

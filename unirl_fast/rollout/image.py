@@ -22,7 +22,7 @@ Memory: 2 T B C h w fp32 for the record (at 512 px, DC-AE: 2 * 10 * 64 * 32 * 16
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,6 +55,8 @@ class ImageSamplingParams:
             raise ValueError("noise_level=0 makes the 'sde' step deterministic; use sde='ode'")
         if self.sde == "cps" and not 0 < self.noise_level <= 1:
             raise ValueError(f"noise_level for sde='cps' must be in (0, 1], got {self.noise_level!r}")
+        if self.sde != "ode" and self.num_steps < 2:
+            raise ValueError(f"sde={self.sde!r} needs num_steps >= 2 (its std uses the second-largest sigma)")
         if not 0 <= self.window_start < self.num_steps:
             raise ValueError(f"window_start={self.window_start} must be in [0, num_steps={self.num_steps})")
         if self.window_size is not None and not 0 < self.window_size <= self.num_steps - self.window_start:
@@ -99,7 +101,6 @@ class ImageTrajectory:
     uncond: Conditioning | None = None
     source_latents: torch.Tensor | None = None
     images: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def guided_velocity(model, x, sigma, cond: Conditioning, uncond: Conditioning | None, guidance_scale: float,
@@ -153,7 +154,7 @@ class ImageEngine:
                 raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
             x = noise.float()
         sig = timestep_schedule(T, params.shift, dev)
-        sigma_max = float(sig[1]) if T > 1 else 0.5
+        sigma_max = float(sig[1]) if T > 1 else 0.0  # unused by ode
         on = params.stochastic_steps()
         samples = torch.empty((T, *shape), device=dev)
         next_samples = torch.empty((T, *shape), device=dev)
@@ -186,7 +187,7 @@ def replay_logprobs(model, traj: ImageTrajectory, *, conditioning: Conditioning 
         raise ValueError("no trainable steps to replay (an all-ODE trajectory has no log-probs)")
     if p.sde == "ode":
         raise ValueError("an sde='ode' trajectory has no log-probs to replay")
-    S, B = idx.numel(), traj.samples.shape[1]
+    S = idx.numel()
     cond = traj.conditioning if conditioning is None else conditioning
     unc = traj.uncond if uncond is None else uncond
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks as C
+from ..models.experts import sdpa_or_flash
 from ..ops import fused_linear_logprobs
 
 
@@ -95,6 +96,17 @@ def sample_from_logprobs(logp: torch.Tensor, greedy: bool, generator=None) -> to
     return (logp.exp() / e).argmax(-1)
 
 
+def _set_attention(lm, attn_implementation):
+    if attn_implementation is None:
+        return
+    if attn_implementation == "auto":
+        p = next(lm.parameters())
+        if not (p.is_cuda and p.dtype in (torch.float16, torch.bfloat16)) or sdpa_or_flash() != "flash_attention_2":
+            return
+        attn_implementation = "flash_attention_2"
+    lm.set_attn_implementation(attn_implementation)
+
+
 def _eos_ids(lm, params):
     if params.eos_token_ids is not None:
         return tuple(int(i) for i in params.eos_token_ids)
@@ -113,19 +125,30 @@ class TextEngine:
         lm: the causal LM; its weights are used in place (no copy). pad_token_id: fed to finished rows and written
         after the end of completions (default: lm.config.pad_token_id, else 0). compile: wrap the decode forward
         in torch.compile(mode="reduce-overhead"); None = on when the LM is on CUDA. tokenizer: for stop strings
-        and decoded texts (anything with `decode`).
+        and decoded texts (anything with `decode`). attn_implementation: "auto" switches the LM (in place, so
+        the trainer's forward uses it too) to flash_attention_2 when flash-attn is installed and the LM is on CUDA
+        in fp16/bf16, and otherwise leaves it as built (SDPA for `UnifiedModel`); None never changes it.
+        prompt_bucket: prompts are left-padded (internally) to a multiple of this many columns so that batches
+        of different prompt lengths reuse one compiled graph and one cache (a compiled step specialises on
+        shapes); None = 64 when compiling, else 1. The returned prompt_ids are the caller's, unpadded.
     Example:
         >>> eng = TextEngine(model.lm, tokenizer=model.tokenizer)
         >>> out = eng.generate(ids, mask, SamplingParams(max_new_tokens=32, temperature=1.0))
     """
 
-    def __init__(self, lm, *, pad_token_id: int | None = None, compile: bool | None = None, tokenizer=None):
+    def __init__(self, lm, *, pad_token_id: int | None = None, compile: bool | None = None, tokenizer=None,
+                 attn_implementation: str | None = "auto", prompt_bucket: int | None = None):
         self.lm = lm
+        _set_attention(lm, attn_implementation)
         self.tokenizer = tokenizer
         pad = pad_token_id if pad_token_id is not None else getattr(lm.config, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
         device = next(lm.parameters()).device
         self.compile = device.type == "cuda" if compile is None else bool(compile)
+        bucket = (64 if self.compile else 1) if prompt_bucket is None else prompt_bucket
+        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket <= 0:
+            raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
+        self.prompt_bucket = bucket
         self._cache = None
         self._cache_key = None
         self._decode = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if self.compile \
@@ -153,7 +176,8 @@ class TextEngine:
             attention_mask = torch.ones_like(input_ids)
         C.check_tensor("attention_mask", attention_mask, ndim=2)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise ValueError("prompts must have at least one token")
         if C.value_checks_enabled() and not bool(attention_mask[:, -1].bool().all()):
@@ -164,9 +188,14 @@ class TextEngine:
     def generate(self, input_ids, attention_mask=None, params: SamplingParams = SamplingParams(), *,
                  generator=None) -> TextRolloutOutput:
         """input_ids / attention_mask [B, P] left-padded -> TextRolloutOutput (see the class docstring)."""
-        mask = self._check_inputs(input_ids, attention_mask)
+        orig_ids, mask = input_ids, self._check_inputs(input_ids, attention_mask)
+        orig_mask = mask
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: TextEngine(lm, tokenizer=...)")
+        extra = -input_ids.shape[1] % self.prompt_bucket
+        if extra:
+            input_ids = torch.nn.functional.pad(input_ids, (extra, 0), value=self.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (extra, 0), value=0)
         B, P = input_ids.shape
         T, dev = params.max_new_tokens, input_ids.device
         greedy = params.temperature == 0
@@ -176,6 +205,7 @@ class TextEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(input_ids, pos, torch.arange(P, device=dev), full_mask, cache)
         next_pos = pos[:, -1:] + 1
+        cache_positions = torch.arange(P, P + T, device=dev)  # built once: no host-to-device copy per step
         tokens = torch.full((B, T), self.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(B, T, dtype=torch.float32, device=dev)
         valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
@@ -195,11 +225,11 @@ class TextEngine:
             if t == T - 1:
                 break
             feed = torch.where(done, self.pad_token_id, y)[:, None]
-            logits = self._decode(feed, next_pos, torch.tensor([P + t], device=dev), full_mask, cache)
+            logits = self._decode(feed, next_pos, cache_positions[t:t + 1], full_mask, cache)
             next_pos = next_pos + 1
         texts = None if self.tokenizer is None else [
             self.tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, valid)]
-        return TextRolloutOutput(input_ids, mask, tokens, logprobs, valid, texts)
+        return TextRolloutOutput(orig_ids, orig_mask, tokens, logprobs, valid, texts)
 
     def _apply_stop_strings(self, params, tokens, logprobs, valid, done, n):
         """Cut rows whose completion (first n tokens) contains a stop string; return the updated done flags."""
