@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from unirl_fast.models import UnifiedModel
-from unirl_fast.rollout import (ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, recompute_logprobs,
-                                replay_logprobs, sampling_logprobs, timestep_schedule)
+from unirl_fast.rollout import (
+    ImageEngine,
+    ImageSamplingParams,
+    SamplingParams,
+    TextEngine,
+    recompute_logprobs,
+    replay_logprobs,
+    sampling_logprobs,
+    timestep_schedule,
+)
 
 PROMPTS = ["The cat", "a much longer prompt here", "x"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unirl_fast.cli import main
-from unirl_fast.train import PRESETS, SCENARIOS, Trainer, TrainConfig
+from unirl_fast.train import PRESETS, SCENARIOS, TrainConfig, Trainer
 from unirl_fast.train import checkpoint as ckpt
 
 SMOKE = PRESETS["smoke"]

@@ -17,10 +17,11 @@ Presets (`preset_config(name)`):
 
 | name | LM | DiT | latent space | purpose |
 |---|---|---|---|---|
-| tiny | Qwen2, H=64, 2 layers, vocab = `CharTokenizer` (~100) | Sana, width 32, 2 layers, patch 2 | pixels 3x16x16 | CPU tests |
+| tiny | Qwen2, H=64, 2 layers, `CharTokenizer` vocab | Sana, width 32, 2 layers, patch 2 | pixels 3x16x16 | CPU tests |
 | tiny-sd3 | same LM | SD3, width 32, 2 layers, patch 2 | pixels 3x16x16 | CPU tests of the SD3 path |
 | small | Qwen2, H=256, 4 layers, vocab 4096 | Sana, width 256, 4 layers | AutoencoderKL f8c4, 128 px | GPU smoke |
-| bench-1.5b | Qwen2.5-1.5B shape (H=1536, 28 layers, GQA 12/2, vocab 151936) | SANA-600M shape (1152 wide, 28 layers, 32 ch) | DC-AE f32c32, 512 px | throughput |
+| bench-1.5b | Qwen2.5-1.5B shape (H=1536, 28 layers, GQA 12/2, V 151936) | SANA-600M shape (1152 wide, 28 layers) |
+  DC-AE f32c32, 512 px | throughput |
 
 Expert configs loaded from a path are copied into the config when the model is saved, so a saved
 checkpoint never depends on the original directories.

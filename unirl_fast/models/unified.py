@@ -29,8 +29,7 @@ from torch import nn
 
 from .config import UnifiedConfig, preset_config
 from .connector import QueryConnector
-from .experts import (build_dit, build_lm, build_vae, diffusers_config_dict, dit_widths, lm_config_dict,
-                      vae_geometry)
+from .experts import build_dit, build_lm, build_vae, diffusers_config_dict, dit_widths, lm_config_dict, vae_geometry
 from .tokenizer import CharTokenizer
 
 WEIGHTS_NAME = "model.safetensors"
