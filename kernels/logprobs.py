@@ -35,6 +35,8 @@ as in the reference.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -98,7 +100,7 @@ def _logprobs_bwd_kernel(
     V,
     # strides
     s_xn, s_xv, s_dn, s_dv,
-    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
+    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, BF16_RNE_BITS: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
@@ -117,7 +119,13 @@ def _logprobs_bwd_kernel(
         gh = tl.load(p_gh + i_n)
         b_dz -= gh * tl.where(b_p > 0.0, b_p * (b_z - lse + ent), 0.0)
     b_dz = tl.where(valid, b_dz * inv_t, 0.0)
-    tl.store(p_dx + i_n * s_dn + o64 * s_dv, b_dz.to(p_dx.dtype.element_ty), mask=m_v)
+    if BF16_RNE_BITS:
+        # The interpreter truncates fp32 -> bf16; round to nearest even by hand (what the GPU's cvt.rn does).
+        bits = b_dz.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(p_dx + i_n * s_dn + o64 * s_dv, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=m_v)
+    else:
+        tl.store(p_dx + i_n * s_dn + o64 * s_dv, b_dz.to(p_dx.dtype.element_ty), mask=m_v)
 
 
 def logprobs_fwd(x, y, temperature, ignore_index, return_entropy):
@@ -157,5 +165,6 @@ def logprobs_bwd(x, y, lse, ent, g, gh, temperature, ignore_index, has_ent, *, o
         V,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         BLOCK_V=BLOCK_V_BWD, HAS_ENT=has_ent, num_warps=NUM_WARPS,
+        BF16_RNE_BITS=out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
     )
     return out
