@@ -20,8 +20,10 @@ so each vocab slice is independent:
 
 Slicing the vocabulary in backward (instead of tokens) means dW is produced by a single GEMM per
 slice, rounded once like torch's own dW; no fp32 [V, H] accumulator (2.2 GB at V=151936, H=3584) and
-no bf16 rounding per token chunk. The price is an fp32 [N, H] accumulator for dh and one [N, H]
-add per slice (about N H 10 bytes; ~4% of the GEMM time at the `long` shape).
+no bf16 rounding per token chunk. The price is an fp32 [N, H] accumulator for dh. Where cuBLAS can take
+an fp32 C with 16-bit A, B (`torch.addmm(..., out_dtype=torch.float32)`, probed once) the dh GEMM adds
+into it directly (8 N H bytes per slice); otherwise a 16-bit temporary and an add cost 12 N H bytes per
+slice, ~8% of the GEMM time at the `long` shape (37 slices).
 
 FLOPs: forward 2NHV; backward 6NHV (recompute + dh + dW): 8NHV in all.
 Memory: one chunk of logits of at most CHUNK_ELEMS elements in the compute dtype (default 2^28, i.e.
@@ -31,6 +33,8 @@ and the chunk grows with N.
 Inputs of different float dtypes are computed in their promoted dtype (autocast is disabled inside).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -52,6 +56,24 @@ def vocab_chunk(N: int, V: int, chunk_elems: int) -> int:
     v = max(MIN_VOCAB_CHUNK, chunk_elems // max(N, 1))
     v -= v % MIN_VOCAB_CHUNK
     return min(V, v)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_accumulate_ok(device, dtype) -> bool:
+    """Whether `torch.addmm(C32, A16, B16, out_dtype=float32, out=C32)` (cuBLAS with an fp32 C, torch >= 2.8
+    on CUDA) exists here and accumulates correctly in place; checked once per device and dtype on a small
+    problem. Without it dh takes a 16-bit temporary and a separate add."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.randn(64, 40, device=device, dtype=dtype)
+        b = torch.randn(40, 48, device=device, dtype=dtype)
+        c = torch.randn(64, 48, device=device)
+        want = c + a.float() @ b.float()
+        torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+        return bool(torch.allclose(c, want, rtol=1e-4, atol=1e-3))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _logits(h, w, b):
@@ -95,7 +117,9 @@ def fused_linear_logprobs_bwd(h, w, b, y, lse, ent, g, gh, temperature, ignore_i
             torch.mm(z.t(), h, out=dw[v0:v1])
         if db is not None:
             db[v0:v1] = z.sum(0, dtype=torch.float32)
-        if acc_fp32:
+        if acc_fp32 and _fp32_accumulate_ok(h.device, h.dtype):
+            torch.addmm(dh, z, w_v, out_dtype=torch.float32, out=dh)
+        elif acc_fp32:
             dh += torch.mm(z, w_v)
         else:
             dh.addmm_(z, w_v)
