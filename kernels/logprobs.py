@@ -51,15 +51,15 @@ def _logprobs_fwd_kernel(
     p_x, p_y, p_logp, p_ent, p_lse,
     inv_t, ignore_index,
     # shapes
-    V,
+    L, V,
     # strides
-    s_xn, s_xv,
+    s_xb, s_xl, s_xv,
     BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     y = tl.load(p_y + i_n).to(tl.int64)
     valid = y != ignore_index
-    p_row = p_x + i_n * s_xn
+    p_row = p_x + (i_n // L) * s_xb + (i_n % L) * s_xl
     o_v = tl.arange(0, BLOCK_V)
     v_end = tl.where(valid, V, 0)
     m = float("-inf")
@@ -97,9 +97,9 @@ def _logprobs_bwd_kernel(
     p_x, p_dx, p_y, p_lse, p_ent, p_g, p_gh,
     inv_t, ignore_index, col0,
     # shapes
-    V,
+    L, V,
     # strides
-    s_xn, s_xv, s_dn, s_dv,
+    s_xb, s_xl, s_xv, s_db, s_dl, s_dv,
     BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, BF16_RNE_BITS: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
@@ -111,7 +111,8 @@ def _logprobs_bwd_kernel(
     o = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
     m_v = o < V
     o64 = o.to(tl.int64)
-    b_z = tl.load(p_x + i_n * s_xn + o64 * s_xv, mask=m_v, other=float("-inf")).to(tl.float32) * inv_t
+    i_b, i_l = i_n // L, i_n % L
+    b_z = tl.load(p_x + i_b * s_xb + i_l * s_xl + o64 * s_xv, mask=m_v, other=float("-inf")).to(tl.float32) * inv_t
     b_p = tl.exp(b_z - lse)
     b_dz = tl.where(o64 + col0 == y, g, 0.0) - g * b_p
     if HAS_ENT:
@@ -119,19 +120,27 @@ def _logprobs_bwd_kernel(
         gh = tl.load(p_gh + i_n)
         b_dz -= gh * tl.where(b_p > 0.0, b_p * (b_z - lse + ent), 0.0)
     b_dz = tl.where(valid, b_dz * inv_t, 0.0)
+    p_out = p_dx + i_b * s_db + i_l * s_dl + o64 * s_dv
     if BF16_RNE_BITS:
         # The interpreter truncates fp32 -> bf16; round to nearest even by hand (what the GPU's cvt.rn does).
         bits = b_dz.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(p_dx + i_n * s_dn + o64 * s_dv, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=m_v)
+        tl.store(p_out, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=m_v)
     else:
-        tl.store(p_dx + i_n * s_dn + o64 * s_dv, b_dz.to(p_dx.dtype.element_ty), mask=m_v)
+        tl.store(p_out, b_dz.to(p_dx.dtype.element_ty), mask=m_v)
+
+
+def _as3d(x):
+    """[N, V] -> [1, N, V] view; [B, L, V] unchanged (any strides: e.g. logits[:, :-1] needs no copy)."""
+    return x.unsqueeze(0) if x.ndim == 2 else x
 
 
 def logprobs_fwd(x, y, temperature, ignore_index, return_entropy):
-    """x [N, V] any float dtype (any strides), y [N] int -> (logp [N], ent [N] (zeros unless
-    return_entropy), lse [N]), all fp32."""
-    N, V = x.shape
+    """x [N, V] or [B, L, V] (N = B L), any float dtype and strides; y [N] int, contiguous
+    -> (logp [N], ent [N] (zeros unless return_entropy), lse [N]), all fp32."""
+    x = _as3d(x)
+    _, L, V = x.shape
+    N = y.numel()
     logp = torch.empty(N, device=x.device, dtype=torch.float32)
     ent = torch.empty_like(logp) if return_entropy else torch.zeros_like(logp)
     lse = torch.empty_like(logp)
@@ -140,30 +149,33 @@ def logprobs_fwd(x, y, temperature, ignore_index, return_entropy):
     _logprobs_fwd_kernel[(N,)](
         x, y, logp, ent, lse,
         1.0 / temperature, ignore_index,
-        V,
-        x.stride(0), x.stride(1),
+        L, V,
+        x.stride(0), x.stride(1), x.stride(2),
         BLOCK_V=BLOCK_V_FWD, HAS_ENT=return_entropy, num_warps=NUM_WARPS,
     )
     return logp, ent, lse
 
 
 def logprobs_bwd(x, y, lse, ent, g, gh, temperature, ignore_index, has_ent, *, out=None, col0=0):
-    """dlogits [N, V] in x.dtype for upstream g (d/dlogp) and gh (d/dH), both fp32 [N].
+    """dlogits shaped like x ([N, V] or [B, L, V]) in x.dtype for upstream g (d/dlogp) and gh (d/dH),
+    both fp32 [N].
 
     out: where to write (defaults to a new tensor); pass `x` itself for the in-place variant.
     col0: id of x's first column when x is a vocab slice of a larger head.
     """
-    N, V = x.shape
     if out is None:
         out = torch.empty_like(x)
+    x3, o3 = _as3d(x), _as3d(out)
+    _, L, V = x3.shape
+    N = y.numel()
     if N == 0 or V == 0:
         return out
     grid = (N, triton.cdiv(V, BLOCK_V_BWD))
     _logprobs_bwd_kernel[grid](
-        x, out, y, lse, ent, g, gh,
+        x3, o3, y, lse, ent, g, gh,
         1.0 / temperature, ignore_index, col0,
-        V,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        L, V,
+        x3.stride(0), x3.stride(1), x3.stride(2), o3.stride(0), o3.stride(1), o3.stride(2),
         BLOCK_V=BLOCK_V_BWD, HAS_ENT=has_ent, num_warps=NUM_WARPS,
         BF16_RNE_BITS=out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
     )

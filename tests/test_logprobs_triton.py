@@ -105,11 +105,11 @@ def test_logprobs_from_logits(case, dtype, entropy, device):
 
 
 def test_logprobs_leading_dims_inplace_and_strides(device):
-    """[B, L] vs flattened [N] give identical results; in-place backward gives the same grads and
-    overwrites the logits buffer; a row-strided (sliced) logits view works without a copy."""
+    """A sliced [B, L, V] view vs its flattened copy [N, V] give identical results; in-place backward gives
+    the same grads and overwrites the logits buffer (and refuses a second backward)."""
     V = 3000
-    big = torch.randn(2, 63, V + 37, device=device, dtype=torch.bfloat16)
-    z = big[..., :V]
+    big = torch.randn(2, 64, V + 37, device=device, dtype=torch.bfloat16)
+    z = big[:, :-1, :V]  # the shifted-logits slice: rows are not one stride apart
     y = torch.randint(0, V, (2, 63), device=device)
     g = torch.randn(2, 63, device=device, dtype=torch.float64)
     gh = torch.randn(2, 63, device=device, dtype=torch.float64)

@@ -45,7 +45,7 @@ def _logprobs_fwd_op(logits: Tensor, targets: Tensor, temperature: float, ignore
 
 @_logprobs_fwd_op.register_fake
 def _(logits, targets, temperature, ignore_index, return_entropy, inplace_backward):
-    n = logits.shape[0]
+    n = logits.shape[:-1].numel()
     return _rowvecs(n, logits.device), _rowvecs(n, logits.device), _rowvecs(n, logits.device)
 
 
@@ -81,7 +81,7 @@ def _logprobs_setup(ctx, inputs, output):
 def _logprobs_backward(ctx, g_logp, g_ent, g_lse):
     logits, targets, lse, ent = ctx.saved_tensors
     temperature, ignore_index, has_ent, inplace = ctx.opts
-    n = logits.shape[0]
+    n = targets.numel()
     g = _grad_or_zeros(g_logp, n, logits.device)
     gh = _grad_or_zeros(g_ent if has_ent else None, n, logits.device)
     if inplace:
@@ -97,8 +97,9 @@ _logprobs_fwd_op.register_autograd(_logprobs_backward, setup_context=_logprobs_s
 
 
 class LogprobsFromLogitsFunction:
-    """Autograd entry point: `apply(logits [N, V], targets [N], temperature, ignore_index, return_entropy,
-    inplace_backward) -> (logp [N] fp32, entropy [N] fp32 (zeros unless return_entropy))`."""
+    """Autograd entry point: `apply(logits [N, V] or [B, L, V] (any strides), targets [N] contiguous,
+    temperature, ignore_index, return_entropy, inplace_backward) -> (logp [N] fp32, entropy [N] fp32
+    (zeros unless return_entropy))`."""
 
     @staticmethod
     def apply(logits, targets, temperature, ignore_index, return_entropy, inplace_backward):
@@ -112,8 +113,9 @@ def logprobs_from_logits_triton(logits, targets, *, temperature=1.0, ignore_inde
                                 inplace_backward=False):
     """Triton path of `unirl_fast.logprobs_from_logits` (inputs already validated)."""
     V = logits.shape[-1]
-    x = logits.reshape(-1, V)
-    y = targets.reshape(-1)
+    # Rows are addressed through (B, L) strides, so logits[:, :-1] and other sliced views run without a copy.
+    x = logits.flatten(0, -3) if logits.ndim >= 3 else logits.reshape(-1, V)
+    y = targets.reshape(-1).contiguous()
     logp, ent = LogprobsFromLogitsFunction.apply(x, y, float(temperature), int(ignore_index), bool(return_entropy),
                                                  bool(inplace_backward))
     logp = logp.view(targets.shape)
@@ -197,7 +199,8 @@ def fused_linear_logprobs_triton(hidden, weight, targets, *, bias=None, temperat
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype).contiguous()
     b = None if bias is None else bias.to(dtype).contiguous()
-    logp, ent = FusedLinearLogprobsFunction.apply(h, w, b, targets.reshape(-1), float(temperature),
-                                                  int(ignore_index), bool(return_entropy))
+    y = targets.reshape(-1).contiguous()
+    logp, ent = FusedLinearLogprobsFunction.apply(h, w, b, y, float(temperature), int(ignore_index),
+                                                  bool(return_entropy))
     logp = logp.view(targets.shape)
     return logp, (ent.view(targets.shape) if return_entropy else None)
