@@ -1,7 +1,8 @@
 """Benchmark of `logprobs_from_logits` and `fused_linear_logprobs` (BENCH.md protocol), fwd / bwd / fwd+bwd.
 
 Side by side in one process, bf16 on the GPU:
-  ours          the Triton path (impl="triton"); `ours_inplace` adds inplace_backward=True (logits op only)
+  ours          the Triton path (impl="triton"); `ours_inplace` adds inplace_backward=True (logits op only,
+                fwd+bwd only: its forward is ours's, and its backward cannot be re-run on a retained graph)
   eager_ref     the fp32 reference op (materialises fp32 logits / log-softmax)
   compiled_ref  torch.compile of the same reference
   trl_rowwise   TRL's selective_log_softmax idea: log_softmax one sequence at a time (after the head GEMM)
@@ -61,8 +62,8 @@ def logits_impls(entropy, with_compile):
     def ours(z, y):
         return U.logprobs_from_logits(z, y, return_entropy=entropy, impl="triton")
 
-    def ours_inplace(z, y):
-        return U.logprobs_from_logits(z * 1, y, return_entropy=entropy, impl="triton", inplace_backward=True)
+    def ours_inplace(z, y):  # overwrites z with dlogits in backward: harmless for timing (values stay finite)
+        return U.logprobs_from_logits(z, y, return_entropy=entropy, impl="triton", inplace_backward=True)
 
     def ref(z, y):
         return logprobs_from_logits_ref(z, y, return_entropy=entropy)
@@ -111,8 +112,8 @@ def _fns(impl, inputs, g, gh, inplace=False):
     def fwd_bwd():
         torch.autograd.grad(_loss(impl(*inputs), g, gh), leaves)
 
-    if inplace:  # its backward consumes the logits buffer: a retained graph cannot be run twice
-        return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+    if inplace:  # its backward consumes the logits buffer (a retained graph cannot run twice); fwd is `ours`
+        return {"fwd+bwd": fwd_bwd}
     loss = _loss(impl(*inputs), g, gh)
 
     def bwd():
