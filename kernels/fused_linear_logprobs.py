@@ -99,15 +99,16 @@ def fused_linear_logprobs_fwd(h, w, b, y, temperature, ignore_index, return_entr
 
 
 def fused_linear_logprobs_bwd(h, w, b, y, lse, ent, g, gh, temperature, ignore_index, has_ent,
-                              need_dw=True, need_db=True, chunk_elems=None):
-    """Gradients (dh [N, H], dw [V, H] | None, db [V] | None) in the inputs' dtype, upstream g, gh fp32 [N]."""
+                              need_dh=True, need_dw=True, need_db=True, chunk_elems=None):
+    """Gradients (dh [N, H] | None, dw [V, H] | None, db [V] | None) in the inputs' dtype for upstream g, gh
+    fp32 [N]; a gradient that is not needed costs nothing (a frozen head skips the dW GEMM)."""
     N, H = h.shape
     V = w.shape[0]
     dw = torch.empty_like(w) if need_dw else None
     db = torch.empty(V, device=w.device, dtype=torch.float32) if (need_db and b is not None) else None
     vc = vocab_chunk(N, V, chunk_elems or CHUNK_ELEMS)
     acc_fp32 = h.dtype != torch.float32 and h.dtype != torch.float64 and vc < V
-    dh = torch.zeros(N, H, device=h.device, dtype=torch.float32 if acc_fp32 else h.dtype)
+    dh = torch.zeros(N, H, device=h.device, dtype=torch.float32 if acc_fp32 else h.dtype) if need_dh else None
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
         w_v = w[v0:v1]
@@ -117,12 +118,14 @@ def fused_linear_logprobs_bwd(h, w, b, y, lse, ent, g, gh, temperature, ignore_i
             torch.mm(z.t(), h, out=dw[v0:v1])
         if db is not None:
             db[v0:v1] = z.sum(0, dtype=torch.float32)
+        if dh is None:
+            continue
         if acc_fp32 and _fp32_accumulate_ok(h.device, h.dtype):
             torch.addmm(dh, z, w_v, out_dtype=torch.float32, out=dh)
         elif acc_fp32:
             dh += torch.mm(z, w_v)
         else:
             dh.addmm_(z, w_v)
-    if acc_fp32:
+    if acc_fp32 and dh is not None:
         dh = dh.to(h.dtype)
     return dh, dw, None if db is None else db.to(b.dtype)

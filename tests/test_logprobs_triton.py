@@ -214,6 +214,22 @@ def test_fused_linear_v151936_few_tokens(device):
     check_all(ours[2], ref[2], base[2], ["dhidden", "dweight"])
 
 
+def test_fused_linear_frozen_head_and_frozen_hidden(device):
+    """Only the gradients that are needed are computed, and they match the all-grads run."""
+    h = torch.randn(2, 5, 24, device=device)
+    w = torch.randn(300, 24, device=device) / 5
+    y = torch.randint(0, 300, (2, 5), device=device)
+    g = torch.randn(2, 5, device=device, dtype=torch.float64)
+
+    def fn(h, w):
+        return U.fused_linear_logprobs(h, w, y, impl="triton")
+    both = run(fn, [h, w], g, None)[2]
+    hg = h.detach().requires_grad_()
+    wg = w.detach().requires_grad_()
+    assert torch.equal(torch.autograd.grad((fn(hg, w)[0] * g).sum(), hg)[0], both[0])
+    assert torch.equal(torch.autograd.grad((fn(h, wg)[0] * g).sum(), wg)[0], both[1])
+
+
 def test_fused_linear_under_autocast_computes_fp32(device):
     """Under autocast (bf16) with fp32 inputs the op still computes in fp32: fp32-tight against fp64."""
     h = torch.randn(9, 24, device=device)

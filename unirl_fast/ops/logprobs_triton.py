@@ -140,19 +140,20 @@ def _(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
 @torch.library.custom_op("unirl_fast::fused_linear_logprobs_bwd", mutates_args=())
 def _fl_bwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, ent: Tensor,
                g: Tensor, gh: Tensor, temperature: float, ignore_index: int, has_ent: bool,
-               need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+               need_dh: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     with torch.autocast(hidden.device.type, enabled=False):
         dh, dw, db = fused_linear_logprobs_bwd(hidden, weight, bias, targets, lse, ent, g, gh, temperature,
-                                               ignore_index, has_ent, need_dw=need_dw, need_db=need_db)
-    empty = hidden.new_empty(0)
-    return dh, (empty if dw is None else dw), (empty if db is None else db)
+                                               ignore_index, has_ent, need_dh=need_dh, need_dw=need_dw,
+                                               need_db=need_db)
+    return tuple(hidden.new_empty(0) if x is None else x for x in (dh, dw, db))  # distinct: no aliased returns
 
 
 @_fl_bwd_op.register_fake
-def _(hidden, weight, bias, targets, lse, ent, g, gh, temperature, ignore_index, has_ent, need_dw, need_db):
+def _(hidden, weight, bias, targets, lse, ent, g, gh, temperature, ignore_index, has_ent, need_dh, need_dw, need_db):
+    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = torch.empty_like(weight) if need_dw else hidden.new_empty(0)
     db = torch.empty_like(bias) if (need_db and bias is not None) else hidden.new_empty(0)
-    return torch.empty_like(hidden), dw, db
+    return dh, dw, db
 
 
 def _fl_setup(ctx, inputs, output):
@@ -160,7 +161,7 @@ def _fl_setup(ctx, inputs, output):
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
     ctx.opts = (temperature, ignore_index, return_entropy)
-    ctx.needs = (weight.requires_grad, bias is not None and bias.requires_grad)
+    ctx.needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
 
 
 def _fl_backward(ctx, g_logp, g_ent, g_lse):
@@ -169,10 +170,11 @@ def _fl_backward(ctx, g_logp, g_ent, g_lse):
     n = hidden.shape[0]
     g = _grad_or_zeros(g_logp, n, hidden.device)
     gh = _grad_or_zeros(g_ent if has_ent else None, n, hidden.device)
-    need_dw, need_db = ctx.needs
+    need_dh, need_dw, need_db = ctx.needs
     dh, dw, db = torch.ops.unirl_fast.fused_linear_logprobs_bwd(hidden, weight, bias, targets, lse, ent, g, gh,
-                                                                temperature, ignore_index, has_ent, need_dw, need_db)
-    return dh, (dw if need_dw else None), (db if need_db else None), None, None, None, None
+                                                                temperature, ignore_index, has_ent, need_dh,
+                                                                need_dw, need_db)
+    return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None
 
 
 _fl_fwd_op.register_autograd(_fl_backward, setup_context=_fl_setup)
