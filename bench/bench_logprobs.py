@@ -114,11 +114,13 @@ def _fns(impl, inputs, g, gh, inplace=False):
 
     if inplace:  # its backward consumes the logits buffer (a retained graph cannot run twice); fwd is `ours`
         return {"fwd+bwd": fwd_bwd}
-    loss = _loss(impl(*inputs), g, gh)
+    graph = []
 
-    def bwd():
-        torch.autograd.grad(loss, leaves, retain_graph=True)
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    def bwd():  # the graph is built on the first (warm-up) call, after fwd and fwd+bwd were measured
+        if not graph:
+            graph.append(_loss(impl(*inputs), g, gh))
+        torch.autograd.grad(graph[0], leaves, retain_graph=True)
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd, "bwd": bwd}
 
 
 def _work(op, mode, N, H, V, elem):
@@ -185,7 +187,7 @@ def _add_ratios(rows):
                 r[f"x_vs_{impl}"] = ratio(ms, r["median_ms"])
 
 
-def plot(rows, path):
+def plot(rows, path, title):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -203,6 +205,7 @@ def plot(rows, path):
         ax.set_title(f"{op}\n{shape} fwd+bwd", fontsize=8)
         ax.set_ylabel("ms (median)")
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -228,7 +231,8 @@ def main(argv=None):
         rows += [{**r, **env, "ceil_copy_GBps": ceil["copy_GBps"], "ceil_gemm_TFLOPs": ceil["gemm_TFLOPs"]}
                  for r in bench_shape(name, shape, args, dev, dtype, ceil, smoke)]
     path = append_rows("logprobs.csv", rows, args.out)
-    png = plot(rows, path.with_suffix(".png"))
+    title = env["device"] + (" (smoke: Triton interpreter on CPU, timings meaningless)" if smoke else "")
+    png = plot(rows, path.with_suffix(".png"), title)
     print(f"ceilings on {env['device']}: copy {ceil['copy_GBps']:.1f} GB/s, "
           f"{ceil['gemm_dtype']} GEMM {ceil['gemm_TFLOPs']:.3f} TFLOP/s")
     cols = ["op", "shape", "impl", "mode", "median_ms", "p20_ms", "p80_ms", "rate", "unit", "frac_of_ceiling",

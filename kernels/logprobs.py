@@ -13,7 +13,9 @@ t is kept relative to the running max so the entropy has no cancellation when ev
 -1e4 (lse - E_p[z] would lose ~1e-3 there in fp32). The max starts at -inf and padded columns load
 -inf, so V needs no relation to BLOCK_V; a -inf logit has p = 0 and adds nothing to s or t (it is
 masked out of the p * z product, which would be 0 * inf). The target logit is one extra scalar load.
-Per row it saves lse and H (fp32) for backward. Rows whose target is `ignore_index` skip the row loop
+Per row it saves lse and H (fp32) for backward. The next slice is loaded into registers before the
+current slice's reductions, so one 8-16 KB load per program stays in flight across the
+reduce/exp/reduce chain (the loop has no tl.dot, so Triton's software pipeliner does not do this). Rows whose target is `ignore_index` skip the row loop
 entirely (padding costs no bandwidth) and give logp = H = 0.
 
 Backward, grid (N, cdiv(V, BLOCK_V)), elementwise given the saved per-row lse and H:
@@ -65,10 +67,12 @@ def _logprobs_fwd_kernel(
     m = float("-inf")
     s = 0.0
     t = 0.0
+    # register double buffer: the next slice's load is issued before this slice's reductions
+    b_next = tl.load(p_row + o_v.to(tl.int64) * s_xv, mask=o_v < v_end, other=float("-inf"))
     for v0 in range(0, v_end, BLOCK_V):
-        o = v0 + o_v
-        m_v = o < V
-        b_z = tl.load(p_row + o.to(tl.int64) * s_xv, mask=m_v, other=float("-inf")).to(tl.float32) * inv_t
+        b_z = b_next.to(tl.float32) * inv_t
+        o = v0 + BLOCK_V + o_v
+        b_next = tl.load(p_row + o.to(tl.int64) * s_xv, mask=o < V, other=float("-inf"))
         # [BLOCK_V] -> scalar
         m_new = tl.maximum(m, tl.max(b_z, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
