@@ -352,7 +352,7 @@ def test_logprobs_from_logits_bench_shapes_gpu(shape):
     """Full [N, V=151936] bf16 logits (long: 65536 rows, past a 65535 grid limit) vs fp64 on sampled rows."""
     dev = torch.device("cuda")
     B, L, _ = BENCH_SHAPES[shape]
-    z = (torch.randn(B, L, V_QWEN, device=dev) * 2).to(torch.bfloat16)
+    z = torch.randn(B, L, V_QWEN, device=dev, dtype=torch.bfloat16).mul_(2)  # long: 20 GB, no fp32 temporary
     y = torch.randint(0, V_QWEN, (B, L), device=dev)
     y[:, 1::5] = -100
     g = torch.randn(B, L, device=dev, dtype=torch.float64)
