@@ -139,7 +139,7 @@ def bench_shape(name, shape, args, dev, dtype, ceil, smoke):
     w = (torch.randn(V, H, device=dev) / H ** 0.5).to(dtype).requires_grad_()
     cases = []
     if "logits" in args.ops:
-        z = (torch.randn(B, L, V, device=dev) * 2).to(dtype).requires_grad_()
+        z = torch.randn(B, L, V, device=dev, dtype=dtype).mul_(2).requires_grad_()  # no fp32 temporary (long: 20 GB)
         cases.append(("logprobs_from_logits", logits_impls(args.entropy, args.compile or not smoke), (z, y)))
     if "linear" in args.ops:
         cases.append(("fused_linear_logprobs", linear_impls(args.entropy, args.compile or not smoke), (h, w, y)))
@@ -159,6 +159,8 @@ def bench_impl(op, impl_name, impl, inputs, g, gh, shape_info, dev, ceil, smoke)
         times = {m: time_fn(fns[m], device=dev, warmup=1 if smoke else 3, rep=3 if smoke else 20) for m in fns}
     except (RuntimeError, torch.OutOfMemoryError) as e:  # an OOM or compile failure of a baseline is a result
         print(f"{op} {impl_name} at {name}: failed: {str(e).splitlines()[0][:160]}")
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         return [{"op": op, "shape": name, "impl": impl_name, "mode": m, "failed": str(e).splitlines()[0][:160]}
                 for m in MODES]
     out = []

@@ -2,8 +2,8 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest) with small awkward shapes; the BENCH.md
 shapes are `gpu`-marked. Every case drives backward with random upstream grads for logp and entropy.
-The oracle is fp64 end to end (the fp32 reference loses ~1e-3 relative on rows near -1e4 because
-lse - E_p[z] cancels there; the kernels keep the entropy relative to the row max and do not).
+The oracle is fp64 end to end (the fp32 reference's entropy is off by ~13 nats on rows near -2e4, where
+lse - E_p[z] cancels; the kernels keep the entropy relative to the row max and stay exact).
 The "torch at the same precision" baseline is the reference op run on the same-dtype inputs.
 """
 import pytest
@@ -95,6 +95,8 @@ def test_logprobs_from_logits(case, dtype, entropy, device):
     assert_close_rule(ours[0], ref[0], base[0], atol=ATOL, name="logp")
     if entropy:
         assert_close_rule(ours[1], ref[1], base[1], atol=ATOL, name="entropy")
+        if c.get("shifted"):  # the fp32 baseline is far off here (cancellation); ours must not be
+            assert_close_rule(ours[1], ref[1], None, atol=2e-3, name="entropy on rows near -2e4")
     else:
         assert ours[1] is None
     check_all(ours[2], ref[2], base[2], ["dlogits"])
