@@ -367,3 +367,18 @@ def test_logprobs_from_logits_bench_shapes_gpu(shape):
     assert_close_rule(ours[0].view(-1)[rows], ref[0], base[0], atol=ATOL, name="logp")
     assert_close_rule(ours[1].view(-1)[rows], ref[1], base[1], atol=ATOL, name="entropy")
     assert_close_rule(ours[2][0].view(-1, V_QWEN)[rows], ref[2][0], base[2][0], atol=ATOL, name="dlogits")
+
+
+def test_fp64_logits_int32_targets(device):
+    """Any float dtype in (fp64 here: computed in fp32, dlogits written in fp64), int32 targets."""
+    z = torch.randn(3, 17, 777, device=device, dtype=torch.float64) * 4
+    y = torch.randint(0, 777, (3, 17), device=device, dtype=torch.int32)
+    y[1, 4] = -100
+    g, gh = (torch.randn(3, 17, device=device, dtype=torch.float64) for _ in range(2))
+    ours = run(lambda x: U.logprobs_from_logits(x, y, return_entropy=True, impl="triton"), [z], g, gh)
+    base = run(lambda x: logprobs_from_logits_ref(x, y, return_entropy=True), [z], g, gh)
+    ref = run(lambda x: oracle_from_logits(x, y), [z], g, gh)
+    assert ours[2][0].dtype == torch.float64
+    for o, r, b, n in zip([ours[0], ours[1], ours[2][0]], [ref[0], ref[1], ref[2][0]], [base[0], base[1], base[2][0]],
+                          ["logp", "entropy", "dlogits"]):
+        assert_close_rule(o, r, b, atol=ATOL, name=n)
