@@ -3,6 +3,10 @@ from .advantages import group_advantages
 from .flow import cfg_velocity, flow_policy_loss, flow_sde_step, flow_step_logprob
 from .logprobs import fused_linear_logprobs, logprobs_from_logits
 from .policy_loss import fused_linear_policy_loss, policy_loss
+from ._dispatch import triton_installed
+
+if triton_installed():
+    from . import logprobs_triton  # noqa: F401  (registers the Triton log-prob paths)
 
 __all__ = [
     "logprobs_from_logits", "fused_linear_logprobs", "policy_loss", "fused_linear_policy_loss", "group_advantages",

@@ -18,8 +18,19 @@ def _check_common(temperature, ignore_index, return_entropy):
         raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
 
 
-def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False, impl="auto"):
+def _check_inplace(inplace_backward):
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+
+
+def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False, impl="auto",
+                         inplace_backward=False):
     """Per-token log-probs (and entropy) of `targets` under softmax(logits / temperature).
+
+    `inplace_backward=True` lets the Triton path write dlogits over the logits buffer during backward
+    (no second [N, V] buffer; flash-attn's cross-entropy does the same). It is a permission, not a
+    requirement: the caller promises not to read `logits` after backward, and the reference path, which
+    has no such buffer to reuse, gives the same gradients without touching `logits`.
 
     Args:
         logits: [..., V] fp16/bf16/fp32, differentiable. -inf entries (masked vocabulary) are allowed.
@@ -36,11 +47,13 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
                          f"{tuple(logits.shape[:-1])}")
     C.check_same_device(logits=logits, targets=targets)
     _check_common(temperature, ignore_index, return_entropy)
+    _check_inplace(inplace_backward)
     C.check_no_nan_or_posinf("logits", logits)
     C.check_targets("targets", targets, logits.shape[-1], ignore_index)
     if choose("logprobs_from_logits", impl, logits.device) == "triton":
         return triton_impl("logprobs_from_logits")(logits, targets, temperature=float(temperature),
-                                                   ignore_index=ignore_index, return_entropy=return_entropy)
+                                                   ignore_index=ignore_index, return_entropy=return_entropy,
+                                                   inplace_backward=inplace_backward)
     return logprobs_from_logits_ref(logits, targets, temperature=float(temperature), ignore_index=ignore_index,
                                     return_entropy=return_entropy)
 
