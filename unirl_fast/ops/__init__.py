@@ -3,7 +3,7 @@ from .advantages import group_advantages
 from .flow import cfg_velocity, flow_policy_loss, flow_sde_step, flow_step_logprob
 from .logprobs import fused_linear_logprobs, logprobs_from_logits
 from .policy_loss import fused_linear_policy_loss, policy_loss
-from . import fused_linear_policy_loss_triton, policy_loss_triton  # noqa: F401,E402  (register Triton paths)
+from . import advantages_triton, fused_linear_policy_loss_triton, policy_loss_triton  # noqa: F401,E402  (register Triton paths)
 
 __all__ = [
     "logprobs_from_logits", "fused_linear_logprobs", "policy_loss", "fused_linear_policy_loss", "group_advantages",
