@@ -120,9 +120,11 @@ def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         if grads and seq:
             given = dict(vec, g=dlogp.reshape(-1), gh=dent.reshape(-1))
             _, _, dh, dW, db = _head_pass(h2, weight, bias, tgt, given, kopts, mode=K.MODE_GIVEN, **need)
-    empty = hidden.new_empty(0)
-    return (loss, metrics, empty if dh is None else dh.view(hidden.shape), empty if dW is None else dW,
-            empty if db is None else db)
+    def empty(x, like):  # a distinct tensor per output (custom-op outputs may not alias each other)
+        return like.new_empty(0) if x is None else x
+
+    return loss, metrics, empty(dh, hidden).view(hidden.shape if dh is not None else (0,)), empty(dW, weight), \
+        empty(db, metrics)
 
 
 @_flpl_op.register_fake

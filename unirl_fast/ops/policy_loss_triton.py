@@ -89,8 +89,10 @@ def _policy_loss_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         eps_high=eps_high, dual_clip=dual_clip, importance_sampling=importance_sampling, beta=beta, kl=kl,
         tis_cap=tis_cap, entropy_coef=entropy_coef, max_completion_length=max_completion_length,
         num_tokens=num_tokens, write_grad=write_grad)
-    empty = logp.new_empty(0, dtype=torch.float32)
-    return loss, metrics, empty if dlogp is None else dlogp, empty if dent is None else dent
+    def empty(x):  # a distinct tensor per output (custom-op outputs may not alias each other)
+        return logp.new_empty(0, dtype=torch.float32) if x is None else x
+
+    return loss, metrics, empty(dlogp), empty(dent)
 
 
 @_policy_loss_op.register_fake
