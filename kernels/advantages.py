@@ -23,8 +23,8 @@ STD_CODES = {"group": 0, "global": 1, "none": 2}
 @triton.jit
 def _group_advantages_fwd_kernel(
     r_ptr, order_ptr, starts_ptr, gstd_ptr, out_ptr,
-    eps, clip,
-    RLOO: tl.constexpr, STD: tl.constexpr, UNBIASED: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    eps, clip, ddof,
+    RLOO: tl.constexpr, STD: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i_g = tl.program_id(0)
     start = tl.load(starts_ptr + i_g)
@@ -51,7 +51,7 @@ def _group_advantages_fwd_kernel(
                 idx = tl.load(order_ptr + j0 + o_j, mask=m_j, other=0)
                 c = tl.where(m_j, tl.load(r_ptr + idx, mask=m_j, other=0.0) - mean, 0.0)
                 ss += tl.sum(c * c, 0)  # [BLOCK] -> scalar
-            var = tl.div_rn(ss, tl.maximum(n - UNBIASED, 1.0))
+            var = tl.div_rn(ss, tl.maximum(n - ddof, 1.0))
             denom = tl.sqrt_rn(var) + eps
         elif STD == 1:
             denom = tl.load(gstd_ptr) + eps
@@ -79,7 +79,7 @@ def group_advantages_fwd(rewards, order, starts, global_std, *, mode, std, unbia
     if G <= 0:
         return out
     _group_advantages_fwd_kernel[(G,)](
-        rewards, order, starts, global_std, out, float(eps), float(clip or 0.0),
-        RLOO=mode == "rloo", STD=STD_CODES[std], UNBIASED=bool(unbiased), HAS_CLIP=clip is not None, BLOCK=128,
+        rewards, order, starts, global_std, out, float(eps), float(clip or 0.0), 1.0 if unbiased else 0.0,
+        RLOO=mode == "rloo", STD=STD_CODES[std], HAS_CLIP=clip is not None, BLOCK=128,
     )
     return out
