@@ -114,6 +114,24 @@ def test_policy_loss_all_masked_is_zero(device):
         assert all(torch.isfinite(v) for v in met.values())
 
 
+@pytest.mark.parametrize("is_level", ["token", "sequence"])
+def test_policy_loss_long_sequence(device, is_level):
+    B, L = 1, 70_000  # L past 65535: the grid is (B,) and each program loops over L
+    d = _policy_data(2, L, device)
+    d = {k: v[:1] for k, v in d.items()}
+    d["mask"][0, :5] = True
+    logp = (d["old_logp"] + 0.2 * torch.randn(B, L, device=device)).requires_grad_()
+    kw = dict(loss_type="dr_grpo", importance_sampling=is_level, ref_logp=d["ref_logp"], beta=0.1)
+    args = (d["old_logp"], d["advantages"], d["mask"])
+    loss, met = U.policy_loss(logp, *args, impl="triton", **kw)
+    (g,) = torch.autograd.grad(loss, [logp])
+    loss_r, met_r = policy_loss_ref(logp, *args, **kw)
+    (g_r,) = torch.autograd.grad(loss_r, [logp])
+    _assert_loss(loss, loss_r, policy_loss_ref(logp, d["old_logp"], d["advantages"].abs(), d["mask"], **kw)[0])
+    assert_close_rule(g, g_r, atol=2e-6, name="dlogp")
+    _check_metrics(met, met_r, atol=1e-5)
+
+
 def test_policy_loss_compiles_fullgraph(device):
     B, L = 2, 9
     d = _policy_data(B, L, device)
@@ -340,6 +358,17 @@ def test_fused_compiles_fullgraph(device, small_chunks):
     g_e = torch.autograd.grad(out_e[0], [h, W, b])
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(g_c, g_e)
+
+
+@pytest.mark.gpu
+def test_fused_gpu_long_sequence():
+    B, L, H, V = 1, 70_000, 64, 1000  # L past 65535 (BENCH.md long has L = 65536), many chunks
+    dev = torch.device("cuda")
+    h, W, b, y = _head(B, L, H, V, dev)
+    d = _policy_data(2, L, dev)
+    d = {k: v[:1] for k, v in d.items()}
+    kw = _opts("grpo", "token", d)
+    _assert_fused(*_fused_both(h, W, b, y, d, kw, 1.0), atol=1e-5)
 
 
 @pytest.mark.gpu
