@@ -105,10 +105,11 @@ def _flpl_chunk_kernel(
             inv_s = 1.0 / s
             for v0 in range(0, V, BLOCK_V):
                 m_v = (v0 + o_v) < V
-                z = tl.load(z_row + v0 + o_v, mask=m_v, other=-float("inf")).to(tl.float32) * inv_temp
-                d = z - m_safe
-                p = tl.exp(d) * inv_s
-                dz = -g * p - gh * tl.where(p > 0, p * (d - ez), 0.0)
+                # fresh names: a name assigned before a loop is loop-carried on the GPU compiler (d is a scalar above)
+                zv = tl.load(z_row + v0 + o_v, mask=m_v, other=-float("inf")).to(tl.float32) * inv_temp
+                zd = zv - m_safe
+                p = tl.exp(zd) * inv_s
+                dz = -g * p - gh * tl.where(p > 0, p * (zd - ez), 0.0)
                 dz = tl.where((v0 + o_v) == tgt, dz + g, dz)
                 tl.store(z_row + v0 + o_v, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=m_v)
 
