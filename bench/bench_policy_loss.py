@@ -74,8 +74,13 @@ def _liger_fns(h, W, y, old, adv, mask):
     except ImportError:
         LigerFusedLinearGRPOLoss = None
     if LigerFusedLinearGRPOLoss is not None:
-        mod = LigerFusedLinearGRPOLoss(beta=0.0, loss_type="grpo")
-        out["liger_fused"] = lambda: mod(h, W, y, mask.long(), adv, old_per_token_logps=old)[0]
+        mods = []  # built on first call so a constructor that rejects an argument becomes an error row
+
+        def liger_fused():
+            if not mods:
+                mods.append(LigerFusedLinearGRPOLoss(beta=0.0, loss_type="grpo"))
+            return mods[0](h, W, y, mask.long(), adv, old_per_token_logps=old)[0]
+        out["liger_fused"] = liger_fused
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
     except ImportError:
@@ -109,7 +114,7 @@ def _fns(h, W, y, old, adv, mask, with_compile):
             loss_fn().backward()
         return run
 
-    return {k: fwd_bwd(f) for k, f in fns.items()}
+    return {k: fwd_bwd(f) for k, f in fns.items()}, (h, W)
 
 
 def _bench_shape(name, shape, dev, ceil, smoke, with_compile, env):
@@ -118,11 +123,13 @@ def _bench_shape(name, shape, dev, ceil, smoke, with_compile, env):
     flops = 6 * B * L * H * V
     floor_ms = flops / (ceil["gemm_TFLOPs"] * 1e12) * 1e3
     rows = []
-    for impl, fn in _fns(*_inputs(shape, dev, dtype), with_compile).items():
+    fns, (h, W) = _fns(*_inputs(shape, dev, dtype), with_compile)
+    for impl, fn in fns.items():
         row = {"shape": name, "impl": impl, "B": B, "L": L, "H": H, "V": V, "dtype": str(dtype).replace("torch.", ""),
                "floor_ms": floor_ms, "smoke": smoke}
         try:
             t = time_fn(fn, device=dev, warmup=1 if smoke else 3, rep=3 if smoke else 20)
+            h.grad, W.grad = None, None  # so the peak counts the new grads of h and W
             mem = peak_extra_memory_bytes(fn, dev)
         except Exception as e:  # a peer that fails at this shape is a result, not a crash (e.g. OOM, compile)
             rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}", **env})
