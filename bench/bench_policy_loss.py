@@ -165,8 +165,10 @@ def _plot(rows, path):
     width = 0.8 / max(1, len(impls))
     for k, impl in enumerate(impls):
         xs = [i + k * width for i in range(len(shapes))]
-        get = (lambda col: [next((r.get(col) or 0.0 for r in rows if r["shape"] == s and r["impl"] == impl), 0.0)
-                            for s in shapes])
+
+        def get(col, impl=impl):
+            return [next((r.get(col) or 0.0 for r in rows if r["shape"] == s and r["impl"] == impl), 0.0)
+                    for s in shapes]
         axes[0].bar(xs, get("median_ms"), width, label=impl)
         axes[1].bar(xs, get("peak_extra_MiB"), width, label=impl)
     floors = [next(r["floor_ms"] for r in rows if r["shape"] == s) for s in shapes]

@@ -129,8 +129,9 @@ def flpl_chunk(z, row0, tgt, logp, ent, *, mode, temperature, w=None, old=None, 
         return
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     block = min(triton.next_power_of_2(V), 1024 if interp else 4096)
-    d = logp  # placeholder pointer for inputs the mode does not read
-    pick = (lambda x: d if x is None else x)
+
+    def pick(x):  # logp stands in as the pointer of an input this mode does not read
+        return logp if x is None else x
     _flpl_chunk_kernel[(C,)](
         z, tgt, pick(w), pick(old), pick(adv), pick(roll), pick(ref), pick(g), pick(gh), logp, ent,
         1.0 / float(temperature), float(eps_low), float(eps_high), float(dual_clip or 0.0),

@@ -144,7 +144,9 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g_loss, g_metrics, g_dh, g_dw, g_db):
     dh, dW, db = ctx.saved_tensors
-    scale = (lambda x, dt: None if x.numel() == 0 else (x * g_loss).to(dt))
+
+    def scale(x, dt):
+        return None if x.numel() == 0 else (x * g_loss).to(dt)
     d_b = None if ctx.bias_dtype is None else scale(db, ctx.bias_dtype)
     return (scale(dh, dh.dtype), scale(dW, dW.dtype)) + (None,) * 4 + (d_b,) + (None,) * 18
 

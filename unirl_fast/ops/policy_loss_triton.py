@@ -67,7 +67,9 @@ def run_policy_kernel(logp, old, adv, mask, ref, roll, ent, *, loss_type, eps_lo
     wrow = row_weights(m, loss_type, max_completion_length, num_tokens)
     A = adv.detach().to(torch.float32)
     A = A.contiguous() if A.ndim == 1 else A.contiguous().view(B, L)
-    opt = (lambda x: None if x is None else prep_bl(x, B, L))
+
+    def opt(x):
+        return None if x is None else prep_bl(x, B, L)
     part, dlogp, dent = K.policy_loss_fwd(
         prep_bl(logp, B, L), prep_bl(old, B, L), A, m.view(torch.uint8), wrow, ref=opt(ref), roll=opt(roll),
         ent=opt(ent), eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, tis_cap=tis_cap, beta=beta,
