@@ -44,7 +44,11 @@ class Trainer:
         if cfg.fp8:
             from ..fp8 import convert_to_fp8  # the unified precision flow: rollout and training share these
 
-            convert_to_fp8(self.model)
+            names = convert_to_fp8(self.model)
+            if not names:
+                raise ValueError(f"--fp8 was requested but no Linear of preset {cfg.preset!r} is eligible (in/out "
+                                 "features divisible by 128): nothing would run in FP8")
+            log(f"fp8: {len(names)} Linear layers converted (rollout and training share them)")
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._set_trainable()
         self.opt = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay, betas=(0.9, 0.99))

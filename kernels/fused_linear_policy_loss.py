@@ -1,0 +1,142 @@
+"""Per-chunk row kernel of `fused_linear_policy_loss` (FORMULAS.md sections 1 and 2).
+
+Legend: C rows (tokens) in a chunk, V vocab, N tokens in all.
+
+The caller computes a chunk of raw logits zr = h_c W^T (+ b) with cuBLAS (fp32 accumulate, stored in the
+GEMM dtype) and launches this kernel once per chunk, grid (C,): one program per row, looping over V in
+BLOCK_V columns (V need not be a multiple of the block; padded columns are -inf).
+
+    sweep 1 (online, z = zr / T):  m = max z,  s = sum e^(z-m),  t = sum e^(z-m) (z-m)
+             lse = m + log s ;  logp = z_y - lse ;  H = log s - t / s          (no cancellation at |z| >> 1)
+    policy : MODE_TOKEN:  g = dL/dlogp and gH = dL/dH from the shared token math of kernels/policy_loss.py
+             MODE_GIVEN:  g, gH read from vectors (sequence-level IS: computed between a logp pass and this one)
+    sweep 2: dzr_j = ( g (1[j=y] - p_j) - gH p_j ((z_j - m) - t/s) ) / T   written IN PLACE over zr
+MODE_LOGP stops after sweep 1 (the first pass of sequence-level IS).
+
+Traffic per chunk: zr read twice and written once (2 bytes each for bf16), i.e. about 3 C V * 2 bytes against
+the 6 C H V GEMM FLOPs around it. Rows whose target is < 0 (ignore_index or mask 0, set by the caller)
+skip sweep 1 and write a zero row, logp = H = 0. An all -inf row is never produced by a finite head; the
+online update is still guarded so -inf logits give p = 0 and no NaN.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from .policy_loss import KL_CODES, _kl_terms, _pg_terms, _tis_weight
+
+MODE_LOGP, MODE_TOKEN, MODE_GIVEN = 0, 1, 2
+
+
+@triton.jit
+def _row_stats(z_row, inv_temp, V, BLOCK_V: tl.constexpr):
+    """Online max m, s = sum e^(z-m), t = sum e^(z-m)(z-m) over one row of V raw logits."""
+    o_v = tl.arange(0, BLOCK_V)
+    m = -float("inf")
+    s = 0.0
+    t = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        m_v = (v0 + o_v) < V
+        z = tl.load(z_row + v0 + o_v, mask=m_v, other=-float("inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, 0))  # [BLOCK_V] -> scalar
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        shift = tl.where(s > 0, m - m_safe, 0.0)
+        d = z - m_safe
+        e = tl.exp(d)
+        ed = tl.where(e > 0, e * d, 0.0)
+        t = alpha * (t + shift * s) + tl.sum(ed, 0)  # [BLOCK_V] -> scalar
+        s = alpha * s + tl.sum(e, 0)
+        m = m_new
+    return m, s, t
+
+
+@triton.jit
+def _flpl_chunk_kernel(
+    z_ptr, tgt_ptr, w_ptr, old_ptr, adv_ptr, roll_ptr, ref_ptr, g_ptr, gh_ptr, logp_ptr, ent_ptr,
+    inv_temp, eps_low, eps_high, dual_clip, tis_cap, beta, entropy_coef,
+    # shapes
+    V, row0,
+    # strides (per-token vectors are contiguous [N]; the chunk logits have row stride stride_zc, column stride 1)
+    stride_zc,
+    MODE: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_TIS: tl.constexpr, HAS_REF: tl.constexpr,
+    KL_KIND: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_n = row0 + i_c  # global token index
+    z_row = z_ptr + i_c * stride_zc
+    tgt = tl.load(tgt_ptr + i_n).to(tl.int64)
+    o_v = tl.arange(0, BLOCK_V)
+    if tgt < 0:
+        tl.store(logp_ptr + i_n, 0.0)
+        tl.store(ent_ptr + i_n, 0.0)
+        if MODE != 0:
+            for v0 in range(0, V, BLOCK_V):
+                m_v = (v0 + o_v) < V
+                tl.store(z_row + v0 + o_v, tl.zeros([BLOCK_V], dtype=z_ptr.dtype.element_ty), mask=m_v)
+    else:
+        m, s, t = _row_stats(z_row, inv_temp, V, BLOCK_V)
+        m_safe = tl.where(m == -float("inf"), 0.0, m)
+        log_s = tl.log(s)
+        ez = t / s  # E_p[z] - m
+        logp = tl.load(z_row + tgt).to(tl.float32) * inv_temp - m_safe - log_s
+        tl.store(logp_ptr + i_n, logp)
+        tl.store(ent_ptr + i_n, log_s - ez)
+        if MODE != 0:
+            if MODE == 1:
+                w = tl.load(w_ptr + i_n)
+                old = tl.load(old_ptr + i_n)
+                A = tl.load(adv_ptr + i_n)
+                r = tl.exp(logp - old)
+                tis_w = _tis_weight(old, tl.load(roll_ptr + i_n), tis_cap, HAS_TIS)
+                pg, d, clo, chi, dual = _pg_terms(r, A, eps_low, eps_high, dual_clip, tis_w, HAS_DUAL)
+                g = d * r
+                if HAS_REF:
+                    if beta != 0.0:
+                        _, dkl = _kl_terms(logp, tl.load(ref_ptr + i_n), KL_KIND)
+                        g += beta * dkl
+                g = w * g
+                gh = -entropy_coef * w
+            else:
+                g = tl.load(g_ptr + i_n)
+                gh = tl.load(gh_ptr + i_n)
+            inv_s = 1.0 / s
+            for v0 in range(0, V, BLOCK_V):
+                m_v = (v0 + o_v) < V
+                # fresh names: a name assigned before a loop is loop-carried on the GPU compiler (d is a scalar above)
+                zv = tl.load(z_row + v0 + o_v, mask=m_v, other=-float("inf")).to(tl.float32) * inv_temp
+                zd = zv - m_safe
+                p = tl.exp(zd) * inv_s
+                dz = -g * p - gh * tl.where(p > 0, p * (zd - ez), 0.0)
+                dz = tl.where((v0 + o_v) == tgt, dz + g, dz)
+                tl.store(z_row + v0 + o_v, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=m_v)
+
+
+def flpl_chunk(z, row0, tgt, logp, ent, *, mode, temperature, w=None, old=None, adv=None, roll=None, ref=None,
+               g=None, gh=None, eps_low=0.2, eps_high=0.2, dual_clip=None, tis_cap=None, beta=0.0,
+               entropy_coef=0.0, kl="k3"):
+    """Run the row kernel over chunk logits z [C, V] (column stride 1) for global tokens row0 .. row0 + C.
+
+    tgt [N] int32 (-1 = not a valid token); logp, ent [N] fp32 outputs; w, old, adv, roll, ref, g, gh [N]
+    fp32 contiguous inputs as the mode needs them. MODE_TOKEN / MODE_GIVEN overwrite z with dlogits.
+    """
+    C, V = z.shape
+    if z.stride(1) != 1:
+        raise ValueError(f"chunk logits must have unit column stride, got strides {z.stride()}")
+    if C == 0:
+        return
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    block = min(triton.next_power_of_2(V), 1024 if interp else 4096)
+
+    def pick(x):  # logp stands in as the pointer of an input this mode does not read
+        return logp if x is None else x
+    _flpl_chunk_kernel[(C,)](
+        z, tgt, pick(w), pick(old), pick(adv), pick(roll), pick(ref), pick(g), pick(gh), logp, ent,
+        1.0 / float(temperature), float(eps_low), float(eps_high), float(dual_clip or 0.0),
+        float("inf") if tis_cap is None else float(tis_cap), float(beta), float(entropy_coef),
+        V, row0, z.stride(0),
+        MODE=mode, HAS_DUAL=dual_clip is not None, HAS_TIS=roll is not None, HAS_REF=ref is not None,
+        KL_KIND=KL_CODES[kl], BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+    )

@@ -1,0 +1,230 @@
+"""Triton kernels for the GRPO-family policy loss on given token log-probs (FORMULAS.md section 2).
+
+Legend: B sequences, L tokens per sequence, N = B*L tokens, P = NPART per-sequence partial sums.
+
+Per token t of sequence i (fp32), with the aggregation weight w_t = m_t * wrow_i known before the pass
+(grpo 1/(B max(n_i,1)), bnpo/dapo 1/max(sum m,1) or 1/max(num_tokens,1), dr_grpo 1/(B Lmax), seq_sum 1/B):
+
+    r      = exp(logp - old)                    | r_seq_i = exp(sum_t m (logp - old) / max(n_i, 1))
+    u, c   = -A r, -A clip(r, 1-eps_low, 1+eps_high);  pg = max(u, c)
+    dpg/dr = -A * (a_u + a_c [1-eps_low <= r <= 1+eps_high])     a_u, a_c: torch.maximum's split (1/0, 0/1, 1/2 on ties)
+    dual   : A < 0 and pg > -c A  ->  pg = -c A, dpg/dr = 0
+    tis    : pg, dpg/dr *= min(exp(old - rollout), C)
+    L_t    = pg + beta kl_t - entropy_coef H_t
+    token IS    : dL/dlogp_t = w_t (dpg/dr r + beta dkl/dlogp)
+    sequence IS : dL/dlogp_t = m_t / max(n_i,1) * r_seq_i * sum_s w_s dpg_s/dr  +  w_t beta dkl/dlogp
+    dL/dH_t = -entropy_coef w_t
+
+`_pg_terms` / `_kl_terms` are shared with the fused head kernel (kernels/fused_linear_policy_loss.py) so both
+paths run the same per-token math. The gradient is produced in the forward pass (it is a few bytes per
+token); autograd's backward only scales it. One program per sequence loops over L in blocks (grid (B,),
+no dimension that grows with L): pass 1 (sequence IS only) the sequence log-ratio, pass 2 loss, metric
+sums and the token-IS gradient, pass 3 (sequence IS only) the gradient. Memory traffic: each [B, L]
+input read once per pass, dlogp / dH written once. Per-sequence partial sums [B, P] are reduced by the
+caller (deterministic; no atomics). Masked positions may hold garbage (inf/NaN): every load is masked
+and replaced by 0 before it reaches arithmetic, as the reference does.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Columns of the per-sequence partial sums.
+P_LOSS, P_COUNT, P_CLIP_LO, P_CLIP_HI, P_RATIO, P_DUAL, P_KL, P_ENT, P_TIS, P_TIS_CAP = range(10)
+NPART = 10
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+
+
+@triton.jit
+def _pg_terms(r, A, eps_low, eps_high, dual_clip, tis_w, HAS_DUAL: tl.constexpr):
+    """Clipped surrogate pg and dpg/dr (both TIS-scaled), and the clip / dual-clip flags."""
+    lo = 1.0 - eps_low
+    hi = 1.0 + eps_high
+    rc = tl.minimum(tl.maximum(r, lo), hi)
+    u = -A * r
+    c = -A * rc
+    pg = tl.maximum(u, c)
+    a_u = tl.where(u > c, 1.0, tl.where(u == c, 0.5, 0.0))
+    in_rng = (r >= lo) & (r <= hi)
+    d = -A * (a_u + (1.0 - a_u) * tl.where(in_rng, 1.0, 0.0))
+    dual = A < A  # all False, same shape as A
+    if HAS_DUAL:
+        dual = (A < 0) & (pg > -dual_clip * A)
+        pg = tl.where(dual, -dual_clip * A, pg)
+        d = tl.where(dual, 0.0, d)
+    clip_lo = (r < lo) & (A < 0)
+    clip_hi = (r > hi) & (A > 0)
+    return pg * tis_w, d * tis_w, clip_lo, clip_hi, dual
+
+
+@triton.jit
+def _kl_terms(logp, ref, KL_KIND: tl.constexpr):
+    """kl_t and dkl/dlogp for k1 / k2 / k3 (d = ref - logp)."""
+    d = ref - logp
+    if KL_KIND == 1:
+        kl = -d
+        dkl = d * 0.0 + 1.0
+    elif KL_KIND == 2:
+        kl = 0.5 * d * d
+        dkl = -d
+    else:
+        e = tl.exp(d)
+        kl = e - d - 1.0
+        dkl = 1.0 - e
+    return kl, dkl
+
+
+@triton.jit
+def _tis_weight(old, roll, tis_cap, HAS_TIS: tl.constexpr):
+    if HAS_TIS:
+        return tl.minimum(tl.exp(old - roll), tis_cap)
+    return old * 0.0 + 1.0
+
+
+@triton.jit
+def _load0(ptr, o, m):
+    """fp32 load with masked (and invalid) positions set to 0."""
+    return tl.where(m, tl.load(ptr + o, mask=m, other=0.0).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, roll_ptr, ent_ptr, wrow_ptr,
+    dlogp_ptr, dent_ptr, part_ptr,
+    eps_low, eps_high, dual_clip, tis_cap, beta, entropy_coef,
+    # shapes
+    L,
+    # strides ([B, L] inputs share one layout; advantages has its own, stride_al = 0 for [B])
+    stride_b, stride_l, stride_ab, stride_al,
+    SEQ_IS: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_TIS: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    row = i_b * stride_b
+    arow = i_b * stride_ab
+    wrow = tl.load(wrow_ptr + i_b)
+    o_l = tl.arange(0, BLOCK_L)
+    n_i = 0.0
+    r_seq = 1.0
+    if SEQ_IS:
+        s_lr = 0.0
+        for l0 in range(0, L, BLOCK_L):
+            m_l = (l0 + o_l) < L
+            o = row + (l0 + o_l).to(tl.int64) * stride_l
+            on = (tl.load(mask_ptr + o, mask=m_l, other=0) != 0) & m_l
+            s_lr += tl.sum(_load0(logp_ptr, o, on) - _load0(old_ptr, o, on), 0)  # [BLOCK_L] -> scalar
+            n_i += tl.sum(on.to(tl.float32), 0)
+        r_seq = tl.exp(s_lr / tl.maximum(n_i, 1.0))
+    s_loss = 0.0
+    s_n = 0.0
+    s_clo = 0.0
+    s_chi = 0.0
+    s_r = 0.0
+    s_dual = 0.0
+    s_kl = 0.0
+    s_ent = 0.0
+    s_tis = 0.0
+    s_cap = 0.0
+    s_dpg = 0.0
+    for l0 in range(0, L, BLOCK_L):
+        m_l = (l0 + o_l) < L
+        o = row + (l0 + o_l).to(tl.int64) * stride_l
+        on = (tl.load(mask_ptr + o, mask=m_l, other=0) != 0) & m_l
+        mf = on.to(tl.float32)
+        w = mf * wrow
+        lp = _load0(logp_ptr, o, on)
+        old = _load0(old_ptr, o, on)
+        A = _load0(adv_ptr, arow + (l0 + o_l).to(tl.int64) * stride_al, on)
+        if SEQ_IS:
+            r = mf * 0.0 + r_seq
+        else:
+            r = tl.exp(lp - old)
+        tis_w = _tis_weight(old, _load0(roll_ptr, o, on), tis_cap, HAS_TIS)
+        pg, d, clo, chi, dual = _pg_terms(r, A, eps_low, eps_high, dual_clip, tis_w, HAS_DUAL)
+        per_tok = pg
+        g = d * r
+        kl = mf * 0.0
+        if HAS_REF:
+            kl, dkl = _kl_terms(lp, _load0(ref_ptr, o, on), KL_KIND)
+            if beta != 0.0:
+                per_tok += beta * kl
+                g += beta * dkl
+        ent = mf * 0.0
+        if HAS_ENT:
+            ent = _load0(ent_ptr, o, on)
+            per_tok -= entropy_coef * ent
+        if WRITE_GRAD:
+            if SEQ_IS:
+                s_dpg += tl.sum(w * d, 0)
+            else:
+                tl.store(dlogp_ptr + o, w * g, mask=m_l)
+            if HAS_ENT:
+                tl.store(dent_ptr + o, -entropy_coef * w, mask=m_l)
+        # [BLOCK_L] -> scalar partial sums; masked tokens contribute exactly 0
+        s_loss += tl.sum(tl.where(on, w * per_tok, 0.0), 0)
+        s_n += tl.sum(mf, 0)
+        s_clo += tl.sum(tl.where(on & clo, 1.0, 0.0), 0)
+        s_chi += tl.sum(tl.where(on & chi, 1.0, 0.0), 0)
+        s_r += tl.sum(tl.where(on, r, 0.0), 0)
+        s_dual += tl.sum(tl.where(on & dual, 1.0, 0.0), 0)
+        s_kl += tl.sum(tl.where(on, kl, 0.0), 0)
+        s_ent += tl.sum(tl.where(on, ent, 0.0), 0)
+        s_tis += tl.sum(tl.where(on, tis_w, 0.0), 0)
+        s_cap += tl.sum(tl.where(on & (tis_w >= tis_cap), 1.0, 0.0), 0)
+    p_row = part_ptr + i_b * 10  # NPART columns
+    tl.store(p_row + 0, s_loss)
+    tl.store(p_row + 1, s_n)
+    tl.store(p_row + 2, s_clo)
+    tl.store(p_row + 3, s_chi)
+    tl.store(p_row + 4, s_r)
+    tl.store(p_row + 5, s_dual)
+    tl.store(p_row + 6, s_kl)
+    tl.store(p_row + 7, s_ent)
+    tl.store(p_row + 8, s_tis)
+    tl.store(p_row + 9, s_cap)
+    if SEQ_IS and WRITE_GRAD:
+        scale = r_seq * s_dpg / tl.maximum(n_i, 1.0)
+        for l0 in range(0, L, BLOCK_L):
+            m_l = (l0 + o_l) < L
+            o = row + (l0 + o_l).to(tl.int64) * stride_l
+            on = (tl.load(mask_ptr + o, mask=m_l, other=0) != 0) & m_l
+            mf = on.to(tl.float32)
+            g = mf * scale
+            if HAS_REF:
+                if beta != 0.0:
+                    _, dkl = _kl_terms(_load0(logp_ptr, o, on), _load0(ref_ptr, o, on), KL_KIND)
+                    g += mf * wrow * beta * dkl
+            tl.store(dlogp_ptr + o, g, mask=m_l)
+
+
+def policy_loss_fwd(logp, old, adv, mask_u8, wrow, *, ref=None, roll=None, ent=None, eps_low, eps_high,
+                    dual_clip, tis_cap, beta, entropy_coef, kl, seq_is, write_grad):
+    """Launch the policy kernel on fp32 [B, L] tensors sharing one layout (mask uint8, adv [B] or [B, L]).
+
+    Returns (partials [B, NPART] fp32 (columns P_*), dlogp [B, L] fp32 | None, dent [B, L] fp32 | None).
+    """
+    B, L = logp.shape
+    for name, x in (("old", old), ("mask", mask_u8), ("ref", ref), ("roll", roll), ("ent", ent)):
+        if x is not None and x.stride() != logp.stride():
+            raise ValueError(f"{name} has strides {x.stride()} but logp has {logp.stride()}; pass one layout")
+    part = logp.new_empty(B, NPART)
+    dlogp = logp.new_empty(B, L) if write_grad else None
+    if dlogp is not None and dlogp.stride() != logp.stride():
+        raise ValueError(f"logp must be contiguous for the gradient output, got strides {logp.stride()}")
+    dent = logp.new_empty(B, L) if (write_grad and ent is not None) else None
+    sab, sal = (adv.stride(0), 0) if adv.ndim == 1 else adv.stride()
+    dummy = logp
+    if B == 0:
+        return part, dlogp, dent
+    block = min(1024, max(16, triton.next_power_of_2(L)))
+    _policy_loss_fwd_kernel[(B,)](
+        logp, old, adv, mask_u8, dummy if ref is None else ref, dummy if roll is None else roll,
+        dummy if ent is None else ent, wrow, dummy if dlogp is None else dlogp, dummy if dent is None else dent,
+        part, float(eps_low), float(eps_high), float(dual_clip or 0.0),
+        float("inf") if tis_cap is None else float(tis_cap), float(beta), float(entropy_coef),
+        L, logp.stride(0), logp.stride(1), sab, sal,
+        SEQ_IS=seq_is, HAS_DUAL=dual_clip is not None, HAS_TIS=roll is not None, HAS_REF=ref is not None,
+        HAS_ENT=ent is not None, KL_KIND=KL_CODES[kl], WRITE_GRAD=write_grad, BLOCK_L=block,
+        num_warps=4,
+    )
+    return part, dlogp, dent

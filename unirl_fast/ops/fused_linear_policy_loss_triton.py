@@ -1,0 +1,184 @@
+"""Triton path of `fused_linear_policy_loss`: LM head + log-probs + entropy + GRPO-family loss, fused.
+
+Legend: B sequences, L tokens, N = B*L, H hidden, V vocab, C rows per chunk.
+
+Gradients are computed during the forward, chunk by chunk (the loss is a weighted sum over tokens and
+the aggregation weights w_t are known from the mask before the pass):
+
+    zr  = h_c W^T (+ b)                 cuBLAS, fp32 accumulate, stored in the GEMM dtype    2 C H V
+    one kernel per chunk (kernels/fused_linear_policy_loss.py): online softmax stats, logp, H, the policy
+        derivative g = dL/dlogp, gH = dL/dH, then dlogits written in place over zr
+    dh_c = dz W ; dW += dz^T h_c ; db += sum_rows dz                                         4 C H V
+Token-level IS: one pass, 6NHV FLOPs. Sequence-level IS (GSPO) needs every logp of a sequence before any
+gradient: a logp-only pass (2NHV), the policy kernel on the [B, L] log-probs to get g and gH, then the
+gradient pass (6NHV): 8NHV in all. The loss value and metrics come from the same policy kernel as
+`policy_loss` (kernels/policy_loss.py) run on the [N] log-probs and entropies, so both ops agree exactly.
+Backward only multiplies the stored grads by the upstream scalar.
+
+Memory: one [C, V] logits buffer with C = CHUNK_ELEMENTS // V rows (fixed element budget: 2^28 elements,
+512 MiB in bf16, whatever N is), the grads of hidden (N H) and weight (V H, accumulated in the weight's
+dtype with cuBLAS beta=1: one rounding per chunk) and O(N) fp32 vectors. Nothing else grows with N.
+
+Precision: GEMMs run in the inputs' dtype (the autocast dtype when autocast is on, like F.linear);
+softmax, logp, entropy and the loss are fp32. fp16 runs its GEMMs in fp32: fp16 dlogits (~w p, 1e-9
+and below) would underflow. Registered as `unirl_fast::fused_linear_policy_loss` (custom_op +
+register_autograd + register_fake) so torch.compile(fullgraph=True) traces through it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels import fused_linear_policy_loss as K
+from ._dispatch import register_triton
+from .policy_loss_triton import METRIC_NAMES, metrics_dict, row_weights, run_policy_kernel
+
+CHUNK_ELEMENTS = 1 << 28  # logits elements per chunk (tests lower it to exercise many chunks)
+
+
+def chunk_rows(N, V):
+    return max(1, min(N, CHUNK_ELEMENTS // V))
+
+
+def _head_pass(h2, W, b, tgt, vec, opts, *, mode, need_dh, need_dw, need_db):
+    """One chunked sweep over the head: -> (logp [N], ent [N], dh | None, dW | None, db | None)."""
+    N, H = h2.shape
+    V = W.shape[0]
+    f32 = dict(dtype=torch.float32, device=h2.device)
+    logp, ent = torch.empty(N, **f32), torch.empty(N, **f32)
+    grads = mode != K.MODE_LOGP
+    dh = torch.empty(N, H, dtype=h2.dtype, device=h2.device) if grads and need_dh else None
+    dW = (torch.zeros_like(W) if N == 0 else torch.empty_like(W)) if grads and need_dw else None
+    db = torch.zeros(V, **f32) if grads and need_db else None
+    rows = chunk_rows(N, V)
+    zbuf = torch.empty(rows, V, dtype=W.dtype, device=h2.device)
+    Wt = W.t()
+    for i, s in enumerate(range(0, N, rows)):
+        e = min(N, s + rows)
+        hc, z = h2[s:e], zbuf[: e - s]
+        if b is None:
+            torch.mm(hc, Wt, out=z)  # [C, H] x [H, V] -> [C, V]
+        else:
+            torch.addmm(b, hc, Wt, out=z)
+        K.flpl_chunk(z, s, tgt, logp, ent, mode=mode, **vec, **opts)
+        if dh is not None:
+            torch.mm(z, W, out=dh[s:e])  # [C, V] x [V, H] -> [C, H]
+        if dW is not None:
+            if i == 0:
+                torch.mm(z.t(), hc, out=dW)  # [V, C] x [C, H] -> [V, H]
+            else:
+                dW.addmm_(z.t(), hc)
+        if db is not None:
+            db += z.sum(0, dtype=torch.float32)  # [C, V] -> [V]
+    return logp, ent, dh, dW, db
+
+
+def _token_vectors(targets, old_logp, advantages, mask, ref_logp, rollout_logp, ignore_index, loss_type,
+                   max_completion_length, num_tokens):
+    """Per-token fp32 [N] inputs of the row kernel; tgt = -1 marks tokens outside the loss."""
+    B, L = targets.shape
+    valid = mask & (targets != ignore_index)
+    tgt = torch.where(valid, targets, torch.full_like(targets, -1)).to(torch.int32).reshape(-1)
+    w = (valid.float() * row_weights(valid, loss_type, max_completion_length, num_tokens)[:, None]).reshape(-1)
+
+    def flat(x):
+        return None if x is None else torch.where(valid, x.detach().float(), 0.0).reshape(-1).contiguous()
+
+    A = advantages.detach().float()
+    A = A[:, None].expand(B, L) if A.ndim == 1 else A
+    vec = dict(w=w, old=flat(old_logp), adv=flat(A), roll=flat(rollout_logp), ref=flat(ref_logp))
+    return valid, tgt, vec
+
+
+@torch.library.custom_op("unirl_fast::fused_linear_policy_loss", mutates_args=())
+def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
+             advantages: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor],
+             ref_logp: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], temperature: float,
+             ignore_index: int, loss_type: str, eps_low: float, eps_high: float, dual_clip: Optional[float],
+             importance_sampling: str, beta: float, kl: str, tis_cap: Optional[float], entropy_coef: float,
+             max_completion_length: Optional[int], num_tokens: Optional[float], need_dh: bool, need_dw: bool,
+             need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(hidden.device.type, enabled=False):
+        B, L = targets.shape
+        h2 = hidden.reshape(B * L, hidden.shape[-1])
+        valid, tgt, vec = _token_vectors(targets, old_logp, advantages, mask, ref_logp, rollout_logp,
+                                         ignore_index, loss_type, max_completion_length, num_tokens)
+        popts = dict(loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+                     importance_sampling=importance_sampling, beta=beta, kl=kl, tis_cap=tis_cap,
+                     entropy_coef=entropy_coef, max_completion_length=max_completion_length, num_tokens=num_tokens)
+        kopts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+                     tis_cap=tis_cap, beta=beta, entropy_coef=entropy_coef, kl=kl)
+        need = dict(need_dh=need_dh, need_dw=need_dw, need_db=need_db and bias is not None)
+        grads = need_dh or need["need_dw"] or need["need_db"]
+        seq = importance_sampling == "sequence"
+        first = K.MODE_TOKEN if grads and not seq else K.MODE_LOGP
+        logp, ent, dh, dW, db = _head_pass(h2, weight, bias, tgt, vec, kopts, mode=first, **need)
+        loss, metrics, dlogp, dent = run_policy_kernel(
+            logp.view(B, L), old_logp, advantages, valid, ref_logp, rollout_logp, ent.view(B, L),
+            write_grad=grads and seq, **popts)
+        if grads and seq:
+            given = dict(vec, g=dlogp.reshape(-1), gh=dent.reshape(-1))
+            _, _, dh, dW, db = _head_pass(h2, weight, bias, tgt, given, kopts, mode=K.MODE_GIVEN, **need)
+    def empty(x, like):  # a distinct tensor per output (custom-op outputs may not alias each other)
+        return like.new_empty(0) if x is None else x
+
+    return loss, metrics, empty(dh, hidden).view(hidden.shape if dh is not None else (0,)), empty(dW, weight), \
+        empty(db, metrics)
+
+
+@_flpl_op.register_fake
+def _(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, rollout_logp, temperature,
+      ignore_index, loss_type, eps_low, eps_high, dual_clip, importance_sampling, beta, kl, tis_cap, entropy_coef,
+      max_completion_length, num_tokens, need_dh, need_dw, need_db):
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return (torch.empty((), **f32), torch.empty(len(METRIC_NAMES), **f32),
+            hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
+            torch.empty(weight.shape[0] if (need_db and bias is not None) else 0, **f32))
+
+
+def _setup(ctx, inputs, output):
+    ctx.bias_dtype = None if inputs[6] is None else inputs[6].dtype
+    ctx.save_for_backward(*output[2:])
+
+
+def _backward(ctx, g_loss, g_metrics, g_dh, g_dw, g_db):
+    dh, dW, db = ctx.saved_tensors
+
+    def scale(x, dt):
+        return None if x.numel() == 0 else (x * g_loss).to(dt)
+    d_b = None if ctx.bias_dtype is None else scale(db, ctx.bias_dtype)
+    return (scale(dh, dh.dtype), scale(dW, dW.dtype)) + (None,) * 4 + (d_b,) + (None,) * 18
+
+
+_flpl_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _compute_dtype(hidden, weight):
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+    else:
+        cdt = torch.promote_types(hidden.dtype, weight.dtype)
+    return torch.float32 if cdt in (torch.float16, torch.float64) else cdt
+
+
+@register_triton("fused_linear_policy_loss")
+def fused_linear_policy_loss_triton(hidden, weight, targets, old_logp, advantages, mask, *, bias=None,
+                                    temperature=1.0, ignore_index=-100, loss_type="grpo", eps_low=0.2,
+                                    eps_high=0.2, dual_clip=None, importance_sampling="token", ref_logp=None,
+                                    beta=0.0, kl="k3", rollout_logp=None, tis_cap=None, entropy_coef=0.0,
+                                    max_completion_length=None, num_tokens=None):
+    """Triton `fused_linear_policy_loss`: same arguments and results as its reference."""
+    cdt = _compute_dtype(hidden, weight)
+    h, W = hidden.to(cdt), weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    on = torch.is_grad_enabled()
+    loss, metrics, _, _, _ = _flpl_op(
+        h, W, targets, old_logp, advantages, mask, b, ref_logp, rollout_logp, float(temperature), int(ignore_index),
+        loss_type, float(eps_low), float(eps_high), None if dual_clip is None else float(dual_clip),
+        importance_sampling, float(beta), kl, None if tis_cap is None else float(tis_cap), float(entropy_coef),
+        max_completion_length, None if num_tokens is None else float(num_tokens),
+        on and h.requires_grad, on and W.requires_grad, on and b is not None and b.requires_grad)
+    return loss, metrics_dict(metrics, dual=dual_clip is not None, kl=ref_logp is not None, entropy=True,
+                              tis=rollout_logp is not None)
