@@ -1,8 +1,12 @@
 """Public ops: validation and backend choice; the math lives in `unirl_fast.reference` and `unirl_fast.kernels`."""
+from ._dispatch import triton_installed
 from .advantages import group_advantages
 from .flow import cfg_velocity, flow_policy_loss, flow_sde_step, flow_step_logprob
 from .logprobs import fused_linear_logprobs, logprobs_from_logits
 from .policy_loss import fused_linear_policy_loss, policy_loss
+
+if triton_installed():
+    from . import flow_triton  # noqa: F401  (registers the Triton flow ops)
 
 __all__ = [
     "logprobs_from_logits", "fused_linear_logprobs", "policy_loss", "fused_linear_policy_loss", "group_advantages",
