@@ -257,6 +257,29 @@ def test_compile_fullgraph_traces_custom_ops(device):
     assert torch.equal(lc, le) and torch.equal(vc.grad, ve.grad)
 
 
+def test_custom_ops_opcheck(device):
+    """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of every registered custom op."""
+    x = torch.randn(3, 4, 5, 6, device=device)
+    v = torch.randn_like(x).requires_grad_()
+    noise = torch.randn_like(x)
+    sig = 0.4 + 0.5 * torch.rand(3, device=device)
+    smax = torch.full((3,), 0.95, device=device)
+    lp = torch.randn(2, 3, device=device, requires_grad=True)
+    vv = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    ops = torch.ops.unirl_fast
+    cases = [
+        (ops.flow_sde_step.default, (v.detach(), x, noise, sig, sig - 0.2, smax, 0.7, 0, 1)),
+        (ops.flow_sde_step.default, (v.detach(), x, None, sig, sig - 0.2, None, 0.0, 2, 1)),
+        (ops.flow_step_logprob.default, (v, x, x + 0.1 * noise, sig, sig - 0.2, None, 0.7, 1, 1)),
+        (ops.flow_policy_loss.default, (lp, lp.detach() + 1e-4, torch.randn(3, device=device), vv,
+                                        vv.detach() * 0.5, vv, vv.detach() * 0.9, torch.rand(2, 3, device=device) + 0.1,
+                                        1e-4, 0.1, 0.2)),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("lat", [(16, 64, 64), (32, 16, 16)], ids=["sd3", "dcae"])
 @pytest.mark.parametrize("T", [1, 10], ids=["step", "replay10"])
