@@ -2,11 +2,11 @@
 flow shapes (B=32 x 16x64x64 SD3/SANA latents, B=32 x 32x16x16 DC-AE), bf16 inputs, fp32 math.
 
 Cases, each for one step ([B, ...], per-sample sigmas [B]) and a replay of T steps ([T, B, ...], sigmas [T, B]):
-    step_fwd      flow_sde_step with given noise             bytes = E (3 * in_bytes + 2 * 4)   (v, x, noise in; mean, next out)
-    logprob_fwd   flow_step_logprob (training recompute)     bytes = E (2 * in_bytes + 4)       (v, x in; x_next stored fp32)
-    logprob_bwd   its backward, d logp / d v                 bytes = E (3 * in_bytes + 4)       (v, x, x_next in; dv out)
-    loss_fwd/bwd  flow_policy_loss, velocity MSE + latent KL (replay only)
-                                                             bytes = 4 E in_bytes fwd; 6 E in_bytes bwd
+    step_fwd      flow_sde_step, given noise     bytes = E (3 * in_bytes + 2 * 4)  (v, x, noise in; mean, next out)
+    logprob_fwd   flow_step_logprob recompute    bytes = E (2 * in_bytes + 4)      (v, x in; x_next stored fp32)
+    logprob_bwd   its backward, d logp / d v     bytes = E (3 * in_bytes + 4)      (v, x in, x_next fp32 in; dv out)
+    loss_fwd/bwd  flow_policy_loss with velocity MSE + latent KL (replay only)
+                                                 bytes = 4 E in_bytes fwd (v, v_ref, mean, ref_mean); 6 E in_bytes bwd
 E = elements of one latent tensor; every tensor is counted once each way (reads + writes, no re-reads), the same
 convention as the copy ceiling (bytes read + written). Per-sample and scalar tensors are ignored (< 0.01%).
 GB/s is reported against the copy bandwidth measured in the same run (`frac_copy`).
