@@ -295,6 +295,8 @@ def _sm_count(device) -> int:
 
 def _plan(N, D, device):
     """(BLOCK, C chunks per sample, chunk length, num_warps) for about 4 programs per SM."""
+    if N == 0 or D == 0:
+        raise ValueError(f"flow kernels need at least one sample and one latent element, got {N} x {D}")
     target = 4 * _sm_count(device)
     max_block = 2048 if device.type == "cuda" else 256
     block = max_block if N * triton.cdiv(D, max_block) >= target else max(128, min(max_block // 2,
@@ -306,7 +308,7 @@ def _plan(N, D, device):
 
 def _rows(t, N):
     """[*S, ...] -> [N, D] with a contiguous latent part (a view when possible)."""
-    t = t.reshape(N, -1)
+    t = t.reshape(N, t.numel() // N if N else 0)
     return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
 
 
