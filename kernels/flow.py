@@ -1,5 +1,5 @@
-"""Flow-GRPO Triton kernels (FORMULAS.md sections 4-5): SDE step + log-prob, step log-prob recompute and its
-backward, and the squared-difference reductions of the flow policy loss (velocity MSE, latent KL).
+"""Flow-GRPO Triton kernels (FORMULAS.md section 4): SDE step + log-prob, step log-prob recompute and its backward.
+The flow policy loss (section 5) lives in `flow_loss.py` and reuses the launch plan below.
 
 Legend: N samples (the batch dims S flattened: B for one step, T*B for a replay of T steps), D latent elements
 per sample, P programs, C chunks per sample (P = N * C), BLOCK elements per loop iteration.
@@ -26,7 +26,6 @@ Memory traffic, bytes counted once each way (bf16 inputs, fp32 outputs; E = N * 
     step fwd    : read v, x, noise (3 * 2E), write mean, next (2 * 4E)         = 14E  (ode: 2 * 2E + 4E)
     logprob fwd : read v, x, x_next (2E + 2E + 4E if x_next is stored fp32)    =  8E, writes N floats
     logprob bwd : read v, x, x_next, write dv in v's dtype                     = 10E
-    sqdiff fwd  : read a, b; bwd: read a, b, write da                          = 4E; 6E
 Limits: the step's noise is read from memory (drawn by torch when the caller passes a generator, so a generator
 gives the same noise as the reference); an in-kernel Philox stream would save 4E of traffic but would not match
 the reference draw. Inputs must have a contiguous latent part per sample (launchers copy otherwise).
@@ -183,106 +182,6 @@ def _flow_step_logprob_bwd_kernel(
         tl.store(p_dv + o_d, b_dv.to(p_dv.dtype.element_ty), mask=m_d)
 
 
-@triton.jit
-def _flow_sqdiff_fwd_kernel(
-    p_a, p_b, p_std, p_part,
-    # shapes
-    D, n_chunks, chunk_len,
-    # strides
-    stride_a, stride_b, stride_std,
-    HAS_STD: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """part[p] = sum over the chunk of w_n (a - b)^2, w_n = 1 / (2 std_n^2) (latent KL) or 1 (velocity MSE)."""
-    i_p = tl.program_id(0)
-    i_n = i_p // n_chunks
-    i_c = i_p % n_chunks
-    w = 1.0
-    if HAS_STD:
-        s = tl.load(p_std + i_n * stride_std).to(tl.float32)
-        w = 0.5 / (s * s)
-    i_n64 = i_n.to(tl.int64)
-    p_a += i_n64 * stride_a
-    p_b += i_n64 * stride_b
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, chunk_len, BLOCK):
-        o_d = i_c * chunk_len + off + tl.arange(0, BLOCK)
-        m_d = o_d < D
-        b_d = (tl.load(p_a + o_d, mask=m_d, other=0.0).to(tl.float32)
-               - tl.load(p_b + o_d, mask=m_d, other=0.0).to(tl.float32))
-        acc += b_d * b_d
-    # [BLOCK] -> scalar
-    tl.store(p_part + i_p, w * tl.sum(acc, axis=0))
-
-
-@triton.jit
-def _flow_sqdiff_bwd_kernel(
-    p_a, p_b, p_std, p_g, p_da,
-    scale,
-    # shapes
-    D, n_chunks, chunk_len,
-    # strides
-    stride_a, stride_b, stride_std, stride_da,
-    HAS_STD: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """da = g * scale * 2 w_n (a - b): the gradient of scale * sum w_n (a - b)^2, g the upstream scalar."""
-    i_p = tl.program_id(0)
-    i_n = i_p // n_chunks
-    i_c = i_p % n_chunks
-    coef = 2.0 * scale * tl.load(p_g).to(tl.float32)
-    if HAS_STD:
-        s = tl.load(p_std + i_n * stride_std).to(tl.float32)
-        coef = coef * 0.5 / (s * s)
-    i_n64 = i_n.to(tl.int64)
-    p_a += i_n64 * stride_a
-    p_b += i_n64 * stride_b
-    p_da += i_n64 * stride_da
-    for off in range(0, chunk_len, BLOCK):
-        o_d = i_c * chunk_len + off + tl.arange(0, BLOCK)
-        m_d = o_d < D
-        b_d = (tl.load(p_a + o_d, mask=m_d, other=0.0).to(tl.float32)
-               - tl.load(p_b + o_d, mask=m_d, other=0.0).to(tl.float32))
-        tl.store(p_da + o_d, (coef * b_d).to(p_da.dtype.element_ty), mask=m_d)
-
-
-@triton.jit
-def _flow_pg_fwd_kernel(
-    p_logp, p_old, p_adv, p_dlogp, p_metrics,
-    clip,
-    # shapes
-    M, B,
-    BLOCK: tl.constexpr,
-):
-    """One program over the M = T*B (step, sample) log-probs: clipped surrogate, its gradient and metrics.
-
-    pg_j = max(-A r, -A clip(r, 1 - eps, 1 + eps)); d pg_j / d logp_j = -A r where the unclipped branch is the max
-    (ties only happen inside the clip range or at A = 0, where both branches give the same gradient), else 0.
-    metrics = [mean pg, clip fraction, mean ratio, mean 0.5 log_ratio^2].
-    """
-    acc_pg = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_clip = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_r = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_kl = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, M, BLOCK):
-        o_m = off + tl.arange(0, BLOCK)
-        m_m = o_m < M
-        b_lr = (tl.load(p_logp + o_m, mask=m_m, other=0.0).to(tl.float32)
-                - tl.load(p_old + o_m, mask=m_m, other=0.0).to(tl.float32))
-        b_a = tl.load(p_adv + o_m % B, mask=m_m, other=0.0).to(tl.float32)
-        b_r = tl.exp(b_lr)
-        b_un = -b_a * b_r
-        b_cl = -b_a * tl.minimum(tl.maximum(b_r, 1.0 - clip), 1.0 + clip)
-        tl.store(p_dlogp + o_m, tl.where(b_un >= b_cl, b_un, 0.0) / M, mask=m_m)
-        acc_pg += tl.where(m_m, tl.maximum(b_un, b_cl), 0.0)
-        acc_clip += tl.where(m_m & (tl.abs(b_r - 1.0) > clip), 1.0, 0.0)
-        acc_r += tl.where(m_m, b_r, 0.0)
-        acc_kl += 0.5 * b_lr * b_lr
-    # [BLOCK] -> scalar, four times
-    tl.store(p_metrics + 0, tl.sum(acc_pg, axis=0) / M)
-    tl.store(p_metrics + 1, tl.sum(acc_clip, axis=0) / M)
-    tl.store(p_metrics + 2, tl.sum(acc_r, axis=0) / M)
-    tl.store(p_metrics + 3, tl.sum(acc_kl, axis=0) / M)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # launchers: tensors in, tensors out
 
@@ -293,26 +192,33 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _plan(N, D, device):
-    """(BLOCK, C chunks per sample, chunk length, num_warps) for about 4 programs per SM."""
+def plan(N, D, device, block=None):
+    """(BLOCK, C chunks per sample, chunk length, num_warps) for about 4 programs per SM; `block` fixes BLOCK."""
     if N == 0 or D == 0:
         raise ValueError(f"flow kernels need at least one sample and one latent element, got {N} x {D}")
     target = 4 * _sm_count(device)
-    max_block = 2048 if device.type == "cuda" else 256
-    block = max_block if N * triton.cdiv(D, max_block) >= target else max(128, min(max_block // 2,
-                                                                                    triton.next_power_of_2(D)))
+    if block is None:
+        block = max_block(device)
+        if N * triton.cdiv(D, block) < target:
+            block = max(128, min(block // 2, triton.next_power_of_2(D)))
     n_chunks = max(1, min(triton.cdiv(target, N), triton.cdiv(D, block)))
     chunk_len = triton.cdiv(triton.cdiv(D, n_chunks), block) * block
     return block, triton.cdiv(D, chunk_len), chunk_len, 8 if block >= 2048 else 4
 
 
-def _rows(t, N):
+def max_block(device) -> int:
+    """2048 elements per loop step on the GPU (8 per thread at 8 warps: 16-byte bf16 loads); 256 when
+    interpreting, so small test shapes still split into several chunks and loop inside a chunk."""
+    return 2048 if device.type == "cuda" else 256
+
+
+def rows(t, N):
     """[*S, ...] -> [N, D] with a contiguous latent part (a view when possible)."""
     t = t.reshape(N, t.numel() // N if N else 0)
     return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
 
 
-def _per_sample(t, N):
+def per_sample(t, N):
     """fp32 scalar or batch-shaped tensor -> (flat tensor, stride): stride 0 broadcasts one value to N samples."""
     t = t.reshape(-1).contiguous()
     if t.numel() not in (1, N):
@@ -321,9 +227,9 @@ def _per_sample(t, N):
 
 
 def _coeff_args(sig, nxt, smax, noise_level, kind, N):
-    sig, s_sig = _per_sample(sig, N)
-    nxt, s_nxt = _per_sample(nxt, N)
-    smax, s_smax = _per_sample(smax, N) if smax is not None else (sig, 0)
+    sig, s_sig = per_sample(sig, N)
+    nxt, s_nxt = per_sample(nxt, N)
+    smax, s_smax = per_sample(smax, N) if smax is not None else (sig, 0)
     sin_a = math.sin(noise_level * math.pi / 2.0) if kind == KIND_CPS else 0.0
     return (sig, nxt, smax), (float(noise_level), sin_a), (s_sig, s_nxt, s_smax)
 
@@ -335,14 +241,14 @@ def _finish(part, n_chunks):
 
 def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N):
     """-> (mean [N, D] fp32, next [N, D] fp32 | None for ode, std [N] fp32, logp [N] fp32 | None for ode)."""
-    v, x = _rows(v, N), _rows(x, N)
+    v, x = rows(v, N), rows(x, N)
     D = x.shape[1]
     ode = kind == KIND_ODE
-    eps = x if ode else _rows(eps, N)
+    eps = x if ode else rows(eps, N)
     mean = torch.empty((N, D), dtype=torch.float32, device=x.device)
     nxt_out = mean if ode else torch.empty_like(mean)
     std = torch.empty(N, dtype=torch.float32, device=x.device)
-    block, n_chunks, chunk_len, warps = _plan(N, D, x.device)
+    block, n_chunks, chunk_len, warps = plan(N, D, x.device)
     part = torch.empty((N, n_chunks), dtype=torch.float32, device=x.device)
     sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N)
     _flow_sde_step_fwd_kernel[(N * n_chunks,)](
@@ -357,9 +263,9 @@ def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N):
 
 def flow_step_logprob_fwd(v, x, xn, sig, nxt, smax, noise_level, kind, N):
     """-> logp [N] fp32 of the stored transitions x -> xn under velocity v."""
-    v, x, xn = _rows(v, N), _rows(x, N), _rows(xn, N)
+    v, x, xn = rows(v, N), rows(x, N), rows(xn, N)
     D = x.shape[1]
-    block, n_chunks, chunk_len, warps = _plan(N, D, x.device)
+    block, n_chunks, chunk_len, warps = plan(N, D, x.device)
     part = torch.empty((N, n_chunks), dtype=torch.float32, device=x.device)
     sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N)
     _flow_step_logprob_fwd_kernel[(N * n_chunks,)](
@@ -372,11 +278,11 @@ def flow_step_logprob_fwd(v, x, xn, sig, nxt, smax, noise_level, kind, N):
 
 def flow_step_logprob_bwd(g, v, x, xn, sig, nxt, smax, noise_level, kind, N):
     """g [N] upstream dL/dlogp -> dv [N, D] in v's dtype."""
-    v, x, xn = _rows(v, N), _rows(x, N), _rows(xn, N)
+    v, x, xn = rows(v, N), rows(x, N), rows(xn, N)
     g = g.reshape(N)
     D = x.shape[1]
     dv = torch.empty((N, D), dtype=v.dtype, device=v.device)
-    block, n_chunks, chunk_len, warps = _plan(N, D, x.device)
+    block, n_chunks, chunk_len, warps = plan(N, D, x.device)
     sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N)
     _flow_step_logprob_bwd_kernel[(N * n_chunks,)](
         g, v, x, xn, *sigs, dv, *scal,
@@ -384,43 +290,3 @@ def flow_step_logprob_bwd(g, v, x, xn, sig, nxt, smax, noise_level, kind, N):
         g.stride(0), v.stride(0), x.stride(0), xn.stride(0), dv.stride(0), *strides,
         KIND=kind, HAS_SMAX=smax is not None, BLOCK=block, num_warps=warps)
     return dv
-
-
-def flow_sqdiff_fwd(a, b, std, N):
-    """sum_{n,d} w_n (a - b)^2 as a 0-dim fp32 tensor; w_n = 1 / (2 std_n^2) if std is given else 1."""
-    a, b = _rows(a, N), _rows(b, N)
-    D = a.shape[1]
-    block, n_chunks, chunk_len, warps = _plan(N, D, a.device)
-    part = torch.empty(N * n_chunks, dtype=torch.float32, device=a.device)
-    s, s_stride = _per_sample(std, N) if std is not None else (part, 0)
-    _flow_sqdiff_fwd_kernel[(N * n_chunks,)](
-        a, b, s, part, D, n_chunks, chunk_len, a.stride(0), b.stride(0), s_stride,
-        HAS_STD=std is not None, BLOCK=block, num_warps=warps)
-    return part.sum()
-
-
-def flow_sqdiff_bwd(a, b, std, g, scale, N):
-    """d/da of g * scale * sum w_n (a - b)^2, in a's dtype; g is a 0-dim tensor (never synced to the host)."""
-    a, b = _rows(a, N), _rows(b, N)
-    D = a.shape[1]
-    da = torch.empty((N, D), dtype=a.dtype, device=a.device)
-    block, n_chunks, chunk_len, warps = _plan(N, D, a.device)
-    s, s_stride = _per_sample(std, N) if std is not None else (da, 0)
-    _flow_sqdiff_bwd_kernel[(N * n_chunks,)](
-        a, b, s, g.reshape(1).float(), da, float(scale), D, n_chunks, chunk_len,
-        a.stride(0), b.stride(0), s_stride, da.stride(0),
-        HAS_STD=std is not None, BLOCK=block, num_warps=warps)
-    return da
-
-
-def flow_pg_fwd(logp, old_logp, advantages, clip_range):
-    """logp/old_logp [T, B] or [B], advantages [B] -> (dpg/dlogp fp32 like logp, metrics [4] fp32)."""
-    lp, old = logp.reshape(-1).contiguous(), old_logp.reshape(-1).contiguous()
-    adv = advantages.contiguous()
-    dlogp = torch.empty(lp.shape, dtype=torch.float32, device=lp.device)
-    metrics = torch.empty(4, dtype=torch.float32, device=lp.device)
-    M = lp.numel()
-    block = min(4096, max(128, triton.next_power_of_2(M)))
-    _flow_pg_fwd_kernel[(1,)](lp, old, adv, dlogp, metrics, float(clip_range), M, adv.numel(), BLOCK=block,
-                              num_warps=8 if block >= 2048 else 4)
-    return dlogp.reshape(logp.shape), metrics

@@ -5,10 +5,9 @@ so `torch.compile(fullgraph=True)` traces them as single nodes.
   (a sampler step is data for the trainer).
 - `unirl_fast::flow_step_logprob` (+ `_bwd`): the training recompute; differentiable in velocity only. Backward is
   one fused pass recomputing the mean from (v, x) rather than saving it (saves an fp32 [N, D] tensor per step).
-- `unirl_fast::flow_policy_loss` (+ `_bwd`): clipped surrogate (its gradient, [T, B] floats, is produced in the
-  forward), velocity MSE and latent KL. The MSE/KL gradients are recomputed in backward from (a, b): storing
-  them in forward costs the same bytes (2 reads + 1 write, then a scale pass by the upstream gradient) and holds
-  an extra [N, D] tensor alive between forward and backward.
+- `unirl_fast::flow_policy_loss` (+ `_bwd`): clipped surrogate, velocity MSE and latent KL in two launches
+  (kernels/flow_loss.py); the surrogate's gradient ([T, B] floats) comes out of the forward, the MSE/KL gradients
+  are recomputed in one backward launch (same bytes as storing them, and nothing [N, D] held in between).
 
 Shapes (see `unirl_fast.ops.flow`): S the batch dims ([B] or [T, B]), N = prod(S) samples, latent dims after S.
 Latent-KL convention: (mean - ref_mean)^2 / (2 std^2), the exact Gaussian KL with the step std (FORMULAS.md 5).
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import flow as K
+from ..kernels import flow_loss as KL
 from ._dispatch import register_triton
 
 _METRICS = ("pg_loss", "clip_frac", "ratio_mean", "approx_kl", "velocity_mse", "latent_kl")
@@ -146,49 +146,50 @@ def flow_step_logprob_triton(velocity, sample, next_sample, sigma, sigma_next, *
 def _policy_loss_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, velocity: Optional[Tensor],
                     ref_velocity: Optional[Tensor], mean: Optional[Tensor], ref_mean: Optional[Tensor],
                     std: Optional[Tensor], clip_range: float, beta_velocity: float,
-                    beta_kl: float) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (loss [], metrics [6] in _METRICS order (0 where a term is absent), dloss/dlogp fp32 like logp)."""
-    dlogp, m4 = K.flow_pg_fwd(logp, old_logp, advantages, clip_range)
-    N = logp.numel()
-    zero = m4.new_zeros(())
-    mse = K.flow_sqdiff_fwd(velocity, ref_velocity, None, N) / velocity.numel() if velocity is not None else zero
-    kl = K.flow_sqdiff_fwd(mean, ref_mean, std, N) / mean.numel() if mean is not None else zero
-    loss = m4[0] + beta_velocity * mse + beta_kl * kl
-    return loss, torch.cat([m4, mse.reshape(1), kl.reshape(1)]), dlogp
+                    beta_kl: float) -> tuple[Tensor, Tensor]:
+    """-> (out [7] fp32 = loss then the _METRICS (0 where a term is absent), dpg/dlogp fp32 like logp)."""
+    return KL.flow_policy_loss_fwd(logp, old_logp, advantages, velocity, ref_velocity, mean, ref_mean, std,
+                                   clip_range, beta_velocity, beta_kl)
 
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, advantages, velocity, ref_velocity, mean, ref_mean, std, clip_range, beta_velocity, beta_kl):
-    return (logp.new_empty((), dtype=torch.float32), logp.new_empty(6, dtype=torch.float32),
-            logp.new_empty(logp.shape, dtype=torch.float32))
+    return logp.new_empty(7, dtype=torch.float32), logp.new_empty(logp.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("unirl_fast::flow_sqdiff_bwd", mutates_args=())
-def _sqdiff_bwd_op(a: Tensor, b: Tensor, std: Optional[Tensor], grad: Tensor, scale: float, n_rows: int) -> Tensor:
-    return K.flow_sqdiff_bwd(a, b, std, grad, scale, n_rows).reshape(a.shape)
+@torch.library.custom_op("unirl_fast::flow_policy_loss_bwd", mutates_args=())
+def _policy_loss_bwd_op(grad: Tensor, dlogp: Tensor, need_logp: bool, velocity: Optional[Tensor],
+                        ref_velocity: Optional[Tensor], mean: Optional[Tensor], ref_mean: Optional[Tensor],
+                        std: Optional[Tensor], beta_velocity: float, beta_kl: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dlogp fp32, dvelocity, dmean); an empty tensor where no gradient was asked for."""
+    d_lp, dv, dm = KL.flow_policy_loss_bwd(grad, dlogp, need_logp, velocity, ref_velocity, mean, ref_mean, std,
+                                           beta_velocity, beta_kl)
+    return tuple(grad.new_empty(0) if t is None else t for t in (d_lp, dv, dm))
 
 
-@_sqdiff_bwd_op.register_fake
-def _(a, b, std, grad, scale, n_rows):
-    return torch.empty_like(a)
+@_policy_loss_bwd_op.register_fake
+def _(grad, dlogp, need_logp, velocity, ref_velocity, mean, ref_mean, std, beta_velocity, beta_kl):
+    return (torch.empty_like(dlogp) if need_logp else grad.new_empty(0),
+            torch.empty_like(velocity) if velocity is not None else grad.new_empty(0),
+            torch.empty_like(mean) if mean is not None else grad.new_empty(0))
 
 
 def _loss_setup(ctx, inputs, output):
     logp, _, _, velocity, ref_velocity, mean, ref_mean, std, _, beta_v, beta_kl = inputs
-    ctx.save_for_backward(output[2], velocity, ref_velocity, mean, ref_mean, std)
-    ctx.logp_dtype, ctx.n_rows, ctx.beta_v, ctx.beta_kl = logp.dtype, logp.numel(), beta_v, beta_kl
+    ctx.save_for_backward(output[1], velocity, ref_velocity, mean, ref_mean, std)
+    ctx.logp_dtype, ctx.beta_v, ctx.beta_kl = logp.dtype, beta_v, beta_kl
 
 
-def _loss_backward(ctx, g_loss, g_metrics, g_dlogp):
+def _loss_backward(ctx, g_out, g_dlogp):
     dlogp, velocity, ref_velocity, mean, ref_mean, std = ctx.saved_tensors
     need = ctx.needs_input_grad
-    d_logp = (dlogp * g_loss).to(ctx.logp_dtype) if need[0] else None
-    d_v = d_mean = None
-    if need[3] and velocity is not None and ctx.beta_v != 0.0:
-        d_v = _sqdiff_bwd_op(velocity, ref_velocity, None, g_loss, ctx.beta_v / velocity.numel(), ctx.n_rows)
-    if need[5] and mean is not None and ctx.beta_kl != 0.0:
-        d_mean = _sqdiff_bwd_op(mean, ref_mean, std, g_loss, ctx.beta_kl / mean.numel(), ctx.n_rows)
-    return d_logp, None, None, d_v, None, d_mean, None, None, None, None, None
+    v_on = need[3] and velocity is not None and ctx.beta_v != 0.0
+    k_on = need[5] and mean is not None and ctx.beta_kl != 0.0
+    d_lp, dv, dm = _policy_loss_bwd_op(g_out[:1].contiguous(), dlogp, need[0], velocity if v_on else None,
+                                       ref_velocity if v_on else None, mean if k_on else None,
+                                       ref_mean if k_on else None, std if k_on else None, ctx.beta_v, ctx.beta_kl)
+    return (d_lp.to(ctx.logp_dtype) if need[0] else None, None, None, dv if v_on else None, None,
+            dm if k_on else None, None, None, None, None, None)
 
 
 _policy_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -198,18 +199,14 @@ _policy_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 def flow_policy_loss_triton(logp, old_logp, advantages, *, clip_range=1e-4, velocity=None, ref_velocity=None,
                             beta_velocity=0.0, mean=None, ref_mean=None, std=None, beta_kl=0.0):
     """Same contract as `flow_policy_loss_ref`: (loss fp32 scalar, metrics dict of 0-dim fp32 tensors)."""
-    dev = logp.device
-    if mean is not None:
-        std = torch.as_tensor(std, dtype=torch.float32, device=dev)
-    else:
-        std = None
-    loss, m, _ = _policy_loss_op(logp, old_logp.detach(), advantages.detach(), velocity,
-                                 None if ref_velocity is None else ref_velocity.detach(), mean,
-                                 None if ref_mean is None else ref_mean.detach(), std, float(clip_range),
-                                 float(beta_velocity), float(beta_kl))
-    metrics = {k: m[i].detach() for i, k in enumerate(_METRICS[:4])}
+    std = torch.as_tensor(std, dtype=torch.float32, device=logp.device) if mean is not None else None
+    out, _ = _policy_loss_op(logp, old_logp.detach(), advantages.detach(), velocity,
+                             None if ref_velocity is None else ref_velocity.detach(), mean,
+                             None if ref_mean is None else ref_mean.detach(), std, float(clip_range),
+                             float(beta_velocity), float(beta_kl))
+    metrics = {k: out[1 + i].detach() for i, k in enumerate(_METRICS[:4])}
     if velocity is not None:
-        metrics["velocity_mse"] = m[4].detach()
+        metrics["velocity_mse"] = out[5].detach()
     if mean is not None:
-        metrics["latent_kl"] = m[5].detach()
-    return loss, metrics
+        metrics["latent_kl"] = out[6].detach()
+    return out[0], metrics
