@@ -168,7 +168,9 @@ def test_step_is_deterministic(device):
 
 def _loss_inputs(lead, lat, device, dtype=torch.float32):
     logp = (torch.randn(lead, device=device) * 0.3 - 2.0).requires_grad_()
-    old = (logp.detach() + 2e-4 * torch.randn(lead, device=device))  # ratios straddle 1 +- clip
+    delta = 2e-4 * torch.randn(lead, device=device)  # ratios straddle 1 +- clip (clip_range 1e-4)
+    delta.view(-1)[:2] = torch.tensor([5e-5, -4e-4])  # at least one step inside and one outside the clip range
+    old = logp.detach() + delta
     adv = torch.randn(lead[-1], device=device)
     v = torch.randn(tuple(lead) + lat, device=device).to(dtype).requires_grad_()
     v_ref = v.detach() + 0.1 * torch.randn_like(v)
