@@ -64,41 +64,45 @@ def _make_set(lead, lat, dev, dtype):
     return s
 
 
+def _variants(ours, ref, args_of, compile_ref):
+    """{impl: fn(set, *extra)}; torch.compile sees only tensors (never the dict), so rotating sets never recompile."""
+    fns = {"ours": ours, "eager_ref": ref}
+    if compile_ref:
+        fns["compiled_ref"] = torch.compile(ref, fullgraph=True)
+    return {k: (lambda s, *extra, f=f: f(*args_of(s, *extra))) for k, f in fns.items()}
+
+
 def _step_fns(nd, compile_ref):
-    def ours(s):
-        return U.flow_sde_step(s["v"], s["x"], s["sig"], s["nxt"], noise=s["noise"], impl="triton")
+    def ours(v, x, noise, sig, nxt):
+        return U.flow_sde_step(v, x, sig, nxt, noise=noise, impl="triton")
 
-    def ref(s):
-        return R.flow_sde_step_ref(s["v"], s["x"], s["sig"], s["nxt"], noise=s["noise"], batch_ndim=nd)
+    def ref(v, x, noise, sig, nxt):
+        return R.flow_sde_step_ref(v, x, sig, nxt, noise=noise, batch_ndim=nd)
 
-    return _with_compiled({"ours": ours, "eager_ref": ref}, compile_ref)
+    return _variants(ours, ref, lambda s: (s["v"], s["x"], s["noise"], s["sig"], s["nxt"]), compile_ref)
 
 
 def _logprob_fns(nd, compile_ref):
-    def ours(s, v):
-        return U.flow_step_logprob(v, s["x"], s["xn"], s["sig"], s["nxt"], impl="triton")
+    def ours(v, x, xn, sig, nxt):
+        return U.flow_step_logprob(v, x, xn, sig, nxt, impl="triton")
 
-    def ref(s, v):
-        return R.flow_step_logprob_ref(v, s["x"], s["xn"], s["sig"], s["nxt"], batch_ndim=nd)
+    def ref(v, x, xn, sig, nxt):
+        return R.flow_step_logprob_ref(v, x, xn, sig, nxt, batch_ndim=nd)
 
-    return _with_compiled({"ours": ours, "eager_ref": ref}, compile_ref)
+    return _variants(ours, ref, lambda s, v: (v, s["x"], s["xn"], s["sig"], s["nxt"]), compile_ref)
 
 
 def _loss_fns(compile_ref):
     def make(fn):
-        def run(s, v, mean):
-            return fn(s["logp"], s["logp_old"], s["adv"], velocity=v, ref_velocity=s["v_ref"], beta_velocity=0.1,
-                      mean=mean, ref_mean=s["mean_ref"], std=s["sig"], beta_kl=0.01)[0]
+        def run(logp, old, adv, v, v_ref, mean, mean_ref, std):
+            return fn(logp, old, adv, velocity=v, ref_velocity=v_ref, beta_velocity=0.1, mean=mean,
+                      ref_mean=mean_ref, std=std, beta_kl=0.01)[0]
         return run
 
     ours = make(lambda *a, **k: U.flow_policy_loss(*a, impl="triton", **k))
-    return _with_compiled({"ours": ours, "eager_ref": make(R.flow_policy_loss_ref)}, compile_ref)
-
-
-def _with_compiled(fns, compile_ref):
-    if compile_ref:
-        fns["compiled_ref"] = torch.compile(fns["eager_ref"], fullgraph=True)
-    return fns
+    return _variants(ours, make(R.flow_policy_loss_ref),
+                     lambda s, v, mean: (s["logp"], s["logp_old"], s["adv"], v, s["v_ref"], mean, s["mean_ref"],
+                                         s["sig"]), compile_ref)
 
 
 def _rotating(calls):
