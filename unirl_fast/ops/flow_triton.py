@@ -109,7 +109,7 @@ def _logprob_bwd_op(grad: Tensor, velocity: Tensor, sample: Tensor, next_sample:
 
 @_logprob_bwd_op.register_fake
 def _(grad, velocity, sample, next_sample, sigma, sigma_next, sigma_max, noise_level, kind):
-    return torch.empty_like(velocity)
+    return velocity.new_empty(velocity.shape)  # contiguous, as the kernel writes it (empty_like keeps strides)
 
 
 def _logprob_setup(ctx, inputs, output):
@@ -169,9 +169,9 @@ def _policy_loss_bwd_op(grad: Tensor, dlogp: Tensor, need_logp: bool, velocity: 
 
 @_policy_loss_bwd_op.register_fake
 def _(grad, dlogp, need_logp, velocity, ref_velocity, mean, ref_mean, std, beta_velocity, beta_kl):
-    return (torch.empty_like(dlogp) if need_logp else grad.new_empty(0),
-            torch.empty_like(velocity) if velocity is not None else grad.new_empty(0),
-            torch.empty_like(mean) if mean is not None else grad.new_empty(0))
+    return (dlogp.new_empty(dlogp.shape) if need_logp else grad.new_empty(0),
+            velocity.new_empty(velocity.shape) if velocity is not None else grad.new_empty(0),
+            mean.new_empty(mean.shape) if mean is not None else grad.new_empty(0))
 
 
 def _loss_setup(ctx, inputs, output):
