@@ -68,6 +68,10 @@ def _variants(ours, ref, args_of, compile_ref):
     """{impl: fn(set, *extra)}; torch.compile sees only tensors (never the dict), so rotating sets never recompile."""
     fns = {"ours": ours, "eager_ref": ref}
     if compile_ref:
+        # backward rows replay one graph (retain_graph=True), which AOT autograd's donated buffers forbid;
+        # donation only lets the compiled backward reuse saved-tensor memory, it does not change its kernels
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
         fns["compiled_ref"] = torch.compile(ref, fullgraph=True)
     return {k: (lambda s, *extra, f=f: f(*args_of(s, *extra))) for k, f in fns.items()}
 
