@@ -29,6 +29,10 @@ Memory traffic, bytes counted once each way (bf16 inputs, fp32 outputs; E = N * 
 Limits: the step's noise is read from memory (drawn by torch when the caller passes a generator, so a generator
 gives the same noise as the reference); an in-kernel Philox stream would save 4E of traffic but would not match
 the reference draw. Inputs must have a contiguous latent part per sample (launchers copy otherwise).
+Codegen (checked by an ahead-of-time sm_90 compile, tests/test_flow_triton.py, no GPU run yet): all bf16 loads are
+128-bit; the step kernel's two fp32 stores go through a shared-memory layout conversion (8 -> 4 elements per thread,
+8 KiB), the first thing to try on the GPU if the step misses its bandwidth target (BLOCK 1024 at 8 warps avoids it,
+at the cost of 64-bit bf16 loads).
 """
 from __future__ import annotations
 
