@@ -1,4 +1,5 @@
 """Public ops: validation and backend choice; the math lives in `unirl_fast.reference` and `unirl_fast.kernels`."""
+from ._dispatch import triton_installed
 from .advantages import group_advantages
 from .flow import cfg_velocity, flow_policy_loss, flow_sde_step, flow_step_logprob
 from .logprobs import fused_linear_logprobs, logprobs_from_logits
@@ -12,6 +13,9 @@ if triton_installed():  # register the Triton paths; without triton every op run
         logprobs_triton,
         policy_loss_triton,
     )
+
+if triton_installed():
+    from . import flow_triton  # noqa: F401  (registers the Triton flow ops)
 
 __all__ = [
     "logprobs_from_logits", "fused_linear_logprobs", "policy_loss", "fused_linear_policy_loss", "group_advantages",
