@@ -35,8 +35,17 @@ if not torch.cuda.is_available():  # before triton is imported: "ours" runs unde
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import unirl_fast as U  # noqa: E402
-from bench.common import (append_rows, base_parser, env_columns, format_table, measure_ceilings,  # noqa: E402
-                          peak_extra_memory_bytes, ratio, resolve_smoke, time_fn)
+from bench.common import (  # noqa: E402
+    append_rows,
+    base_parser,
+    env_columns,
+    format_table,
+    measure_ceilings,
+    peak_extra_memory_bytes,
+    ratio,
+    resolve_smoke,
+    time_fn,
+)
 from unirl_fast.reference import flow as R  # noqa: E402
 
 L2_BYTES = 50 * 2 ** 20

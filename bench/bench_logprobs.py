@@ -34,8 +34,17 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import unirl_fast as U  # noqa: E402
-from bench.common import (append_rows, base_parser, env_columns, format_table, measure_ceilings,  # noqa: E402
-                          peak_extra_memory_bytes, ratio, resolve_smoke, time_fn)
+from bench.common import (  # noqa: E402
+    append_rows,
+    base_parser,
+    env_columns,
+    format_table,
+    measure_ceilings,
+    peak_extra_memory_bytes,
+    ratio,
+    resolve_smoke,
+    time_fn,
+)
 from unirl_fast.reference.logprobs import fused_linear_logprobs_ref, logprobs_from_logits_ref  # noqa: E402
 
 SHAPES = {"qwen-1.5b": (8, 1024, 1536, 151936), "qwen-3b": (8, 1024, 2048, 151936),

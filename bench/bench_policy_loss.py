@@ -34,8 +34,18 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import unirl_fast as U  # noqa: E402
-from bench.common import (RESULTS_DIR, append_rows, base_parser, env_columns, format_table,  # noqa: E402
-                          measure_ceilings, peak_extra_memory_bytes, ratio, resolve_smoke, time_fn)
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    append_rows,
+    base_parser,
+    env_columns,
+    format_table,
+    measure_ceilings,
+    peak_extra_memory_bytes,
+    ratio,
+    resolve_smoke,
+    time_fn,
+)
 from unirl_fast import reference as R  # noqa: E402
 from unirl_fast.reference.policy_loss import policy_loss_ref  # noqa: E402
 

@@ -1,9 +1,9 @@
 """Triton `group_advantages` against the reference: ragged groups with arbitrary ids, every mode / std."""
 import pytest
 import torch
+from tolerance import assert_close_rule
 
 import unirl_fast as U
-from tolerance import assert_close_rule
 from unirl_fast.reference import group_advantages_ref
 
 

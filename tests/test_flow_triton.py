@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_close_rule
 
 import unirl_fast as U
-from tolerance import assert_close_rule
 
 SHAPES = {"B3x5x7x11": (3, 5, 7, 11), "B5x3x17x19": (5, 3, 17, 19)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -8,10 +8,10 @@ The "torch at the same precision" baseline is the reference op run on the same-d
 """
 import pytest
 import torch
+import unirl_fast.kernels.fused_linear_logprobs as FK
 from tolerance import assert_close_rule
 
 import unirl_fast as U
-import unirl_fast.kernels.fused_linear_logprobs as FK
 from unirl_fast.reference.logprobs import logprobs_from_logits_ref
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

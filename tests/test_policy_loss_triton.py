@@ -5,10 +5,10 @@ the fused op runs several chunks. GPU-marked tests use the BENCH.md qwen-1.5b sh
 """
 import pytest
 import torch
+from tolerance import assert_close_rule
 
 import unirl_fast as U
 import unirl_fast.ops.fused_linear_policy_loss_triton as FL
-from tolerance import assert_close_rule
 from unirl_fast.reference import fused_linear_policy_loss_ref, logprobs_from_logits_ref
 from unirl_fast.reference.policy_loss import policy_loss_ref
 

@@ -4,18 +4,15 @@ from .advantages import group_advantages
 from .flow import cfg_velocity, flow_policy_loss, flow_sde_step, flow_step_logprob
 from .logprobs import fused_linear_logprobs, logprobs_from_logits
 from .policy_loss import fused_linear_policy_loss, policy_loss
-from ._dispatch import triton_installed
 
 if triton_installed():  # register the Triton paths; without triton every op runs its reference
     from . import (  # noqa: F401
         advantages_triton,
+        flow_triton,
         fused_linear_policy_loss_triton,
         logprobs_triton,
         policy_loss_triton,
     )
-
-if triton_installed():
-    from . import flow_triton  # noqa: F401  (registers the Triton flow ops)
 
 __all__ = [
     "logprobs_from_logits", "fused_linear_logprobs", "policy_loss", "fused_linear_policy_loss", "group_advantages",

@@ -7,7 +7,6 @@ Kernel issues register their launch functions with `register_triton(op_name)`.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -23,9 +22,11 @@ def register_triton(op_name: str):
     return deco
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # a plain bool: torch.compile traces it freely
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:
