@@ -48,8 +48,8 @@ class TrainConfig:
     format_weight: float = 0.2
     impl: str = "auto"  # "reference" runs every op in eager PyTorch
     fp8: bool = False
-    pretrain_dit_steps: int = 700
-    pretrain_lm_steps: int = 500
+    pretrain_dit_steps: int = 600
+    pretrain_lm_steps: int = 300
     pretrain_batch: int = 32
     pretrain_lr: float = 2e-3
     eval_every: int = 20
