@@ -104,8 +104,6 @@ def test_cli_rejects_bad_config(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open (issue 7): on 2026-11-23 the default run went 0.257 -> 0.222 held-out; RL does "
-                          "not yet improve it", strict=False)
 def test_default_run_improves_held_out_reward(tmp_path):
     cfg = dataclasses.replace(PRESETS["tiny"], run_dir=str(tmp_path))
     out = Trainer(cfg, log=print).train()
