@@ -44,6 +44,7 @@ from bench.common import (  # noqa: E402
     ratio,
     resolve_smoke,
     time_fn,
+    trl_rowwise_logprobs,
 )
 from unirl_fast.reference.logprobs import fused_linear_logprobs_ref, logprobs_from_logits_ref  # noqa: E402
 
@@ -51,12 +52,6 @@ SHAPES = {"qwen-1.5b": (8, 1024, 1536, 151936), "qwen-3b": (8, 1024, 2048, 15193
           "qwen-7b": (16, 1024, 3584, 151936), "long": (1, 65536, 2048, 151936)}
 SMOKE_SHAPES = {"smoke-V3000": (2, 63, 64, 3000), "smoke-V151936": (1, 4, 32, 151936)}
 MODES = ("fwd", "bwd", "fwd+bwd")
-
-
-def trl_rowwise(logits, targets):
-    """TRL's selective_log_softmax: log_softmax one sequence at a time, never an fp32 copy of the batch."""
-    return torch.stack([torch.log_softmax(row.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
-                        for row, t in zip(logits, targets)])
 
 
 def liger_flce():
@@ -78,7 +73,7 @@ def logits_impls(entropy, with_compile):
         return logprobs_from_logits_ref(z, y, return_entropy=entropy)
 
     impls = {"ours": ours, "ours_inplace": ours_inplace, "eager_ref": ref,
-             "trl_rowwise": lambda z, y: (trl_rowwise(z, y), None)}
+             "trl_rowwise": lambda z, y: (trl_rowwise_logprobs(z, y), None)}
     if with_compile:
         impls["compiled_ref"] = torch.compile(ref)
     return impls
@@ -91,7 +86,8 @@ def linear_impls(entropy, with_compile):
     def ref(h, w, y):
         return fused_linear_logprobs_ref(h, w, y, return_entropy=entropy)
 
-    impls = {"ours": ours, "eager_ref": ref, "trl_rowwise": lambda h, w, y: (trl_rowwise(h @ w.t(), y), None)}
+    impls = {"ours": ours, "eager_ref": ref,
+             "trl_rowwise": lambda h, w, y: (trl_rowwise_logprobs(h @ w.t(), y), None)}
     if with_compile:
         impls["compiled_ref"] = torch.compile(ref)
     flce = liger_flce()

@@ -29,14 +29,9 @@ from bench.common import (  # noqa: E402
     ratio,
     resolve_smoke,
     time_fn,
+    trl_rowwise_logprobs,
 )
 from unirl_fast import reference as R  # noqa: E402
-
-
-def trl_style_logprobs(logits, targets):
-    """TRL's selective_log_softmax idea: one row at a time, never a full fp32 copy of the batch."""
-    return torch.stack([torch.log_softmax(row.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
-                        for row, t in zip(logits, targets)])
 
 
 def _cases(dev, smoke):
@@ -71,7 +66,7 @@ def _cases(dev, smoke):
         ("logprobs_from_logits", "GB/s", logit_bytes, {
             "ours": fwd_bwd(lambda: U.logprobs_from_logits(logits, y)[0].sum()),
             "eager_ref": fwd_bwd(lambda: R.logprobs_from_logits_ref(logits, y)[0].sum()),
-            "trl_rowwise": fwd_bwd(lambda: trl_style_logprobs(logits, y).sum()),
+            "trl_rowwise": fwd_bwd(lambda: trl_rowwise_logprobs(logits, y).sum()),
         }),
         ("fused_linear_logprobs", "TFLOP/s", head_flops, {
             "ours": fwd_bwd(lambda: U.fused_linear_logprobs(h, W, y)[0].sum()),

@@ -45,6 +45,7 @@ from bench.common import (  # noqa: E402
     ratio,
     resolve_smoke,
     time_fn,
+    trl_rowwise_logprobs,
 )
 from unirl_fast import reference as R  # noqa: E402
 from unirl_fast.reference.policy_loss import policy_loss_ref  # noqa: E402
@@ -71,9 +72,7 @@ def _inputs(shape, dev, dtype):
 
 def trl_rowwise_loss(h, W, y, old, adv, mask):
     logits = h @ W.t()  # [B, L, V] in the input dtype
-    logp = torch.stack([torch.log_softmax(row.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
-                        for row, t in zip(logits, y)])
-    return policy_loss_ref(logp, old, adv, mask)[0]
+    return policy_loss_ref(trl_rowwise_logprobs(logits, y), old, adv, mask)[0]
 
 
 def _liger_fns(h, W, y, old, adv, mask):

@@ -99,6 +99,13 @@ def _fp8_gemm_tflops(dev, n):
     return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
 
 
+def trl_rowwise_logprobs(logits, targets):
+    """The TRL-style baseline (selective_log_softmax): log_softmax one sequence at a time, so the batch never
+    gets a full fp32 copy. logits [B, L, V], targets [B, L] -> fp32 [B, L]."""
+    return torch.stack([torch.log_softmax(row.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+                        for row, t in zip(logits, targets)])
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
