@@ -152,11 +152,11 @@ class UnifiedModel(nn.Module):
         return self.connector.queries.dtype
 
     # LM side --------------------------------------------------------------------------------------------------
-    def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Conditioning:
-        """Left-padded prompts [B, L] (L may be 0: the unconditional branch) -> Conditioning.
+    def query_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Left-padded prompts [B, L] (L may be 0) -> the queries' last LM hidden states [B, N, H_lm].
 
         The N queries go after the prompt; positions count only attended tokens, so left padding does not shift
-        the queries' positions. Differentiable in the LM and connector parameters.
+        the queries' positions. Differentiable in the LM parameters and the queries.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
@@ -171,7 +171,12 @@ class UnifiedModel(nn.Module):
         mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, self.config.num_queries).long()], 1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
-        hidden = out.last_hidden_state[:, L:]
+        return out.last_hidden_state[:, L:]
+
+    def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Conditioning:
+        """Left-padded prompts [B, L] (L may be 0: the unconditional branch) -> Conditioning: `query_hidden`
+        through the connector. Differentiable in the LM and connector parameters."""
+        hidden = self.query_hidden(input_ids, attention_mask)
         cond, pooled = self.connector(hidden.to(self.connector.proj_in.weight.dtype))
         return Conditioning(cond, pooled)
 

@@ -35,10 +35,6 @@ def world_model_config(preset: str, edit: bool):
                         connector_heads=4, edit=edit)
 
 
-def _lm_pairs(tasks_by_kind):
-    return [(p, a) for kind in tasks_by_kind.values() for p, a in kind]
-
-
 def lm_sft_step(model, tok, pairs, opt, batch, rng):
     """One supervised step: loss only on the answer tokens (and their EOS)."""
     chosen = [pairs[rng.randrange(len(pairs))] for _ in range(batch)]
@@ -75,24 +71,14 @@ def dit_fm_step(model, tok, items, opt, batch, rng):
     s = sigma.view(-1, 1, 1, 1)
     xs = (1 - s) * x0 + s * eps
     with torch.no_grad():  # the LM stays as the warm-up left it; the connector learns to read it
-        h = model.lm.base_model(**_query_inputs(model, ids, mask)).last_hidden_state[:, ids.shape[1]:]
-    cond, pooled = model.connector(h)
+        h = model.query_hidden(ids, mask)
+    cond, pooled = model.connector(h.to(model.connector.proj_in.weight.dtype))
     v = model.velocity(xs, sigma, Conditioning(cond, pooled), src)
     loss = F.mse_loss(v.float(), eps - x0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return loss.item()
-
-
-def _query_inputs(model, ids, mask):
-    """The LM inputs of `UnifiedModel.condition` (prompt embeddings ++ queries), for a frozen-LM forward."""
-    B = ids.shape[0]
-    emb = model.lm.get_input_embeddings()
-    q = model.connector.queries.to(emb.weight.dtype).unsqueeze(0).expand(B, -1, -1)
-    full = torch.cat([mask.long(), mask.new_ones(B, model.config.num_queries).long()], 1)
-    return {"inputs_embeds": torch.cat([emb(ids), q], 1), "attention_mask": full,
-            "position_ids": (full.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
 
 
 def base_key(cfg, edit: bool) -> str:
@@ -113,7 +99,7 @@ def pretrain(cfg, scenario, log=print) -> UnifiedModel:
     rng = random.Random(cfg.seed)
     model = UnifiedModel(world_model_config(cfg.preset, edit))
     tok = model.tokenizer
-    pairs = _lm_pairs(scenario.sft_pairs("train"))
+    pairs = scenario.sft_pairs("train")
     opt = torch.optim.AdamW(model.lm.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     for i in range(cfg.pretrain_lm_steps):
         loss = lm_sft_step(model, tok, pairs, opt, cfg.pretrain_batch, rng)

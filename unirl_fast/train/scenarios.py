@@ -55,11 +55,11 @@ class Scenario:
             return completion
         return task.prompt
 
-    def sft_pairs(self, split: str) -> dict:
-        """(LM prompt, target) pairs for the warm-up; scenarios without LM text warm up on descriptions."""
-        pairs = {"main": [(self.lm_prompt(t), self.lm_target(t)) for t in self.tasks(split)]}
+    def sft_pairs(self, split: str) -> list:
+        """(LM prompt, target) pairs for the warm-up."""
+        pairs = [(self.lm_prompt(t), self.lm_target(t)) for t in self.tasks(split)]
         if self.name in ("generate", "edit"):  # the LM is only a text encoder here: a light warm-up still helps
-            pairs["main"] = pairs["main"][:64]
+            pairs = pairs[:64]
         return pairs
 
     def image_pretrain_tasks(self, split: str) -> list:

@@ -82,9 +82,6 @@ class Trainer:
             raise ValueError(f"scenario {self.scenario.name!r} trains nothing")
         return out
 
-    def _trainable_state(self):
-        return {k: v for k, v in self.model.state_dict().items()}
-
     def _resume(self, path):
         ck = load_checkpoint(path)
         self.model.load_state_dict(ck["model"])
@@ -99,7 +96,7 @@ class Trainer:
     def save(self):
         st = {"step": self.step, "history": self.history, "py_rng": self.rng.getstate(),
               "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
-        return save_checkpoint(self.run_dir, self.step, {"model": self._trainable_state(),
+        return save_checkpoint(self.run_dir, self.step, {"model": self.model.state_dict(),
                                                          "optim": self.opt.state_dict(), "state": st},
                                keep=self.cfg.keep_checkpoints)
 
