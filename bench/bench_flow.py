@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-os.environ["UNIRL_FAST_VALUE_CHECKS"] = "0"
 if not torch.cuda.is_available():  # before triton is imported: "ours" runs under the interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -191,6 +190,19 @@ def _plot(rows, path, copy_gbps):
 
 
 def main(argv=None):
+    """Runs with UNIRL_FAST_VALUE_CHECKS=0 (see the module docstring); the caller's setting is restored after."""
+    old = os.environ.get("UNIRL_FAST_VALUE_CHECKS")
+    os.environ["UNIRL_FAST_VALUE_CHECKS"] = "0"
+    try:
+        return _main(argv)
+    finally:
+        if old is None:
+            os.environ.pop("UNIRL_FAST_VALUE_CHECKS")
+        else:
+            os.environ["UNIRL_FAST_VALUE_CHECKS"] = old
+
+
+def _main(argv):
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--compile", action="store_true", help="time torch.compile(reference) in smoke mode too")
     args = p.parse_args(argv)

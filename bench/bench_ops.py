@@ -62,29 +62,30 @@ def _cases(dev, smoke):
 
     logit_bytes = logits.numel() * logits.element_size()
     head_flops = 2 * B * L * H * V
-    return [
-        ("logprobs_from_logits", "GB/s", logit_bytes, {
+    lv, lhv = f"B{B}xL{L}xV{V}", f"B{B}xL{L}xH{H}xV{V}"
+    return [  # (op, shape, throughput unit, work, {impl: fn})
+        ("logprobs_from_logits", lv, "GB/s", logit_bytes, {
             "ours": fwd_bwd(lambda: U.logprobs_from_logits(logits, y)[0].sum()),
             "eager_ref": fwd_bwd(lambda: R.logprobs_from_logits_ref(logits, y)[0].sum()),
             "trl_rowwise": fwd_bwd(lambda: trl_rowwise_logprobs(logits, y).sum()),
         }),
-        ("fused_linear_logprobs", "TFLOP/s", head_flops, {
+        ("fused_linear_logprobs", lhv, "TFLOP/s", head_flops, {
             "ours": fwd_bwd(lambda: U.fused_linear_logprobs(h, W, y)[0].sum()),
             "eager_ref": fwd_bwd(lambda: R.fused_linear_logprobs_ref(h, W, y)[0].sum()),
         }),
-        ("fused_linear_policy_loss", "TFLOP/s", head_flops, {
+        ("fused_linear_policy_loss", lhv, "TFLOP/s", head_flops, {
             "ours": fwd_bwd(lambda: U.fused_linear_policy_loss(h, W, y, old, adv, mask)[0]),
             "eager_ref": fwd_bwd(lambda: R.fused_linear_policy_loss_ref(h, W, y, old, adv, mask)[0]),
         }),
-        ("policy_loss", None, None, {
+        ("policy_loss", f"B{B}xL{L}", None, None, {
             "ours": fwd_bwd(lambda: U.policy_loss(lp, old, adv, mask)[0]),
             "eager_ref": fwd_bwd(lambda: R.policy_loss_ref(lp, old, adv, mask)[0]),
         }),
-        ("group_advantages", None, None, {
+        ("group_advantages", f"{rewards.numel()} rewards, groups of 8", None, None, {
             "ours": lambda: U.group_advantages(rewards, gid),
             "eager_ref": lambda: R.group_advantages_ref(rewards, gid),
         }),
-        ("flow_sde_step", "GB/s", flow_bytes, {
+        ("flow_sde_step", "B{}x{}".format(fb, "x".join(map(str, fs))), "GB/s", flow_bytes, {
             "ours": lambda: U.flow_sde_step(v.detach(), x, sig, sig - 0.1, noise=noise),
             "eager_ref": lambda: R.flow_sde_step_ref(v.detach(), x, sig, sig - 0.1, noise=noise),
         }),
@@ -101,12 +102,13 @@ def main(argv=None):
     ceil = measure_ceilings(dev, smoke=smoke)
     env = env_columns(dev)
     rows = []
-    for op, unit, work, fns in _cases(dev, smoke):
+    for op, shape, unit, work, fns in _cases(dev, smoke):
         if args.compile or not smoke:
             fns["compiled_ref"] = torch.compile(fns["eager_ref"])
         times = {name: time_fn(fn, device=dev, warmup=2, rep=5 if smoke else 20) for name, fn in fns.items()}
         for name, t in times.items():
-            row = {"op": op, "impl": name, "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms,
+            row = {"op": op, "shape": shape, "impl": name, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
+                   "p80_ms": t.p80_ms,
                    "x_vs_eager_ref": ratio(times["eager_ref"].median_ms, t.median_ms),
                    "peak_extra_MiB": _mib(peak_extra_memory_bytes(fns[name], dev)), "smoke": smoke}
             if unit == "GB/s":
@@ -120,8 +122,8 @@ def main(argv=None):
     path = append_rows("ops_overview.csv", rows, args.out)
     print(f"ceilings on {env['device']}: copy {ceil['copy_GBps']:.1f} GB/s, "
           f"{ceil['gemm_dtype']} GEMM {ceil['gemm_TFLOPs']:.3f} TFLOP/s, FP8 GEMM {ceil['fp8_gemm_TFLOPs']}")
-    print(format_table(rows, ["op", "impl", "median_ms", "p20_ms", "p80_ms", "x_vs_eager_ref", "rate", "unit",
-                              "peak_extra_MiB"]))
+    print(format_table(rows, ["op", "shape", "impl", "median_ms", "p20_ms", "p80_ms", "x_vs_eager_ref", "rate",
+                              "unit", "peak_extra_MiB"]))
     print(f"rows appended to {path}")
     return rows
 

@@ -109,6 +109,7 @@ def main(argv=None):
     print(format_table(rows, ["bench", "impl", "batch", "new_tokens", "steps", "median_ms", "p20_ms", "p80_ms",
                               "throughput", "unit", "speedup"]))
     print("results:", append_rows("rollout.csv", rows, args.out))
+    return rows
 
 
 if __name__ == "__main__":

@@ -46,6 +46,74 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _bench_suite():
+    """Import bench/suite.py from the source checkout: `bench/` sits beside the package (not installed by
+    setup.py), found relative to this file (editable install) or, failing that, in the working directory."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent
+    root = next((r for r in (here, Path.cwd()) if (r / "bench" / "suite.py").is_file()), None)
+    if root is None:
+        raise FileNotFoundError(f"the bench scripts are not installed (no bench/suite.py under {here} or the "
+                                "working directory): run from a source checkout (git clone, pip install -e .)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import bench.suite
+
+    if Path(bench.suite.__file__).resolve().parent != root / "bench":
+        raise ImportError(f"'bench' resolves to {bench.suite.__file__}, not {root / 'bench'}: another module "
+                          "named bench shadows the source checkout's")
+    return bench.suite
+
+
+def _needs_interpreter(device) -> bool:
+    """On a CPU the Triton kernels run only if TRITON_INTERPRET=1 was set before they were defined, i.e. before
+    `import unirl_fast`, which has happened by the time this command runs."""
+    import torch
+
+    from .ops._dispatch import interpreting, triton_installed
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return dev.type != "cuda" and triton_installed() and not interpreting()
+
+
+def _cmd_bench(args) -> int:
+    import os
+    import subprocess
+
+    try:
+        suite = _bench_suite()
+        ops = suite.check_names(args.ops)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        print(f"unirl-fast bench: {e}", file=sys.stderr)
+        return 2
+    if args.list:
+        print("\n".join(suite.names()))
+        return 0
+    if _needs_interpreter(args.device):  # re-run this command in a child that defines the kernels interpreted
+        argv = ["bench", *ops] + (["--smoke"] if args.smoke else []) + (["--out", args.out] if args.out else [])
+        argv += ["--device", args.device] if args.device else []
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.run([sys.executable, "-m", "unirl_fast.cli", *argv], env=env).returncode
+    res = suite.run(ops, out_dir=args.out, smoke=args.smoke, device=args.device)
+    print(f"\nsummary ({len(res['summary'])} timed rows; x_vs_ref > 1: faster than the reference):")
+    print(suite.format_summary(res["summary"]))
+    for name, err in res["failed"].items():
+        print(f"FAILED bench {name}: {err}", file=sys.stderr)
+    print(f"results (CSV + PNG): {res['out_dir']}")
+    return 1 if res["failed"] else 0
+
+
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="kernel benchmarks (bench/bench_*.py) into one results folder, CSV + plots")
+    b.add_argument("ops", nargs="*", help="benchmarks to run (default: all; --list names them)")
+    b.add_argument("--out", default=None, help="results folder (default: a new timestamped folder in bench/results)")
+    b.add_argument("--smoke", action="store_true", help="tiny shapes, few repeats (implied without CUDA)")
+    b.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    b.add_argument("--list", action="store_true", help="print the benchmark names and exit")
+    b.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unirl-fast", description="Fused ops and a lean trainer for unified-model RL")
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--eval-prompts", type=int, default=None)
     ev.set_defaults(func=_cmd_eval)
+    _add_bench_parser(sub)
     return p
 
 
