@@ -18,7 +18,8 @@ Summary rows (one schema over every script's columns):
     ref     the reference of the row's (op, shape) group: the first of REFERENCE_IMPLS present there
     x_vs_ref = ref median / this median (> 1: faster than the reference); x_vs_compiled likewise vs compiled_ref
     rate, unit, frac_ceiling: the script's throughput column and its fraction of the ceiling measured in that run
-Rows without a time (FP8 mismatch metrics, failed baselines) stay in the CSVs only.
+Rows without a time (FP8 mismatch metrics, failed baselines) stay in the CSVs only. The printed table shows our
+implementations (not BASELINE_PREFIXES), whose x_vs_ref / x_vs_compiled carry the comparison.
 Plots: `<name>_summary.png` per script, median ms (log scale) and speed-up vs the reference per (op, shape)
 group and implementation, made from the rows above; scripts that draw their own figure write it alongside.
 """
@@ -37,6 +38,8 @@ from .common import RESULTS_DIR, append_rows, format_table
 
 BENCH_DIR = Path(__file__).resolve().parent
 REFERENCE_IMPLS = ("eager_ref", "bf16_linear", "transformers generate", "CFG w=4.5")
+# impls that are baselines, not ours: the printed table leaves them out (their times are in summary.csv)
+BASELINE_PREFIXES = REFERENCE_IMPLS + ("compiled_ref", "trl_", "liger_", "CFG w=")
 _OP_COLUMNS = ("op", "case", "part", "bench", "mode")
 _SIZE_COLUMNS = ("B", "L", "H", "V", "M", "N", "K", "batch", "prompt", "new_tokens", "steps")
 # (rate column, unit column or literal unit), first match wins; frac columns likewise
@@ -141,10 +144,10 @@ def _op(name, r):
 
 
 def _shape(r):
-    if r.get("shape") not in (None, ""):
-        return str(r["shape"])
-    sizes = [f"{c}{r[c]}" for c in _SIZE_COLUMNS if r.get(c) not in (None, "")]
-    return " ".join(sizes) or "-"
+    """The shape name plus the size columns (two FP8 smoke GEMMs share the name "smoke" but not M, N, K)."""
+    sizes = " ".join(f"{c}{r[c]}" for c in _SIZE_COLUMNS if r.get(c) not in (None, ""))
+    name = str(r["shape"]) if r.get("shape") not in (None, "") else ""
+    return (f"{name} ({sizes})" if name and sizes else name or sizes) or "-"
 
 
 def _rate(r):
@@ -209,5 +212,9 @@ def plot_summary(srows: list, path, title: str):
     return Path(path)
 
 
-def format_summary(srows: list) -> str:
+def format_summary(srows: list, baselines=False) -> str:
+    """The table printed at the end: our implementations only unless `baselines` (their ratios carry the
+    comparison; summary.csv keeps every row)."""
+    if not baselines:
+        srows = [s for s in srows if not s["impl"].startswith(BASELINE_PREFIXES)]
     return format_table(srows, SUMMARY_COLUMNS)

@@ -166,3 +166,18 @@ def test_summary_rows_read_every_scripts_columns():
     assert got[0]["frac_ceiling"] == 0.5 and got[1]["frac_ceiling"] is None
     assert got[2]["op"] == "text" and got[2]["shape"] == "batch4 new_tokens16" and got[2]["unit"] == "tokens/s"
     assert got[2]["ref"] == "transformers generate" and got[2]["x_vs_ref"] == 3.0
+    ours_only = suite.format_summary(got).splitlines()[1:]  # the baselines' own rows are left out
+    assert len(ours_only) == 2 and "  ours  " in ours_only[0] and "  ours (static cache)  " in ours_only[1]
+    assert len(suite.format_summary(got, baselines=True).splitlines()) == 5
+
+
+def test_summary_groups_by_name_and_sizes():
+    """bench_fp8's two smoke GEMMs are both named "smoke": each is compared with its own bf16 layer."""
+    from bench import suite
+
+    rows = [{"part": "gemm", "shape": "smoke", "M": m, "N": n, "K": 256, "impl": i, "median_ms": ms}
+            for m, n, i, ms in ((256, 384, "bf16_linear", 1.0), (256, 384, "fp8_triton", 0.5),
+                                (256, 256, "bf16_linear", 4.0), (256, 256, "fp8_triton", 1.0))]
+    got = suite.summary_rows("fp8", rows)
+    assert [s["shape"] for s in got[:2]] == ["smoke (M256 N384 K256)"] * 2
+    assert [s["x_vs_ref"] for s in got] == [1.0, 2.0, 1.0, 4.0]

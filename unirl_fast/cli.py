@@ -92,12 +92,13 @@ def _cmd_bench(args) -> int:
         return 0
     if _needs_interpreter(args.device):  # re-run this command in a child that defines the kernels interpreted
         argv = ["bench", *ops] + (["--smoke"] if args.smoke else []) + (["--out", args.out] if args.out else [])
-        argv += ["--device", args.device] if args.device else []
+        argv += (["--device", args.device] if args.device else []) + (["--baselines"] if args.baselines else [])
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.run([sys.executable, "-m", "unirl_fast.cli", *argv], env=env).returncode
     res = suite.run(ops, out_dir=args.out, smoke=args.smoke, device=args.device)
-    print(f"\nsummary ({len(res['summary'])} timed rows; x_vs_ref > 1: faster than the reference):")
-    print(suite.format_summary(res["summary"]))
+    print(f"\nsummary (x_vs_ref > 1: faster than the reference; {len(res['summary'])} rows with the baselines' "
+          "in summary.csv):")
+    print(suite.format_summary(res["summary"], baselines=args.baselines))
     for name, err in res["failed"].items():
         print(f"FAILED bench {name}: {err}", file=sys.stderr)
     print(f"results (CSV + PNG): {res['out_dir']}")
@@ -111,6 +112,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--smoke", action="store_true", help="tiny shapes, few repeats (implied without CUDA)")
     b.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     b.add_argument("--list", action="store_true", help="print the benchmark names and exit")
+    b.add_argument("--baselines", action="store_true", help="also print the baselines' rows in the summary table")
     b.set_defaults(func=_cmd_bench)
 
 
