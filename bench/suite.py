@@ -103,7 +103,8 @@ def run(requested, out_dir=None, smoke=False, device=None, log=print) -> dict:
     "plots"}. Each script writes its CSV (and its own figure) there; the suite adds summary.csv and one
     `<name>_summary.png` per script."""
     selected = check_names(requested)
-    out = Path(out_dir) if out_dir else default_out_dir(smoke)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(out_dir) if out_dir else default_out_dir(smoke or dev.type != "cuda")  # the scripts' resolve_smoke
     out.mkdir(parents=True, exist_ok=True)
     summary, failed, plots = [], {}, []
     for name in selected:
@@ -126,7 +127,7 @@ def run(requested, out_dir=None, smoke=False, device=None, log=print) -> dict:
 def _title(name, rows):
     r = rows[0] if rows else {}
     return (f"bench_{name} on {r.get('device', '?')} (torch {r.get('torch', '?')}, triton {r.get('triton', '?')})"
-            + (" [smoke: CPU, tiny shapes; timings are not GPU figures]" if str(r.get("smoke")) == "True" else ""))
+            + (" [smoke: tiny shapes, few repeats; not BENCH.md figures]" if str(r.get("smoke")) == "True" else ""))
 
 
 def _num(v):
