@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib
+import math
 import os
 import traceback
 from pathlib import Path
@@ -41,7 +42,7 @@ REFERENCE_IMPLS = ("eager_ref", "bf16_linear", "transformers generate", "CFG w=4
 # impls that are baselines, not ours: the printed table leaves them out (their times are in summary.csv)
 BASELINE_PREFIXES = REFERENCE_IMPLS + ("compiled_ref", "trl_", "liger_", "CFG w=")
 _OP_COLUMNS = ("op", "case", "part", "bench", "mode")
-_SIZE_COLUMNS = ("B", "L", "H", "V", "M", "N", "K", "batch", "prompt", "new_tokens", "steps")
+_SIZE_COLUMNS = ("B", "L", "M", "N", "K", "H", "V", "batch", "prompt", "new_tokens", "steps")
 # (rate column, unit column or literal unit), first match wins; frac columns likewise
 _RATE_COLUMNS = (("rate", "unit"), ("TFLOPs_6NHV", "TFLOP/s 6NHV"), ("TFLOPs", "TFLOP/s"), ("GBps", "GB/s"),
                  ("throughput", "unit"))
@@ -182,7 +183,8 @@ def summary_rows(name: str, rows: list) -> list:
 
 
 def plot_summary(srows: list, path, title: str):
-    """Median ms (log y) and speed-up vs the reference, bars per implementation, one group per (op, shape)."""
+    """Median ms and speed-up vs the reference (both log y: CPU smoke ratios span 1e-3 to 1e3), bars per
+    implementation, one group per (op, shape); a missing bar is an implementation not run for that group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,16 +197,18 @@ def plot_summary(srows: list, path, title: str):
     fig, axes = plt.subplots(2, 1, figsize=(min(40, max(8, 0.28 * len(groups) * len(impls) + 2)), 8), sharex=True)
     for k, impl in enumerate(impls):
         xs = [i + k * width for i in range(len(groups))]
-        ms = [at[(*g, impl)]["median_ms"] if (*g, impl) in at else 0.0 for g in groups]
-        sp = [(at[(*g, impl)]["x_vs_ref"] or 0.0) if (*g, impl) in at else 0.0 for g in groups]
+        ms = [at[(*g, impl)]["median_ms"] if (*g, impl) in at else math.nan for g in groups]
+        sp = [(at[(*g, impl)]["x_vs_ref"] or math.nan) if (*g, impl) in at else math.nan for g in groups]
         axes[0].bar(xs, ms, width, label=impl)
         axes[1].bar(xs, sp, width, label=impl)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("median ms (log)")
+    axes[1].set_yscale("log")
     axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
     axes[1].set_ylabel("speed-up vs reference\n(" + " / ".join(sorted({s["ref"] for s in srows if s["ref"]})) + ")")
     axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    axes[1].set_xticklabels([f"{op}\n{shape}" for op, shape in groups], fontsize=6, rotation=60, ha="right")
+    axes[1].set_xticklabels([f"{op}\n{shape}" for op, shape in groups], fontsize=6, rotation=30, ha="right",
+                            rotation_mode="anchor")
     axes[0].legend(fontsize=7, ncol=min(4, len(impls)))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
