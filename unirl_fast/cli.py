@@ -46,6 +46,28 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .profiling.report import report
+
+    try:
+        text, _, paths = report(args.run_dir, warmup=args.warmup, plots=not args.no_plots)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"unirl-fast report: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def _add_report_parser(sub) -> None:
+    rep = sub.add_parser("report", help="summary table and PNG plots of a run directory's metrics")
+    rep.add_argument("run_dir")
+    rep.add_argument("--warmup", type=int, default=1, help="first steps left out of the means (default 1)")
+    rep.add_argument("--no-plots", action="store_true", help="print the table only")
+    rep.set_defaults(func=_cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unirl-fast", description="Fused ops and a lean trainer for unified-model RL")
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--eval-prompts", type=int, default=None)
     ev.set_defaults(func=_cmd_eval)
+    _add_report_parser(sub)
     return p
 
 
