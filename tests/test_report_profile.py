@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from unirl_fast.cli import main
+from unirl_fast.fp8 import convert_to_fp8
 from unirl_fast.models import Conditioning, UnifiedModel
 from unirl_fast.profiling import dit_forward_flops, lm_forward_flops
 from unirl_fast.profiling.profile_run import TOLERANCE, check_losses, profile_model_config
@@ -104,6 +105,23 @@ def test_report_prints_table_and_writes_plots(smoke_run, capsys):
         assert (d / name).stat().st_size > 1000
 
 
+def test_report_with_gpu_style_records(tmp_path, capsys):
+    """The CUDA branch of the summary (MFU, NVML power) on synthetic records: the arithmetic, not a GPU."""
+    recs = [{"phase": "train", "step": i + 1, "step_ms": ms, "phase/train_fwd_bwd_ms": ms - 10.0,
+             "phase/optimizer_ms": 10.0, "phase/train_fwd_bwd_peak_mem_MiB": 1000.0 + i, "samples_per_s": 32e3 / ms,
+             "tokens_generated": 100, "tokens_trained": 50, "images": 32, "flops": 1e14, "mfu": 1e14 / (ms / 1e3) / 989e12,
+             "nvml/power_W_mean": 300.0 + 100 * i, "nvml/sm_util_pct_mean": 90.0, "nvml/sm_clock_MHz_mean": 1980.0,
+             "nvml/mem_used_MiB_max": 5000.0 + i, "nvml/energy_J": 100.0}
+            for i, ms in enumerate([900.0, 400.0, 600.0])]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mean step time: 500.0 ms" in out and "64.00 samples/s" in out and "200.0 generated tokens/s" in out
+    assert f"MFU {100 * 2e14 / 1.0 / 989e12:.2f}%" in out  # 2e14 FLOPs in 1.0 s over the two measured steps
+    assert "mean power: 450 W" in out and "up to 5002 MiB" in out
+    assert (tmp_path / "memory_power.png").is_file()
+
+
 def test_report_rejects_bad_run_dirs(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -118,7 +136,7 @@ def test_profile_compare_tiny(tmp_path, capsys):
     out = tmp_path / "prof"
     rc = main(["profile", "--preset", "tiny", "--scenario", "reason-generate", "--steps", "2", "--warmup", "1",
                "--compare", "--quiet", "--out", str(out), "--max-new-tokens", "6", "--image-steps", "2",
-               "--sde-window", "1"])
+               "--sde-window", "1", "--prompts-per-step", "1", "--micro-batch", "2"])
     text = capsys.readouterr().out
     assert rc == 0, text
     rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in text.splitlines()
@@ -158,6 +176,9 @@ def test_bench_preset_resolves_on_meta(edit):
     f = step_flops(m, get_scenario("reason-edit" if edit else "reason-generate"), cfg,
                    _fake_batch(B=32, P=40, T=128, Lc=60, K=10, S=2))
     assert 1e14 < sum(f.values()) < 1e16  # ~1.5B LM + 0.6B DiT on 32 samples: hundreds of TFLOPs a step
+    eligible = []
+    convert_to_fp8(m, lambda name, mod: eligible.append(name) and False)  # list what --fp8 would convert
+    assert any(n.startswith("lm.") for n in eligible) and any(n.startswith("dit.") for n in eligible)
 
 
 def test_fp8_world_rollout_and_training_share_fp8_modules(tmp_path, monkeypatch):

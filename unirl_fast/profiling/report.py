@@ -66,8 +66,10 @@ def summarize(train: list, warmup: int = 1) -> dict:
     mfus = [r.get("mfu") for r in measured]
     out["mfu"] = None if any(m is None for m in mfus) else sum(m * r["step_ms"] for m, r in zip(mfus, measured)) / (
         1e3 * secs)
-    power = [r["nvml/power_W_mean"] for r in measured if "nvml/power_W_mean" in r]
-    out["power_W_mean"] = sum(power) / len(power) if power else None
+    for key in ("power_W_mean", "sm_util_pct_mean", "sm_clock_MHz_mean", "mem_used_MiB_max", "energy_J"):
+        vals = [r[f"nvml/{key}"] for r in measured if f"nvml/{key}" in r]
+        out[key] = None if not vals else max(vals) if key.endswith("_max") else sum(vals) / len(vals)
+    power = out["power_W_mean"]
     notes = [r["nvml"] for r in train if isinstance(r.get("nvml"), str)]
     out["nvml_note"] = notes[0] if notes else (None if power else "no NVML samples recorded")
     return out
@@ -98,8 +100,12 @@ def format_summary(s: dict, cfg: dict | None = None, evals: list = (), title: st
         top = max(s["peak_mem_MiB"], key=s["peak_mem_MiB"].get)
         lines.append(f"peak memory: {s['peak_mem_MiB'][top]:.0f} MiB (in {top})")
     note = s["nvml_note"] or ""
-    lines.append("mean power: " + (f"{s['power_W_mean']:.0f} W" if s["power_W_mean"] is not None
-                                   else note if note.startswith("unavailable") else f"unavailable ({note})"))
+    if s["power_W_mean"] is not None:
+        lines.append(f"mean power: {s['power_W_mean']:.0f} W ({s['energy_J'] or 0:.0f} J/step), SM util "
+                     f"{s['sm_util_pct_mean'] or 0:.0f}%, SM clock {s['sm_clock_MHz_mean'] or 0:.0f} MHz, device "
+                     f"memory used up to {s['mem_used_MiB_max'] or 0:.0f} MiB (NVML)")
+    else:
+        lines.append("mean power: " + (note if note.startswith("unavailable") else f"unavailable ({note})"))
     if evals:
         lines.append(f"held-out reward: base {evals[0]['eval_reward']:.3f} (step {evals[0]['step']}) -> final "
                      f"{evals[-1]['eval_reward']:.3f} (step {evals[-1]['step']})")
