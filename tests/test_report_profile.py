@@ -109,7 +109,8 @@ def test_report_with_gpu_style_records(tmp_path, capsys):
     """The CUDA branch of the summary (MFU, NVML power) on synthetic records: the arithmetic, not a GPU."""
     recs = [{"phase": "train", "step": i + 1, "step_ms": ms, "phase/train_fwd_bwd_ms": ms - 10.0,
              "phase/optimizer_ms": 10.0, "phase/train_fwd_bwd_peak_mem_MiB": 1000.0 + i, "samples_per_s": 32e3 / ms,
-             "tokens_generated": 100, "tokens_trained": 50, "images": 32, "flops": 1e14, "mfu": 1e14 / (ms / 1e3) / 989e12,
+             "tokens_generated": 100, "tokens_trained": 50, "images": 32, "flops": 1e14,
+             "mfu": 1e14 / (ms / 1e3) / 989e12,
              "nvml/power_W_mean": 300.0 + 100 * i, "nvml/sm_util_pct_mean": 90.0, "nvml/sm_clock_MHz_mean": 1980.0,
              "nvml/mem_used_MiB_max": 5000.0 + i, "nvml/energy_J": 100.0}
             for i, ms in enumerate([900.0, 400.0, 600.0])]
