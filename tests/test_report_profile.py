@@ -153,6 +153,7 @@ def test_profile_compare_tiny(tmp_path, capsys):
     assert res["summaries"]["fast"]["measured_steps"] == 2 and res["summaries"]["fast"]["warmup_excluded"] == 1
     assert (out / "profile.csv").read_text().startswith("metric,fast,reference,fast_over_reference")
     assert main(["report", str(out / "fast"), "--no-plots"]) == 0  # each impl's run is a report-able run dir
+    assert "3 recorded, 2 measured (first 1 excluded" in capsys.readouterr().out
 
 
 def test_loss_check_fails_outside_tolerance():

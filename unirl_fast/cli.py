@@ -63,7 +63,8 @@ def _cmd_report(args) -> int:
 def _add_report_parser(sub) -> None:
     rep = sub.add_parser("report", help="summary table and PNG plots of a run directory's metrics")
     rep.add_argument("run_dir")
-    rep.add_argument("--warmup", type=int, default=1, help="first steps left out of the means (default 1)")
+    rep.add_argument("--warmup", type=int, default=None,
+                     help="first steps left out of the means (default: a profile run's warm-up, else 1)")
     rep.add_argument("--no-plots", action="store_true", help="print the table only")
     rep.set_defaults(func=_cmd_report)
 

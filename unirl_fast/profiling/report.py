@@ -3,7 +3,8 @@
 Reads the per-step train records the trainer writes (phase times `phase/<name>_ms`, `step_ms`, per-phase peak
 memory `phase/<name>_peak_mem_MiB`, throughput, model FLOPs, MFU, `nvml/*`) and the evaluation records (base
 and final held-out reward). The first `warmup` steps are left out of every mean (compilation, allocator and
-cache warm-up); when a run has no more steps than that, all steps are used and the table says so.
+cache warm-up; default: the steps a `profile` run marked as warm-up, else 1); when a run has no more steps
+than that, all steps are used and the table says so.
 Throughputs are totals over the measured steps divided by their total time (not means of per-step rates).
 Plots written into RUN_DIR: `phases.png` (stacked per-phase ms per step), `throughput.png` (samples/s,
 images/s, tokens/s per step), `memory_power.png` (peak memory and mean power per step against run time;
@@ -182,9 +183,12 @@ def _save(fig, path):
     return Path(path)
 
 
-def report(run_dir, warmup: int = 1, plots: bool = True) -> tuple:
-    """(summary table text, summary dict, plot paths) of a run directory."""
+def report(run_dir, warmup: int | None = None, plots: bool = True) -> tuple:
+    """(summary table text, summary dict, plot paths) of a run directory. warmup None: the warm-up steps a
+    `profile` run marked in its records, else 1."""
     cfg, train, evals = load_run(run_dir)
+    if warmup is None:
+        warmup = sum(bool(r.get("warmup")) for r in train) if any("warmup" in r for r in train) else 1
     s = summarize(train, warmup)
     text = format_summary(s, cfg, evals, title=f"run {run_dir}")
     return text, s, plot_run(train, run_dir) if plots else []
