@@ -84,8 +84,7 @@ class Trainer:
         self._nvml_note = "unavailable: not a CUDA device"
         if dev.type == "cuda":
             self.peak_tflops = device_peak_tflops(torch.cuda.get_device_name(dev), "fp8" if self.cfg.fp8 else "bf16")
-            index = dev.index if dev.index is not None else torch.cuda.current_device()
-            self.nvml = NvmlSampler(device_index=index, interval_s=0.1).start()
+            self.nvml = NvmlSampler(device_index=_nvml_index(dev), interval_s=0.1).start()
             self._nvml_note = None if self.nvml.available else f"unavailable: {self.nvml.reason}"
 
     def _param_groups(self):
@@ -259,6 +258,17 @@ class Trainer:
         from .plots import plot_rewards
 
         plot_rewards(metrics_path, self.run_dir / "rewards.png")
+
+
+def _nvml_index(dev) -> int:
+    """NVML numbers every GPU of the machine; CUDA only the visible ones: map through CUDA_VISIBLE_DEVICES."""
+    import os
+
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if index < len(visible) and visible[index].isdigit():
+        return int(visible[index])
+    return index
 
 
 def _accumulate(metrics, prefix, loss, m, weight):
