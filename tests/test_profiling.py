@@ -72,3 +72,15 @@ def test_nvml_sampler_reports_unavailable_instead_of_failing():
         assert summ["nvml"].startswith("unavailable")
     with pytest.raises(ValueError):
         NvmlSampler(interval_s=0)
+
+
+def test_nvml_summary_over_a_time_window():
+    s = NvmlSampler(interval_s=0.01)
+    s.available = True
+    s.samples = [{"t": float(t), "sm_util_pct": 10.0 * t, "mem_used_MiB": 100.0, "power_W": 100.0 + t,
+                  "sm_clock_MHz": 1500.0, "mem_clock_MHz": 2600.0} for t in range(5)]
+    w = s.summary(since=1.0, until=3.0)
+    assert w["nvml_samples"] == 3 and w["sm_util_pct_mean"] == pytest.approx(20.0)
+    assert w["power_W_max"] == 103.0 and w["energy_J"] == pytest.approx(101.5 + 102.5)
+    assert s.summary()["nvml_samples"] == 5
+    assert s.summary(since=10.0)["nvml"].startswith("no samples in the window")

@@ -26,7 +26,7 @@ def test_every_scenario_runs_a_few_steps(scenario, tmp_path):
     for r in recs:
         assert all(torch.isfinite(torch.tensor(float(v))) for k, v in r.items() if isinstance(v, float))
         assert 0.0 <= r["reward"] <= 1.0 + cfg.format_weight
-        assert r["samples_per_s"] > 0 and "phase/rollout_ms" in r
+        assert r["samples_per_s"] > 0 and "phase/reward_ms" in r
     assert out["base_eval_reward"] is not None and out["final_eval_reward"] is not None
     assert (tmp_path / "config.json").is_file() and (tmp_path / "rewards.png").is_file()
     if scenario not in ("understand",):

@@ -1,4 +1,7 @@
-"""Profiling: phase timers (CUDA events / host timers), a FLOP model for MFU, and an NVML sampler."""
+"""Profiling: phase timers (CUDA events / host timers), a FLOP model for MFU, and an NVML sampler.
+
+Run level: `step_flops` (a trainer step's model FLOPs per phase), `report` (`unirl-fast report RUN_DIR`),
+`profile_run` (`unirl-fast profile`: measured runs, fast vs reference)."""
 from .flops import (
            DiTShape,
            LMShape,

@@ -3,6 +3,8 @@
     with NvmlSampler(device_index=0, interval_s=0.1) as s: ...train...
     s.samples   -> list of dicts (t, sm_util_pct, mem_used_MiB, power_W, sm_clock_MHz, mem_clock_MHz)
     s.summary() -> means / maxima, energy in joules (trapezoid over power)
+    s.summary(since=t0, until=t1) -> the same over the samples taken in [t0, t1] (time.time() stamps), e.g. one
+                                     trainer step
 
 When NVML is unavailable (no nvidia-ml-py, no driver, no GPU) the sampler does not fail: `available`
 is False, `reason` says why, and `summary()` returns {"nvml": "unavailable: <reason>"}.
@@ -73,13 +75,15 @@ class NvmlSampler:
         self.stop()
         return False
 
-    def summary(self) -> dict:
-        if not self.samples:
-            return {"nvml": f"unavailable: {self.reason}" if self.reason else "no samples"}
-        s = self.samples
+    def summary(self, since: float | None = None, until: float | None = None) -> dict:
+        s = [x for x in list(self.samples) if (since is None or x["t"] >= since) and (until is None or x["t"] <= until)]
+        if not s:
+            if not self.available or not self.samples:
+                return {"nvml": f"unavailable: {self.reason}" if self.reason else "no samples"}
+            return {"nvml": "no samples in the window (shorter than the sampling interval)"}
         energy = sum((b["t"] - a["t"]) * (a["power_W"] + b["power_W"]) / 2 for a, b in zip(s, s[1:]))
         out = {"nvml_samples": len(s), "energy_J": energy}
-        for k in ("sm_util_pct", "mem_used_MiB", "power_W", "sm_clock_MHz"):
+        for k in ("sm_util_pct", "mem_used_MiB", "power_W", "sm_clock_MHz", "mem_clock_MHz"):
             vals = [x[k] for x in s]
             out[f"{k}_mean"] = sum(vals) / len(vals)
             out[f"{k}_max"] = max(vals)

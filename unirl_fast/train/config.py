@@ -103,12 +103,18 @@ PRESETS = {
     "smoke": TrainConfig(steps=2, prompts_per_step=2, group_size=2, micro_batch=4, max_new_tokens=12,
                          image_steps=3, sde_window=2, pretrain_dit_steps=3, pretrain_lm_steps=3, pretrain_batch=4,
                          eval_every=2, eval_prompts=4, save_every=1),
+    # `unirl-fast profile --preset bench-1.5b`: the issue's measured batch (32 samples, 128 new tokens, 10 steps)
+    "bench": TrainConfig(preset="bench-1.5b", steps=6, prompts_per_step=4, group_size=8, micro_batch=8,
+                         max_new_tokens=128, image_steps=10, sde_window=2, image_shift=3.0, eval_prompts=32),
 }
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser, exclude=()) -> None:
+    """One flag per TrainConfig field (except those in `exclude`, which the caller defines its own way)."""
     parser.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="named trainer defaults")
     for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)

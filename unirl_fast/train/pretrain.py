@@ -25,11 +25,18 @@ from ..models.config import _sana
 
 def world_model_config(preset: str, edit: bool):
     """`tiny` for the world: the `tiny` LM and a 32 px pixel-space Sana DiT (width 64, patch 4) fit for shape
-    scenes; other presets are used as they are (edit=True doubles the DiT's input channels)."""
-    if preset != "tiny":
+    scenes. `tiny-fp8`: the same geometry at width 128 (LM hidden 128, MLP 256; DiT and connector 128), the
+    smallest where the attention and MLP projections are FP8-eligible (features divisible by 128), so `--fp8`
+    has layers to convert. Other presets are used as they are (edit=True doubles the DiT's input channels)."""
+    if preset not in ("tiny", "tiny-fp8"):
         cfg = preset_config(preset)
         return cfg.replace(edit=edit) if edit != cfg.edit else cfg
     base = preset_config("tiny")
+    if preset == "tiny-fp8":
+        dit = _sana(6 if edit else 3, 3, 4, 32, 3, 4, 32, 128, 32, 4, mlp=2.5)
+        lm = {**base.lm, "hidden_size": 128, "intermediate_size": 256}
+        return base.replace(lm=lm, dit=dit, image_size=32, num_queries=8, connector_dim=128, connector_layers=1,
+                            connector_heads=4, edit=edit)
     dit = _sana(6 if edit else 3, 3, 4, 16, 3, 4, 16, 64, 32, 4, mlp=2.5)
     return base.replace(dit=dit, image_size=32, num_queries=8, connector_dim=64, connector_layers=1,
                         connector_heads=4, edit=edit)

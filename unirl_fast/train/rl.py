@@ -12,6 +12,7 @@ Micro-batch losses are scaled by micro/B so that accumulated gradients equal the
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,12 @@ class Batch:
     sources: torch.Tensor = None
     rewards: torch.Tensor = None
     reward_parts: list = None
+    ref_logp: torch.Tensor = None  # [B, T] the frozen reference's completion log-probs (beta > 0)
+    ref_velocity: torch.Tensor = None  # [S, B, C, h, w] its velocities on the trained window (beta_velocity > 0)
+
+
+def _no_phase(name):
+    return nullcontext()
 
 
 def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
@@ -46,25 +53,30 @@ def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
 
 
 @torch.no_grad()
-def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=False) -> Batch:
+def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=False, phase=_no_phase) -> Batch:
+    """Text then image rollout; `phase(name)` (a context-manager factory, e.g. PhaseTimer.phase) brackets each part
+    as "text_rollout" / "image_rollout"."""
     tok, dev = model.tokenizer, model.device
     b = Batch(tasks, group_ids)
     if scenario.lm_writes:
-        ids, mask = tok([scenario.lm_prompt(t) for t in tasks], device=dev)
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0 if eval_mode else cfg.temperature,
-                                eos_token_ids=(tok.eos_token_id,))
-        b.text = TextEngine(model.lm, pad_token_id=tok.pad_token_id, tokenizer=tok, compile=False).generate(
-            ids, mask, params, generator=generator)
-        b.completions = [c.strip() for c in b.text.texts]
+        with phase("text_rollout"):
+            ids, mask = tok([scenario.lm_prompt(t) for t in tasks], device=dev)
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens,
+                                    temperature=0.0 if eval_mode else cfg.temperature,
+                                    eos_token_ids=(tok.eos_token_id,))
+            b.text = TextEngine(model.lm, pad_token_id=tok.pad_token_id, tokenizer=tok, compile=False).generate(
+                ids, mask, params, generator=generator)
+            b.completions = [c.strip() for c in b.text.texts]
     if scenario.draws:
-        size = model.config.image_size
-        b.cond_ids, b.cond_mask = tok([scenario.dit_text(t, c) for t, c in
-                                       zip(tasks, b.completions or [None] * len(tasks))], device=dev)
-        if scenario.edit:
-            b.sources = torch.stack([W.render_scene(t.source, size) for t in tasks]).to(dev)
-        b.traj = ImageEngine(model).generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
-                                             source_images=b.sources, generator=generator)
-        b.images = b.traj.images
+        with phase("image_rollout"):
+            size = model.config.image_size
+            b.cond_ids, b.cond_mask = tok([scenario.dit_text(t, c) for t, c in
+                                           zip(tasks, b.completions or [None] * len(tasks))], device=dev)
+            if scenario.edit:
+                b.sources = torch.stack([W.render_scene(t.source, size) for t in tasks]).to(dev)
+            b.traj = ImageEngine(model).generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
+                                                 source_images=b.sources, generator=generator)
+            b.images = b.traj.images
     return b
 
 
@@ -88,23 +100,53 @@ def score(model, scenario, cfg, b: Batch, generator) -> Batch:
     return b
 
 
-def text_loss(model, ref, cfg, b: Batch, idx, adv, n_total_tokens):
-    """GRPO-family loss on the completions of rows `idx`; returns (loss scaled for accumulation, metrics)."""
+def _sequences(b: Batch, idx):
+    """Prompt + completion ids, mask and positions of rows `idx` (left-padded prompts)."""
     out = b.text
-    P = out.prompt_ids.shape[1]
     ids = torch.cat([out.prompt_ids[idx], out.completion_ids[idx]], 1)
     mask = torch.cat([out.prompt_mask[idx], out.completion_mask[idx].long()], 1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def reference_outputs(ref, scenario, cfg, b: Batch, micro_batch: int) -> Batch:
+    """The frozen reference's outputs the losses need, for the whole batch in micro-batches, before training:
+    completion log-probs (text KL, beta > 0) and velocities on the trained window (velocity-MSE,
+    beta_velocity > 0). Kept out of the losses so that the reference forwards are their own profiled phase."""
+    B = len(b.tasks)
+    chunks = [torch.arange(s, min(s + micro_batch, B)) for s in range(0, B, micro_batch)]
+    if scenario.train_lm and b.text is not None and cfg.beta > 0:
+        P = b.text.prompt_ids.shape[1]
+        logps = []
+        for idx in chunks:
+            ids, mask, pos = _sequences(b, idx)
+            rh = ref.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+            logp, _ = fused_linear_logprobs(rh[:, P - 1:-1], ref.lm.get_output_embeddings().weight,
+                                            b.text.completion_ids[idx], temperature=cfg.temperature, impl=cfg.impl)
+            logps.append(logp)
+        b.ref_logp = torch.cat(logps)
+    if scenario.train_dit and b.traj is not None and cfg.beta_velocity > 0:
+        steps = b.traj.trainable.nonzero().flatten()
+        vs = [_replay_velocity(ref, b.traj, steps, idx, ref.condition(b.cond_ids[idx], b.cond_mask[idx]))[0]
+              for idx in chunks]
+        b.ref_velocity = torch.cat(vs, 1)
+    return b
+
+
+def text_loss(model, cfg, b: Batch, idx, adv, n_total_tokens):
+    """GRPO-family loss on the completions of rows `idx`; returns (loss scaled for accumulation, metrics).
+    With beta > 0 the reference log-probs come from `reference_outputs` (b.ref_logp)."""
+    out = b.text
+    P = out.prompt_ids.shape[1]
+    ids, mask, pos = _sequences(b, idx)
     hidden = model.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
     h = hidden[:, P - 1:-1]
     head = model.lm.get_output_embeddings()
     kw = {}
     if cfg.beta > 0:
-        with torch.no_grad():
-            rh = ref.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-            kw["ref_logp"], _ = fused_linear_logprobs(rh[:, P - 1:-1], ref.lm.get_output_embeddings().weight,
-                                                      out.completion_ids[idx], temperature=cfg.temperature,
-                                                      impl=cfg.impl)
+        if b.ref_logp is None:
+            raise ValueError("beta > 0 needs the reference log-probs: call reference_outputs(...) first")
+        kw["ref_logp"] = b.ref_logp[idx]
     loss_type = "dapo" if cfg.loss_type in ("bnpo", "dapo") else cfg.loss_type
     if loss_type == "dapo":
         kw["num_tokens"] = max(n_total_tokens, 1)
@@ -131,8 +173,9 @@ def _replay_velocity(model, traj, steps, rows, cond):
     return v.view(x.shape), x
 
 
-def image_loss(model, ref, cfg, b: Batch, idx, adv):
-    """Flow-GRPO loss on the trained window of rows `idx`; returns (loss scaled for accumulation, metrics)."""
+def image_loss(model, cfg, b: Batch, idx, adv):
+    """Flow-GRPO loss on the trained window of rows `idx`; returns (loss scaled for accumulation, metrics).
+    With beta_velocity > 0 the reference velocities come from `reference_outputs` (b.ref_velocity)."""
     traj = b.traj
     steps = traj.trainable.nonzero().flatten()
     cond = model.condition(b.cond_ids[idx], b.cond_mask[idx])
@@ -143,10 +186,9 @@ def image_loss(model, ref, cfg, b: Batch, idx, adv):
                              sigma_max=traj.sigma_max, impl=cfg.impl)
     kw = {}
     if cfg.beta_velocity > 0:
-        with torch.no_grad():
-            rcond = ref.condition(b.cond_ids[idx], b.cond_mask[idx])
-            kw = dict(velocity=v, ref_velocity=_replay_velocity(ref, traj, steps, idx, rcond)[0],
-                      beta_velocity=cfg.beta_velocity)
+        if b.ref_velocity is None:
+            raise ValueError("beta_velocity > 0 needs the reference velocities: call reference_outputs(...) first")
+        kw = dict(velocity=v, ref_velocity=b.ref_velocity[:, idx], beta_velocity=cfg.beta_velocity)
     loss, m = flow_policy_loss(logp, traj.log_probs[steps][:, idx], adv, clip_range=cfg.flow_clip_range,
                                impl=cfg.impl, **kw)
     return loss * (len(idx) / len(b.tasks)), m

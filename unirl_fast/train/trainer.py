@@ -14,20 +14,24 @@ from __future__ import annotations
 import copy
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
 
 from .. import group_advantages
-from ..profiling import PhaseTimer
+from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
+from ..profiling.step_flops import step_flops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .pretrain import pretrain
-from .rl import image_loss, rollout, score, text_loss
+from .rl import image_loss, reference_outputs, rollout, score, text_loss
 from .scenarios import get_scenario
 
 
 class Trainer:
-    def __init__(self, cfg, log=print):
+    def __init__(self, cfg, log=print, model=None):
+        """model: an already built UnifiedModel to train instead of the pretrained world model (the profiler passes
+        a random-init preset model); None pretrains (or loads cfg.model_path)."""
         self.cfg = cfg.validate()
         self.log = log
         self.scenario = get_scenario(cfg.scenario)
@@ -35,7 +39,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.run_dir / "config.json")
         torch.manual_seed(cfg.seed)
-        if cfg.model_path:
+        if model is not None:
+            self.model = model
+        elif cfg.model_path:
             from ..models import UnifiedModel
 
             self.model = UnifiedModel.from_pretrained(cfg.model_path)
@@ -58,6 +64,7 @@ class Trainer:
         self.eval_tasks = self.scenario.tasks("eval")[: cfg.eval_prompts]
         self.step = 0
         self.history = []
+        self._init_profiling()
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None:
             self._resume(ckpt)
@@ -69,6 +76,16 @@ class Trainer:
         m.lm.requires_grad_(s.train_lm)
         m.dit.requires_grad_(s.train_dit)
         m.connector.requires_grad_(s.train_dit)
+
+    def _init_profiling(self):
+        """MFU peak (datasheet, CUDA only: never guessed for a CPU) and the NVML sampler (CUDA only)."""
+        dev = self.model.device
+        self.peak_tflops, self.nvml = None, None
+        self._nvml_note = "unavailable: not a CUDA device"
+        if dev.type == "cuda":
+            self.peak_tflops = device_peak_tflops(torch.cuda.get_device_name(dev), "fp8" if self.cfg.fp8 else "bf16")
+            self.nvml = NvmlSampler(device_index=_nvml_index(dev), interval_s=0.1).start()
+            self._nvml_note = None if self.nvml.available else f"unavailable: {self.nvml.reason}"
 
     def _param_groups(self):
         m, c = self.model, self.cfg
@@ -113,11 +130,13 @@ class Trainer:
         timer = PhaseTimer(m.device)
         tasks, gid = self._sample_tasks()
         m.eval()
-        with timer.phase("rollout"):
-            b = rollout(m, s, c, tasks, gid, self.gen)
+        t0 = time.time()
+        b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase)
         with timer.phase("reward"):
             score(m, s, c, b, self.gen)
             adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
+        with timer.phase("ref"):
+            reference_outputs(self.ref, s, c, b, c.micro_batch)
         m.train()
         metrics = {}
         with timer.phase("train_fwd_bwd"):
@@ -127,11 +146,11 @@ class Trainer:
                 idx = torch.arange(start, start + c.micro_batch)
                 loss = torch.zeros((), device=m.device)
                 if s.train_lm and b.text is not None:
-                    lt, mt = text_loss(m, self.ref, c, b, idx, adv[idx], n_tok)
+                    lt, mt = text_loss(m, c, b, idx, adv[idx], n_tok)
                     loss = loss + lt
                     _accumulate(metrics, "text", lt, mt, c.micro_batch / c.batch_size)
                 if s.train_dit and b.traj is not None:
-                    li, mi = image_loss(m, self.ref, c, b, idx, adv[idx])
+                    li, mi = image_loss(m, c, b, idx, adv[idx])
                     loss = loss + li
                     _accumulate(metrics, "image", li, mi, c.micro_batch / c.batch_size)
                 loss.backward()
@@ -139,12 +158,37 @@ class Trainer:
             params = [p for g in self.opt.param_groups for p in g["params"]]
             gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
             self.opt.step()
+        times = timer.finish_step()
         self.step += 1
         rec = {"step": self.step, "reward": b.rewards.mean().item(), "grad_norm": float(gnorm), **metrics,
-               **_reward_parts(b.reward_parts)}
-        rec.update(timer.finish_step())
-        rec["samples_per_s"] = c.batch_size / (rec["step_ms"] / 1e3)
+               **_reward_parts(b.reward_parts), **times}
+        rec.update(self._throughput(b, n_tok, rec["step_ms"] / 1e3))
+        rec.update(self._nvml_record(t0, time.time()))
         return rec
+
+    def _throughput(self, b, n_tok, seconds) -> dict:
+        """samples/s, generated and trained text tokens/s, images/s, model FLOPs per phase and MFU (None where the
+        device's peak is unknown, e.g. on a CPU)."""
+        c, s = self.cfg, self.scenario
+        trained = n_tok if s.train_lm else 0
+        n_img = len(b.tasks) if b.images is not None else 0
+        flops = step_flops(self.model, s, c, b)
+        total = sum(flops.values())
+        out = {"samples_per_s": c.batch_size / seconds, "tokens_generated": n_tok, "tokens_trained": trained,
+               "gen_tokens_per_s": n_tok / seconds, "trained_tokens_per_s": trained / seconds, "images": n_img,
+               "images_per_s": n_img / seconds, **{f"flops/{k}": v for k, v in flops.items()}, "flops": total,
+               "tflops_per_s": total / seconds / 1e12}
+        out["mfu"] = total / seconds / (self.peak_tflops * 1e12) if self.peak_tflops else None
+        return out
+
+    def _nvml_record(self, t0, t1) -> dict:
+        """The NVML summary over this step on CUDA; on a CPU (or without NVML) the reason, once per run."""
+        if self.nvml is not None and self.nvml.available:
+            return {f"nvml/{k}": v for k, v in self.nvml.summary(since=t0, until=t1).items()}
+        if self._nvml_note is None:
+            return {}
+        note, self._nvml_note = self._nvml_note, None
+        return {"nvml": note}
 
     # evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -194,6 +238,8 @@ class Trainer:
             if self.step % c.save_every == 0 or self.step == c.steps:
                 self.save()
         bar.close()
+        if self.nvml is not None:
+            self.nvml.stop()
         final = _read_evals(metrics_path)
         self._plot(metrics_path)
         return final
@@ -212,6 +258,17 @@ class Trainer:
         from .plots import plot_rewards
 
         plot_rewards(metrics_path, self.run_dir / "rewards.png")
+
+
+def _nvml_index(dev) -> int:
+    """NVML numbers every GPU of the machine; CUDA only the visible ones: map through CUDA_VISIBLE_DEVICES."""
+    import os
+
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if index < len(visible) and visible[index].isdigit():
+        return int(visible[index])
+    return index
 
 
 def _accumulate(metrics, prefix, loss, m, weight):
