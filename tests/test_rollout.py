@@ -282,3 +282,26 @@ def test_compiled_decode_matches_eager_on_cpu(model):
     eng = TextEngine(model.lm, compile=True, pad_token_id=0)
     for _ in range(2):
         assert torch.equal(eng.generate(ids, mask, params).completion_ids, eager.completion_ids)
+
+
+def test_image_engine_impl_reaches_the_sde_step(model, monkeypatch):
+    """`ImageEngine(model, impl=...)` is what the trainer's `--impl reference` relies on for image rollouts."""
+    import unirl_fast.rollout.image as image_mod
+
+    seen = []
+    real = image_mod.flow_sde_step
+
+    def spy(*a, **kw):
+        seen.append(kw.get("impl"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(image_mod, "flow_sde_step", spy)
+    ids, mask = model.tokenizer(PROMPTS[:2])
+    p = ImageSamplingParams(num_steps=3, window_size=1, decode=False)
+    ref = ImageEngine(model, impl="reference").generate(ids, mask, p, generator=torch.Generator().manual_seed(3))
+    assert seen == ["reference"] * 3
+    auto = ImageEngine(model).generate(ids, mask, p, generator=torch.Generator().manual_seed(3))
+    assert seen[3:] == ["auto"] * 3
+    torch.testing.assert_close(auto.latents, ref.latents, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="impl"):
+        ImageEngine(model, impl="fast")

@@ -124,8 +124,10 @@ class ImageEngine:
         >>> logp = replay_logprobs(model, traj)          # [T_train, B], differentiable in the DiT
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, impl: str = "auto"):
+        C.check_impl(impl)
         self.model = model
+        self.impl = impl  # the SDE step's backend ("reference" = eager PyTorch; "triton" never falls back)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, params: ImageSamplingParams = ImageSamplingParams(), *,
@@ -164,7 +166,8 @@ class ImageEngine:
             v = guided_velocity(m, x, s, cond, uncond, params.guidance_scale, source_latents)
             kind = params.sde if bool(on[i]) else "ode"
             nxt, lp, _, _ = flow_sde_step(v, x, s, s_next, generator=generator, noise_level=params.noise_level,
-                                          sde=kind, sigma_max=sigma_max if kind == "sde" else None)
+                                          sde=kind, sigma_max=sigma_max if kind == "sde" else None,
+                                          impl=self.impl)
             samples[i], next_samples[i] = x, nxt
             if lp is not None:
                 logps[i] = lp
