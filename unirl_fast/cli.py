@@ -23,8 +23,14 @@ def _cmd_train(args) -> int:
     except ValueError as e:
         print(f"unirl-fast train: {e}", file=sys.stderr)
         return 2
-    result = Trainer(cfg).train()
-    print(json.dumps({"run_dir": cfg.run_dir, **result}))
+    if args.local_rank is not None:  # the `deepspeed` launcher passes --local_rank=N (and sets LOCAL_RANK)
+        import os
+
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    if trainer.dist is None or trainer.dist.is_main:
+        print(json.dumps({"run_dir": cfg.run_dir, **result}))
     return 0
 
 
@@ -38,7 +44,7 @@ def _cmd_eval(args) -> int:
     if not path.is_file():
         print(f"unirl-fast eval: {args.run_dir!r} has no config.json (not a run directory)", file=sys.stderr)
         return 2
-    cfg = TrainConfig(**json.loads(path.read_text()))
+    cfg = dataclasses.replace(TrainConfig(**json.loads(path.read_text())), zero_stage=None)  # one process reads
     if args.eval_prompts:
         cfg = dataclasses.replace(cfg, eval_prompts=args.eval_prompts)
     res = Trainer(cfg).evaluate()
@@ -56,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="RL on a unified model (default: reason-generate on the synthetic world)")
     add_config_args(train)
+    train.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                       help="set by the deepspeed launcher (data parallel under DeepSpeed ZeRO; see --zero-stage)")
     train.set_defaults(func=_cmd_train)
     ev = sub.add_parser("eval", help="held-out reward of a run's latest checkpoint")
     ev.add_argument("run_dir")
