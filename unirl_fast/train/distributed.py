@@ -152,6 +152,8 @@ class DeepSpeedRuntime:
     def main_first_exit(self, model):
         if self.is_main:
             dist.barrier()
+        for p in model.parameters():  # rank 0's freshly pretrained model still holds the warm-up's gradients
+            p.grad = None
         return model.to(self.device)
 
     def wrap(self, trainer):
