@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -23,10 +24,6 @@ def _cmd_train(args) -> int:
     except ValueError as e:
         print(f"unirl-fast train: {e}", file=sys.stderr)
         return 2
-    if args.local_rank is not None:  # the `deepspeed` launcher passes --local_rank=N (and sets LOCAL_RANK)
-        import os
-
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     trainer = Trainer(cfg)
     result = trainer.train()
     if trainer.dist is None or trainer.dist.is_main:
@@ -54,6 +51,9 @@ def _cmd_eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unirl-fast", description="Fused ops and a lean trainer for unified-model RL")
+    # `deepspeed --module unirl_fast.cli` puts --local_rank=N before the sub-command
+    p.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, device and usable optional backends")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    for rank in (getattr(args, "launcher_local_rank", None), getattr(args, "local_rank", None)):
+        if rank is not None:  # the deepspeed launcher passes --local_rank=N (and also sets LOCAL_RANK)
+            os.environ.setdefault("LOCAL_RANK", str(rank))
     return args.func(args)
 
 
