@@ -87,7 +87,8 @@ moved = max((plain_params[k] - v).abs().max().item() for k, v in start.items())
 print("RESULT " + json.dumps({
     "n_params": len(plain_grads), "grad_rel": max_rel(ds_grads, plain_grads, 1e-3),
     "update_rel": max_rel({k: ds_params[k] - v for k, v in start.items()},
-                          {k: plain_params[k] - v for k, v in start.items()}, 1.0), "moved": moved, "grad_norm_plain": gnorm,
+                          {k: plain_params[k] - v for k, v in start.items()}, 1.0),
+    "moved": moved, "grad_norm_plain": gnorm,
     "grad_norm_ds": rec_ds["grad_norm"], "grad_norm_rec_plain": rec_plain["grad_norm"],
     "loss_plain": rec_plain.get("text_loss", 0.0) + rec_plain.get("image_loss", 0.0),
     "loss_ds": rec_ds.get("text_loss", 0.0) + rec_ds.get("image_loss", 0.0)}))

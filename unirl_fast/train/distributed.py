@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -290,9 +290,3 @@ class DeepSpeedRuntime:
             raise RuntimeError(f"DeepSpeed could not load the engine state from {path / 'ds'}")
         return st
 
-
-@contextmanager
-def maybe(runtime, name, *args):
-    """`with maybe(trainer.dist, "full_weights"):` -- a no-op on the single-process path."""
-    with (getattr(runtime, name)(*args) if runtime is not None else nullcontext()):
-        yield
