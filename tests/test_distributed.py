@@ -9,6 +9,7 @@
   WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) reproduces step 2 of the uninterrupted run.
 - Bad configs: ZeRO stage not 2/3, prompts_per_step not divisible by the world size, DeepSpeed requested but not
   installed: clear errors, never a silent single-process run.
+The ZeRO-3 cases are slow-marked (each launches fresh processes; ~1 min apiece on 2 shared cores): `--runslow`.
 The first DeepSpeed process group on a machine JIT-builds DeepSpeed's shared-memory comm op (cached in
 ~/.cache/torch_extensions; about 2 minutes on 2 cores), so the first test is slower on a fresh machine.
 """
@@ -84,7 +85,11 @@ def _close(a, b, tol=1e-5):
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
-@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+# each case launches fresh processes (~1 min on 2 busy cores): ZeRO-3 runs with --runslow
+STAGES = [2, pytest.param(3, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
 def test_one_step_matches_the_single_process_trainer(stage, tmp_path):
     args = [sys.executable, str(ROOT / "tests" / "ds_one_step.py"), str(tmp_path), str(stage), "grpo"]
     if stage == 3:
@@ -101,7 +106,7 @@ def test_one_step_matches_the_single_process_trainer(stage, tmp_path):
     assert _close(res["loss_ds"], res["loss_plain"], 1e-4), res
 
 
-@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+@pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
 def test_two_ranks_train_and_resume(stage, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     args = RUN + _stage_args(stage, tmp_path) + ["--save-every", "1", "--keep-checkpoints", "2"]
