@@ -107,7 +107,7 @@ def test_one_step_matches_the_single_process_trainer(stage, tmp_path):
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
-def test_two_ranks_train_and_resume(stage, tmp_path):
+def test_two_ranks_train_and_resume(stage, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     args = RUN + _stage_args(stage, tmp_path) + ["--save-every", "1", "--keep-checkpoints", "2"]
     p = _launcher(args + ["--run-dir", str(a)])
@@ -138,6 +138,15 @@ def test_two_ranks_train_and_resume(stage, tmp_path):
     wa = torch.load(ck / "model.pt")
     wb = torch.load(b / "checkpoints" / "step-0000002" / "model.pt")
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-5
+
+    # one process reads the consolidated model.pt for `unirl-fast eval`, but will not train on without the
+    # partitioned optimizer state
+    assert main(["eval", str(a)]) == 0
+    assert _close(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_reward"],
+                  lines[3]["eval_reward"])
+    cfg = TrainConfig(**{**json.loads((a / "config.json").read_text()), "zero_stage": None, "steps": 3})
+    with pytest.raises(ValueError, match="written under DeepSpeed"):
+        Trainer(cfg, log=lambda *_: None).train()
 
 
 def test_single_process_path_never_imports_deepspeed():
