@@ -8,6 +8,7 @@ clipping; AdamW with per-expert learning rates (LM / DiT / connector). A frozen 
 reference for the text KL and the velocity-MSE. Everything goes through the public ops with `impl=cfg.impl`.
 Outputs in the run directory: config.json, metrics.jsonl (one line per step and per evaluation),
 checkpoints/, base/ (the cached warmed-up model), and PNG plots (reward curves, sample grids).
+Under a distributed launch or `--zero-stage`, `train.distributed` runs the same loop data parallel on DeepSpeed ZeRO.
 """
 from __future__ import annotations
 
