@@ -61,7 +61,8 @@ def _stage_args(stage, tmp_path):
 
 def _launcher(args, timeout=600):
     """The real `deepspeed` launcher (what the `deepspeed` console script runs), 2 local ranks."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()), "--module", "unirl_fast.cli", *args]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+           "--module", "unirl_fast.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
