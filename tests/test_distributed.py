@@ -1,7 +1,8 @@
 """DeepSpeed scale-out (train/distributed.py) with CPU ranks over gloo.
 
-- One step under DeepSpeed (1 rank, ZeRO-2 and ZeRO-3, four accumulated micro-batches) gives the plain trainer's
-  gradients and update from the same weights and rollout: the test that catches wrong loss / accumulation scaling.
+- One step on 2 ranks (ZeRO-2 with the token-normalised dapo loss, ZeRO-3 with grpo; two accumulated micro-batches
+  per rank) gives the plain trainer's gradients and update from the same weights and the same global rollout: the
+  test that catches wrong loss / accumulation / rank-averaging scaling.
 - `deepspeed --num_gpus 2 -m unirl_fast.cli train` (the real launcher; on a machine without GPUs DeepSpeed picks its
   CPU accelerator and gloo) runs ZeRO-2 and ZeRO-3 to the end: metrics.jsonl written once (rank 0 only), every rank
   ends with the same weights (the trainer all-gathers a checksum and fails otherwise), atomic checkpoints.
@@ -66,10 +67,11 @@ def _launcher(args, timeout=600):
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _env_launch(args, world=2, timeout=600):
-    """The same entry point started by hand, as torchrun / any launcher would: one process per rank."""
+def _env_launch(args, world=2, timeout=600, script=False):
+    """The same entry point (or a script) started by hand, as torchrun / any launcher would: one process per rank."""
     port = str(_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "unirl_fast.cli", *args], cwd=ROOT, text=True,
+    cmd = [sys.executable, *([] if script else ["-m", "unirl_fast.cli"]), *args]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(world)]
@@ -89,21 +91,23 @@ def _close(a, b, tol=1e-5):
 STAGES = [2, pytest.param(3, marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
-def test_one_step_matches_the_single_process_trainer(stage, tmp_path):
-    args = [sys.executable, str(ROOT / "tests" / "ds_one_step.py"), str(tmp_path), str(stage), "grpo"]
+@pytest.mark.parametrize("stage,loss_type", [(2, "dapo"), pytest.param(3, "grpo", marks=pytest.mark.slow)],
+                         ids=["zero2-dapo", "zero3-grpo"])
+def test_two_rank_step_matches_the_single_process_trainer(stage, loss_type, tmp_path):
+    """Same weights, same global rollout (each rank trains on its rows of it): gradients and update as one process."""
+    args = [str(ROOT / "tests" / "ds_one_step.py"), str(tmp_path), str(stage), loss_type]
     if stage == 3:
         (tmp_path / "z3.json").write_text(json.dumps(Z3_JSON))
         args.append(str(tmp_path / "z3.json"))
-    p = subprocess.run(args, cwd=ROOT, env=_env(MASTER_PORT=str(_port())), capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert res["n_params"] > 50 and res["moved"] > 0  # the LM, DiT and connector all train; the step moved them
-    assert res["grad_rel"] < 1e-4, res  # accumulated gradients: same loss scaling as one process
-    assert res["update_rel"] < 1e-2, res  # AdamW through ZeRO with the per-expert learning rates
-    assert _close(res["grad_norm_ds"], res["grad_norm_plain"]), res
-    assert _close(res["loss_ds"], res["loss_plain"], 1e-4), res
+    rcs, outs = _env_launch(args, script=True)
+    assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    for out in outs:
+        res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        assert res["n_params"] > 50 and res["moved"] > 0  # the LM, DiT and connector all train; the step moved them
+        assert res["grad_rel"] < 1e-4, res  # accumulated, rank-averaged gradients = the single-process ones
+        assert res["update_rel"] < 1e-2, res  # AdamW through ZeRO with the per-expert learning rates
+        assert _close(res["grad_norm_ds"], res["grad_norm_plain"]), res
+        assert _close(res["loss_ds"], res["loss_plain"], 1e-4), res
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
