@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 scale-out of the trainer: the same entry point, data parallel over ranks.
 
-    deepspeed --num_gpus 8 -m unirl_fast.cli train --zero-stage 3 ...     # or torchrun, or any launcher that
-                                                                           # sets RANK / WORLD_SIZE / LOCAL_RANK
+    deepspeed --num_gpus 8 --module unirl_fast.cli train --zero-stage 3 ...   # or torchrun, or any launcher
+                                                                              # that sets RANK / WORLD_SIZE / LOCAL_RANK
 When it is on: `--zero-stage 2|3` was given, or a launcher set LOCAL_RANK (the `deepspeed` launcher also passes
 `--local_rank`, which the CLI accepts); a launch without `--zero-stage` uses ZeRO-2. Otherwise the trainer never
 imports deepspeed and runs single-process exactly as before. Asking for it without deepspeed installed raises.
@@ -23,7 +23,9 @@ so the rank average is sum_all / N_global as in one process. Clipping is DeepSpe
 
 Optimizer: the trainer's own `torch.optim.AdamW` (per-expert param groups LM / DiT / connector with their learning
 rates), handed to ZeRO as a client optimizer: DeepSpeed's fused CPU/GPU Adam ops need a JIT build we do not
-require. Precision is fp32 like the single-process path (add bf16 through `--deepspeed-config`).
+require. Precision is fp32 like the single-process path; a bf16 section in `--deepspeed-config` is passed to
+DeepSpeed but untested here. tests/test_distributed.py checks that one 2-rank step gives the single-process
+gradients and update on the same global rollout (ZeRO-2 with dapo, ZeRO-3 with grpo).
 
 ZeRO-3. The engine wraps `_StepModule` (the UnifiedModel as its only child), and every micro-batch loss runs inside
 `engine(...)`, so the partitioned-parameter hooks fetch each sub-module's weights in forward and backward. Weights
