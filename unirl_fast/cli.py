@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -23,8 +24,10 @@ def _cmd_train(args) -> int:
     except ValueError as e:
         print(f"unirl-fast train: {e}", file=sys.stderr)
         return 2
-    result = Trainer(cfg).train()
-    print(json.dumps({"run_dir": cfg.run_dir, **result}))
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    if trainer.dist is None or trainer.dist.is_main:
+        print(json.dumps({"run_dir": cfg.run_dir, **result}))
     return 0
 
 
@@ -38,7 +41,7 @@ def _cmd_eval(args) -> int:
     if not path.is_file():
         print(f"unirl-fast eval: {args.run_dir!r} has no config.json (not a run directory)", file=sys.stderr)
         return 2
-    cfg = TrainConfig(**json.loads(path.read_text()))
+    cfg = dataclasses.replace(TrainConfig(**json.loads(path.read_text())), zero_stage=None)  # one process reads
     if args.eval_prompts:
         cfg = dataclasses.replace(cfg, eval_prompts=args.eval_prompts)
     res = Trainer(cfg).evaluate()
@@ -180,6 +183,9 @@ def _add_profile_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unirl-fast", description="Fused ops and a lean trainer for unified-model RL")
+    # `deepspeed --module unirl_fast.cli` puts --local_rank=N before the sub-command
+    p.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, device and usable optional backends")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -188,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="RL on a unified model (default: reason-generate on the synthetic world)")
     add_config_args(train)
+    train.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                       help="set by the deepspeed launcher (data parallel under DeepSpeed ZeRO; see --zero-stage)")
     train.set_defaults(func=_cmd_train)
     ev = sub.add_parser("eval", help="held-out reward of a run's latest checkpoint")
     ev.add_argument("run_dir")
@@ -201,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    for rank in (getattr(args, "launcher_local_rank", None), getattr(args, "local_rank", None)):
+        if rank is not None:  # the deepspeed launcher passes --local_rank=N (and also sets LOCAL_RANK)
+            os.environ.setdefault("LOCAL_RANK", str(rank))
     return args.func(args)
 
 

@@ -1,10 +1,12 @@
 """`unirl-fast info`: versions, the device, and which optional backends are usable here."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import os
 import platform
+import sys
 
 import torch
 
@@ -18,7 +20,8 @@ def _version(dist: str):
 
 def _importable(module: str):
     try:
-        importlib.import_module(module)
+        with contextlib.redirect_stdout(sys.stderr):  # deepspeed logs to stdout on import; `info --json` is stdout
+            importlib.import_module(module)
         return True, ""
     except Exception as e:  # an installed-but-broken backend is reported, not raised
         return False, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"

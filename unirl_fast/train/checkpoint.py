@@ -41,6 +41,22 @@ def save_checkpoint(run_dir, step: int, payload: dict, *, keep: int = 2) -> Path
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+    return publish_checkpoint(tmp, final, keep=keep)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path` and the directories themselves (for files written by other code)."""
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [p for p in Path(path).rglob("*") if p.is_dir()] + [Path(path)]:
+        _fsync_dir(d)
+
+
+def publish_checkpoint(tmp: Path, final: Path, *, keep: int = 2) -> Path:
+    """Rename a complete `tmp` directory to `final`, point `latest` at it (atomically), prune old ones."""
+    root = final.parent
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -56,6 +56,8 @@ class TrainConfig:
     eval_prompts: int = 48
     save_every: int = 20
     keep_checkpoints: int = 2
+    zero_stage: int | None = None  # DeepSpeed ZeRO stage (2 or 3); None: single process unless launched distributed
+    deepspeed_config: str | None = None  # a DeepSpeed JSON merged over the generated one (see train.distributed)
 
     @property
     def batch_size(self) -> int:
@@ -88,6 +90,10 @@ class TrainConfig:
             bad(f"impl must be auto, triton or reference, got {self.impl!r}")
         if self.model_path is not None and not (Path(self.model_path) / "unified_config.json").is_file():
             bad(f"model_path {self.model_path!r} is not a saved UnifiedModel directory (no unified_config.json)")
+        if self.zero_stage is not None and self.zero_stage not in (2, 3):
+            bad(f"zero_stage must be 2 or 3 (ZeRO-2 / ZeRO-3 under DeepSpeed), got {self.zero_stage}")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            bad(f"deepspeed_config {self.deepspeed_config!r} is not a file")
         if self.temperature <= 0:
             bad(f"temperature must be > 0 for sampling, got {self.temperature}")
         return self
@@ -119,7 +125,7 @@ def add_config_args(parser: argparse.ArgumentParser, exclude=()) -> None:
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
+            typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
             parser.add_argument(flag, dest=f.name, type=typ, default=None, help=f"default: {f.default}")
 
 

@@ -8,9 +8,11 @@ clipping; AdamW with per-expert learning rates (LM / DiT / connector). A frozen 
 reference for the text KL and the velocity-MSE. Everything goes through the public ops with `impl=cfg.impl`.
 Outputs in the run directory: config.json, metrics.jsonl (one line per step and per evaluation),
 checkpoints/, base/ (the cached warmed-up model), and PNG plots (reward curves, sample grids).
+Under a distributed launch or `--zero-stage`, `train.distributed` runs the same loop data parallel on DeepSpeed ZeRO.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -23,6 +25,7 @@ from .. import group_advantages
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import requested as _distributed_requested
 from .pretrain import pretrain
 from .rl import image_loss, reference_outputs, rollout, score, text_loss
 from .scenarios import get_scenario
@@ -33,12 +36,21 @@ class Trainer:
         """model: an already built UnifiedModel to train instead of the pretrained world model (the profiler passes
         a random-init preset model); None pretrains (or loads cfg.model_path)."""
         self.cfg = cfg.validate()
+        self.dist = None  # the DeepSpeed runtime (train.distributed); None: single process, deepspeed never imported
+        if _distributed_requested(cfg):
+            from .distributed import DeepSpeedRuntime
+
+            self.dist = DeepSpeedRuntime(cfg)
+            log = log if self.dist.is_main else (lambda *a, **k: None)
         self.log = log
         self.scenario = get_scenario(cfg.scenario)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.json")
+        if self.dist is None or self.dist.is_main:
+            cfg.save(self.run_dir / "config.json")
         torch.manual_seed(cfg.seed)
+        if self.dist is not None:
+            self.dist.main_first_enter()  # rank 0 builds and caches the base model, then the others read it
         if model is not None:
             self.model = model
         elif cfg.model_path:
@@ -55,6 +67,8 @@ class Trainer:
                 raise ValueError(f"--fp8 was requested but no Linear of preset {cfg.preset!r} is eligible (in/out "
                                  "features divisible by 128): nothing would run in FP8")
             log(f"fp8: {len(names)} Linear layers converted (rollout and training share them)")
+        if self.dist is not None:
+            self.model = self.dist.main_first_exit(self.model)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._set_trainable()
         self.opt = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
@@ -65,6 +79,10 @@ class Trainer:
         self.step = 0
         self.history = []
         self._init_profiling()
+        self._fwd = _call
+        if self.dist is not None:
+            self.dist.wrap(self)  # the DeepSpeed engine over the model and self.opt; per-rank rollout seed
+            self._fwd = self.dist.forward
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None:
             self._resume(ckpt)
@@ -100,10 +118,16 @@ class Trainer:
         return out
 
     def _resume(self, path):
-        ck = load_checkpoint(path)
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optim"])
-        st = ck["state"]
+        if self.dist is not None:
+            st = self.dist.resume(self, path)
+        else:
+            ck = load_checkpoint(path)
+            self.model.load_state_dict(ck["model"])
+            if "optim" in ck:
+                self.opt.load_state_dict(ck["optim"])
+            else:  # written under DeepSpeed: fine for evaluation, training refuses (see train())
+                self._no_optim_state = path
+            st = ck["state"]
         self.step, self.history = st["step"], st["history"]
         self.rng.setstate(st["py_rng"])
         self.gen.set_state(st["gen"])
@@ -113,6 +137,8 @@ class Trainer:
     def save(self):
         st = {"step": self.step, "history": self.history, "py_rng": self.rng.getstate(),
               "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.dist is not None:
+            return self.dist.save(self, st)
         return save_checkpoint(self.run_dir, self.step, {"model": self.model.state_dict(),
                                                          "optim": self.opt.state_dict(), "state": st},
                                keep=self.cfg.keep_checkpoints)
@@ -129,10 +155,14 @@ class Trainer:
         c, m, s = self.cfg, self.model, self.scenario
         timer = PhaseTimer(m.device)
         tasks, gid = self._sample_tasks()
+        if self.dist is not None:
+            tasks, gid = self.dist.shard(tasks, gid)  # this rank's whole groups
+        B = len(tasks)
         m.eval()
         t0 = time.time()
-        b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase)
-        with timer.phase("reward"):
+        with self._full_weights():
+            b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase)
+        with timer.phase("reward"), self._full_weights():
             score(m, s, c, b, self.gen)
             adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
         with timer.phase("ref"):
@@ -141,40 +171,45 @@ class Trainer:
         metrics = {}
         with timer.phase("train_fwd_bwd"):
             self.opt.zero_grad(set_to_none=True)
-            n_tok = int(b.text.completion_mask.sum()) if b.text is not None else 0
-            for start in range(0, c.batch_size, c.micro_batch):
+            n_local = n_tok = int(b.text.completion_mask.sum()) if b.text is not None else 0
+            if self.dist is not None:
+                n_tok = self.dist.token_norm(n_tok)  # global tokens / world: dapo's rank average = global mean
+            for start in range(0, B, c.micro_batch):
                 idx = torch.arange(start, start + c.micro_batch)
                 loss = torch.zeros((), device=m.device)
                 if s.train_lm and b.text is not None:
-                    lt, mt = text_loss(m, c, b, idx, adv[idx], n_tok)
+                    lt, mt = self._fwd(text_loss, m, c, b, idx, adv[idx], n_tok)
                     loss = loss + lt
-                    _accumulate(metrics, "text", lt, mt, c.micro_batch / c.batch_size)
+                    _accumulate(metrics, "text", lt, mt, c.micro_batch / B)
                 if s.train_dit and b.traj is not None:
-                    li, mi = image_loss(m, c, b, idx, adv[idx])
+                    li, mi = self._fwd(image_loss, m, c, b, idx, adv[idx])
                     loss = loss + li
-                    _accumulate(metrics, "image", li, mi, c.micro_batch / c.batch_size)
-                loss.backward()
+                    _accumulate(metrics, "image", li, mi, c.micro_batch / B)
+                if self.dist is not None:
+                    self.dist.backward(loss, last=start + c.micro_batch >= B)
+                else:
+                    loss.backward()
         with timer.phase("optimizer"):
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-            self.opt.step()
+            gnorm = self._optimizer_step()
         times = timer.finish_step()
         self.step += 1
         rec = {"step": self.step, "reward": b.rewards.mean().item(), "grad_norm": float(gnorm), **metrics,
                **_reward_parts(b.reward_parts), **times}
-        rec.update(self._throughput(b, n_tok, rec["step_ms"] / 1e3))
+        rec.update(self._throughput(b, n_local, rec["step_ms"] / 1e3))
         rec.update(self._nvml_record(t0, time.time()))
+        if self.dist is not None:
+            rec = self.dist.reduce_record(rec)
         return rec
 
     def _throughput(self, b, n_tok, seconds) -> dict:
         """samples/s, generated and trained text tokens/s, images/s, model FLOPs per phase and MFU (None where the
-        device's peak is unknown, e.g. on a CPU)."""
+        device's peak is unknown, e.g. on a CPU). Counts are this rank's (summed over ranks by reduce_record)."""
         c, s = self.cfg, self.scenario
         trained = n_tok if s.train_lm else 0
         n_img = len(b.tasks) if b.images is not None else 0
         flops = step_flops(self.model, s, c, b)
         total = sum(flops.values())
-        out = {"samples_per_s": c.batch_size / seconds, "tokens_generated": n_tok, "tokens_trained": trained,
+        out = {"samples_per_s": len(b.tasks) / seconds, "tokens_generated": n_tok, "tokens_trained": trained,
                "gen_tokens_per_s": n_tok / seconds, "trained_tokens_per_s": trained / seconds, "images": n_img,
                "images_per_s": n_img / seconds, **{f"flops/{k}": v for k, v in flops.items()}, "flops": total,
                "tflops_per_s": total / seconds / 1e12}
@@ -190,10 +225,27 @@ class Trainer:
         note, self._nvml_note = self._nvml_note, None
         return {"nvml": note}
 
+    def _optimizer_step(self) -> float:
+        if self.dist is not None:
+            return self.dist.step()  # DeepSpeed clips (gradient_clipping = grad_clip) and steps
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.opt.step()
+        return gnorm
+
+    def _full_weights(self):
+        return self.dist.full_weights() if self.dist is not None else contextlib.nullcontext()
+
     # evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean held-out reward: greedy text, ODE images from fixed noise (the same every evaluation)."""
+        if self.dist is not None and not getattr(self, "_in_eval", False):
+            self._in_eval = True  # rank 0 evaluates (full weights), every rank gets the numbers
+            try:
+                return self.dist.evaluate(self.evaluate)
+            finally:
+                self._in_eval = False
         c, m = self.cfg, self.model
         m.eval()
         gen = torch.Generator(device=m.device).manual_seed(c.seed + 4242)
@@ -215,13 +267,17 @@ class Trainer:
         from tqdm import tqdm
 
         c = self.cfg
+        if getattr(self, "_no_optim_state", None) is not None:
+            raise ValueError(f"checkpoint {self._no_optim_state} was written under DeepSpeed (partitioned optimizer "
+                             "state): continue it under the same launcher and world size")
         metrics_path = self.run_dir / "metrics.jsonl"
         if self.step == 0:
             base = self.evaluate()
             self._write(metrics_path, {"step": 0, "phase": "eval", **_public(base)})
             self._save_grid(base["_images"], "samples_before.png")
             self.log(f"base model held-out reward {base['eval_reward']:.3f}")
-        bar = tqdm(total=c.steps, initial=self.step, desc=c.scenario, disable=None)
+        bar = tqdm(total=c.steps, initial=self.step, desc=c.scenario,
+                   disable=None if self.dist is None or self.dist.is_main else True)
         while self.step < c.steps:
             rec = self.train_step()
             self.history.append(rec)
@@ -240,23 +296,34 @@ class Trainer:
         bar.close()
         if self.nvml is not None:
             self.nvml.stop()
+        if self.dist is not None:
+            self.dist.barrier()
+            sums = self.dist.param_checksums(self.model)
+            if len(set(sums)) != 1:
+                raise RuntimeError(f"ranks ended with different parameters (checksums {sums})")
         final = _read_evals(metrics_path)
         self._plot(metrics_path)
         return final
 
     def _write(self, path, rec):
+        if self.dist is not None and not self.dist.is_main:
+            return
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def _save_grid(self, images, name):
         from .plots import save_grid
 
+        if self.dist is not None and not self.dist.is_main:
+            return
         if images is not None:
             save_grid(images[:16], self.run_dir / name)
 
     def _plot(self, metrics_path):
         from .plots import plot_rewards
 
+        if self.dist is not None and not self.dist.is_main:
+            return
         plot_rewards(metrics_path, self.run_dir / "rewards.png")
 
 
@@ -269,6 +336,10 @@ def _nvml_index(dev) -> int:
     if index < len(visible) and visible[index].isdigit():
         return int(visible[index])
     return index
+
+
+def _call(fn, *args):
+    return fn(*args)
 
 
 def _accumulate(metrics, prefix, loss, m, weight):
