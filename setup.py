@@ -28,7 +28,7 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark", "hypothesis", "ruff"],
         "diffusion": ["diffusers>=0.32"],
-        "deepspeed": ["deepspeed"],
+        "deepspeed": ["deepspeed>=0.19"],  # ZeRO-2/3 scale-out; tested with 0.19.8 (CPU, gloo)
         "flash": ["flash-attn"],
         "bench": ["liger-kernel", "matplotlib"],
         "trl": ["trl==1.16.0"],  # the version the TRL integration is tested against
