@@ -28,6 +28,7 @@ NOT_LEARNING = {
     "generate": "Flow-GRPO alone on the weak 600-step DiT (it barely follows the prompt): 0.207 -> 0.147 at 40 "
                 "steps with the defaults; 0.207 -> 0.272 with beta_velocity 0 but 0.224 at 20 steps with 16 "
                 "prompts/step: within seed noise",
+    "edit": "0.582 -> 0.583 (image 0.26, cycle 0.90 at base); with lr 3e-4 / beta_velocity 0 it fell to 0.534",
 }
 
 
