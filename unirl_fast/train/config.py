@@ -17,18 +17,29 @@ SCENARIOS = ("understand", "generate", "reason-generate", "refine-prompt", "edit
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Defaults are the `tiny` preset, tuned on the synthetic world on a CPU (48 held-out prompts, 32 px DiT after
+    600 warm-up steps). Flow-GRPO learns with a short, noisy window (sde_window 2, noise_level 1.0), lr 3e-4
+    for the DiT and connector and 8 prompts x 8 samples per step: `generate` held-out image reward 0.207 ->
+    0.272 in 40 steps without a regularizer; with sde_window 4 / noise_level 0.7 the training reward stayed
+    flat for 36 steps. The
+    UniGRPO velocity-MSE is kept small: at beta_velocity 0.02 `generate` stayed flat (0.207 -> 0.223 at 30
+    steps; the per-step log-prob is a mean over 3x32x32 pixels, so its gradient is small next to the MSE's pull
+    back to the reference); at 0 the images drift brighter and the reward peaks and falls (`reason-generate`
+    image 0.118 -> 0.246 at 20 -> 0.196 at 40 steps); at 0.005 it rises without the drift (0.118 -> 0.176 ->
+    0.214, total 0.193 -> 0.414)."""
+
     scenario: str = "reason-generate"
     preset: str = "tiny"  # model preset; `tiny` is adapted to the 32 px synthetic world (see train.pretrain)
     model_path: str | None = None  # a saved UnifiedModel directory: skips the pretrain stage
     run_dir: str = "runs/default"
     seed: int = 0
     steps: int = 40
-    prompts_per_step: int = 4
+    prompts_per_step: int = 8
     group_size: int = 8
     micro_batch: int = 16
     lr_lm: float = 5e-5
-    lr_dit: float = 1e-4
-    lr_connector: float = 1e-4
+    lr_dit: float = 3e-4
+    lr_connector: float = 3e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     loss_type: str = "grpo"
@@ -36,14 +47,14 @@ class TrainConfig:
     eps_high: float = 0.28
     beta: float = 0.0  # text KL to the frozen reference (k3)
     flow_clip_range: float = 1e-3
-    beta_velocity: float = 0.02  # UniGRPO velocity-MSE to the frozen reference
+    beta_velocity: float = 0.005  # UniGRPO velocity-MSE to the frozen reference (see the tuning note above)
     tis_cap: float = 2.0  # truncated importance sampling cap (rollout vs training log-probs)
     temperature: float = 1.0
     max_new_tokens: int = 40
     image_steps: int = 8
     image_shift: float = 1.0
-    noise_level: float = 0.7
-    sde_window: int = 4  # Flow-GRPO-Fast: stochastic (trained) steps in a window at the start
+    noise_level: float = 1.0
+    sde_window: int = 2  # Flow-GRPO-Fast: stochastic (trained) steps in a window at the start
     guidance_scale: float = 1.0  # 1.0 = CFG-free (UniGRPO)
     format_weight: float = 0.2
     impl: str = "auto"  # "reference" runs every op in eager PyTorch

@@ -88,17 +88,21 @@ def dit_fm_step(model, tok, items, opt, batch, rng):
     return loss.item()
 
 
-def base_key(cfg, edit: bool) -> str:
+def base_key(cfg, scenario) -> str:
+    """Cache key: the settings and the warm-up data that shape the base model (scenarios whose warm-up data
+    match, e.g. reason-generate and refine-prompt, share one base model)."""
     keys = {k: getattr(cfg, k) for k in ("preset", "seed", "pretrain_dit_steps", "pretrain_lm_steps",
                                          "pretrain_batch", "pretrain_lr")}
-    keys["edit"] = edit
+    keys["edit"] = scenario.edit
+    keys["draws"] = scenario.draws
+    keys["lm_data"] = hashlib.sha1(json.dumps(scenario.sft_pairs("train")).encode()).hexdigest()
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def pretrain(cfg, scenario, log=print) -> UnifiedModel:
     """Build (or load from the run directory's cache) the warmed-up base model for a scenario."""
     edit = scenario.edit
-    cache = Path(cfg.run_dir) / "base" / base_key(cfg, edit)
+    cache = Path(cfg.run_dir) / "base" / base_key(cfg, scenario)
     if (cache / "unified_config.json").is_file():
         log(f"base model: reusing {cache}")
         return UnifiedModel.from_pretrained(cache)

@@ -260,6 +260,7 @@ class Trainer:
                 images.append(b.images.cpu())
         out = {"eval_reward": torch.cat(rewards).mean().item(), **_reward_parts(parts, prefix="eval_")}
         out["_images"] = torch.cat(images) if images else None
+        out["_rewards"] = torch.cat(rewards)  # per held-out task, in order (paired comparisons across evaluations)
         return out
 
     # the loop -------------------------------------------------------------------------------------------------

@@ -3,8 +3,13 @@ the way GenEval scores a generated image (object present, count, colour, positio
 segmentation + connected components standing in for the detector.
 
     detect(img)             -> list of Detection(color, shape, cx, cy, area)
-    check_image(img, spec)  -> per-requirement booleans (count / colour / position) and `exact`
-    score_image(img, spec)  -> mean of the requirement checks in [0, 1] (the RL reward)
+    check_image(img, spec)  -> per-requirement booleans (colour / count / position), no extra objects, `exact`
+    score_image(img, spec)  -> mean of those checks in [0, 1] (the RL reward: GenEval's checks as partial credit)
+
+Per requirement: `color` (some object has the colour, any shape: GenEval's colour check, and the part a small
+DiT gets right first), `count` (exactly `count` objects of that colour and shape), `position` (all of them in
+the region). A 32 px DiT draws blobs long before it draws crisp shapes, so the shape-agnostic colour check is
+what gives early RL a gradient; `exact` still needs every check.
 
 A pixel belongs to a palette colour when it is closer to it than to any other palette colour and
 the background, within `tol`; components smaller than `min_area` pixels are noise, not objects.
@@ -91,6 +96,7 @@ def check_image(img: torch.Tensor, spec) -> dict:
     checks = {}
     for i, req in enumerate(spec):
         same = [d for d in dets if d.color == req.color and (req.shape is None or d.shape == req.shape)]
+        checks[f"{i}:color"] = any(d.color == req.color for d in dets)  # an object of that colour, any shape
         checks[f"{i}:count"] = len(same) == req.count
         if req.region is not None and req.count > 0:
             checks[f"{i}:position"] = len(same) > 0 and all(_region_ok(d, req.region, size) for d in same)
