@@ -91,6 +91,9 @@ def test_checkpoint_crash_mid_save_keeps_last_good(tmp_path, monkeypatch):
     (dict(lr_dit=-1.0), "lr_dit"),
     (dict(model_path="/nonexistent/model"), "model_path"),
     (dict(sde_window=0), "sde_window"),
+    (dict(device="tpu"), "device"),
+    pytest.param(dict(device="cuda"), "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_bad_configs_are_rejected_before_work(over, needle, tmp_path):
     with pytest.raises(ValueError, match=needle):
@@ -102,3 +105,10 @@ def test_cli_rejects_bad_config(capsys):
     assert main(["train", "--group-size", "1"]) == 2
     assert "group_size" in capsys.readouterr().err
 
+
+def test_device_resolution():
+    from unirl_fast.train.config import resolve_device
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(TrainConfig()).type == want
+    assert resolve_device(TrainConfig(device="cpu")).type == "cpu"

@@ -59,6 +59,7 @@ class TrainConfig:
     format_weight: float = 0.2
     impl: str = "auto"  # "reference" runs every op in eager PyTorch
     fp8: bool = False
+    device: str = "auto"  # auto: cuda when available, else cpu; fp32 weights (the tiny world needs no bf16)
     pretrain_dit_steps: int = 600
     pretrain_lm_steps: int = 300
     pretrain_batch: int = 32
@@ -101,6 +102,13 @@ class TrainConfig:
             bad(f"impl must be auto, triton or reference, got {self.impl!r}")
         if self.model_path is not None and not (Path(self.model_path) / "unified_config.json").is_file():
             bad(f"model_path {self.model_path!r} is not a saved UnifiedModel directory (no unified_config.json)")
+        if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
+            bad(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                bad(f"device {self.device!r} was requested but CUDA is not available")
         if self.zero_stage is not None and self.zero_stage not in (2, 3):
             bad(f"zero_stage must be 2 or 3 (ZeRO-2 / ZeRO-3 under DeepSpeed), got {self.zero_stage}")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
@@ -145,3 +153,16 @@ def config_from_args(args) -> TrainConfig:
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
             if getattr(args, f.name, None) is not None}
     return dataclasses.replace(base, **over).validate()
+
+
+def _is_cuda_index(device: str) -> bool:
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
+def resolve_device(cfg):
+    """The torch device a single-process run trains on (a DeepSpeed run uses its local rank's device instead)."""
+    import torch
+
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .. import world as W
 from ..models import Conditioning, UnifiedModel, preset_config
 from ..models.config import _sana
+from .config import resolve_device
 
 
 def world_model_config(preset: str, edit: bool):
@@ -105,10 +106,10 @@ def pretrain(cfg, scenario, log=print) -> UnifiedModel:
     cache = Path(cfg.run_dir) / "base" / base_key(cfg, scenario)
     if (cache / "unified_config.json").is_file():
         log(f"base model: reusing {cache}")
-        return UnifiedModel.from_pretrained(cache)
+        return UnifiedModel.from_pretrained(cache, device=resolve_device(cfg))
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    model = UnifiedModel(world_model_config(cfg.preset, edit))
+    model = UnifiedModel(world_model_config(cfg.preset, edit)).to(resolve_device(cfg))
     tok = model.tokenizer
     pairs = scenario.sft_pairs("train")
     opt = torch.optim.AdamW(model.lm.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)

@@ -25,6 +25,7 @@ from .. import group_advantages
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import resolve_device
 from .distributed import requested as _distributed_requested
 from .pretrain import pretrain
 from .rl import image_loss, reference_outputs, rollout, score, text_loss
@@ -56,7 +57,7 @@ class Trainer:
         elif cfg.model_path:
             from ..models import UnifiedModel
 
-            self.model = UnifiedModel.from_pretrained(cfg.model_path)
+            self.model = UnifiedModel.from_pretrained(cfg.model_path, device=resolve_device(cfg))
         else:
             self.model = pretrain(cfg, self.scenario, log=log)
         if cfg.fp8:
