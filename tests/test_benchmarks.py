@@ -297,5 +297,6 @@ def test_trainer_step_smoke_config(benchmark, tmp_path):
     for r in recs:
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
         assert 0.0 <= r["reward"] <= 1.0 + cfg.format_weight and r["samples_per_s"] > 0
-        assert {"phase/rollout_ms", "phase/train_fwd_bwd_ms", "phase/optimizer_ms"} <= set(r)
+        phases = ("text_rollout", "image_rollout", "ref", "train_fwd_bwd", "optimizer")
+        assert {f"phase/{p}_ms" for p in phases} <= set(r)
     assert all(torch.isfinite(p).all() for p in trainable)
