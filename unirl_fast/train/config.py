@@ -54,6 +54,7 @@ class TrainConfig:
     image_steps: int = 8
     image_shift: float = 1.0
     noise_level: float = 1.0
+    sde_type: str = "sde"  # training sampler in the window: "sde" (Flow-GRPO) or "cps" (marginal-preserving)
     sde_window: int = 2  # Flow-GRPO-Fast: stochastic (trained) steps in a window at the start
     guidance_scale: float = 1.0  # 1.0 = CFG-free (UniGRPO)
     format_weight: float = 0.2
@@ -97,6 +98,8 @@ class TrainConfig:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.sde_window <= self.image_steps:
             bad(f"sde_window must be in [1, image_steps={self.image_steps}], got {self.sde_window}")
+        if self.sde_type not in ("sde", "cps"):
+            bad(f"sde_type must be sde or cps, got {self.sde_type!r}")
         if self.impl not in ("auto", "triton", "reference"):
             bad(f"impl must be auto, triton or reference, got {self.impl!r}")
         if self.model_path is not None and not (Path(self.model_path) / "unified_config.json").is_file():
