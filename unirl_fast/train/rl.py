@@ -81,15 +81,12 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
 
 
 @torch.no_grad()
-def score(model, scenario, cfg, b: Batch, generator, inverse=None) -> Batch:
-    """Rewards of a rollout. Edits: the edited image is edited back with the inverse instruction (ODE) by
-    `inverse` (the trainer passes its frozen reference: a fixed reward function; with the policy itself the
-    reward moves with every update in a way the policy gradient does not see) or, when None, by `model`."""
+def score(model, scenario, cfg, b: Batch, generator) -> Batch:
     cycled = [None] * len(b.tasks)
     if scenario.edit:  # edit back with the inverse instruction (deterministic) and compare with the source
-        inv = model if inverse is None else inverse
-        ids, mask = inv.tokenizer([t.inverse for t in b.tasks], device=inv.device)
-        back = ImageEngine(inv).generate(ids, mask, image_params(cfg, eval_mode=True), source_images=b.images,
+        tok = model.tokenizer
+        ids, mask = tok([t.inverse for t in b.tasks], device=model.device)
+        back = ImageEngine(model).generate(ids, mask, image_params(cfg, eval_mode=True), source_images=b.images,
                                            generator=generator)
         cycled = list(back.images)
     parts = []

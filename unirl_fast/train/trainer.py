@@ -163,7 +163,7 @@ class Trainer:
         with self._full_weights():
             b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase)
         with timer.phase("reward"), self._full_weights():
-            score(m, s, c, b, self.gen, self.ref)
+            score(m, s, c, b, self.gen)
             adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
         with timer.phase("ref"):
             reference_outputs(self.ref, s, c, b, c.micro_batch)
@@ -253,7 +253,7 @@ class Trainer:
         for start in range(0, len(self.eval_tasks), c.micro_batch):
             tasks = self.eval_tasks[start:start + c.micro_batch]
             b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True)
-            score(m, self.scenario, c, b, gen, self.ref)
+            score(m, self.scenario, c, b, gen)
             rewards.append(b.rewards)
             parts += b.reward_parts
             if b.images is not None:
