@@ -33,8 +33,10 @@ NOT_LEARNING = {
     "edit": "0.582 -> 0.583 (image 0.26, cycle 0.90 at base); with lr 3e-4 / beta_velocity 0 it fell to 0.534; "
             "generate's settings (cps 0.7, window 4, no velocity-MSE) do not carry over: 0.558 at 20 steps (lr "
             "3e-4, the sampled training reward falls), 0.582 -> 0.586 at 40 (lr 1e-4); window 2: 0.441 (cycle "
-            "0.74); cycling back with the frozen reference instead of the policy: 0.582 -> 0.588. The spread "
-            "inside a group is almost all the image part (0 / 0.25 / 0.75; cycle 0.91-0.95)",
+            "0.74); cycling back with the frozen reference instead of the policy: 0.582 -> 0.588; batch-std "
+            "advantages (so that near-tied groups' cycle noise is not scaled up): 0.577 (lr 1e-4), 0.513 (3e-4). "
+            "The sampled image part never rises while the cycle part (0.88 at the start, near its ceiling for a "
+            "DiT that mostly copies the source) drifts down with every update",
 }
 
 
