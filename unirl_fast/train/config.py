@@ -26,7 +26,7 @@ class TrainConfig:
     steps; the per-step log-prob is a mean over 3x32x32 pixels, so its gradient is small next to the MSE's pull
     back to the reference); at 0 the images drift brighter and the reward peaks and falls (`reason-generate`
     image 0.118 -> 0.246 at 20 -> 0.196 at 40 steps); at 0.005 it rises without the drift (0.118 -> 0.176 ->
-    0.214, total 0.193 -> 0.414). `generate` (Flow-GRPO alone, LM frozen) learns only with training samples
+    0.214, total 0.193 -> 0.414). `generate` (Flow-GRPO alone, LM frozen) learns with training samples
     like the ODE it is evaluated with: sde_type "cps" (marginal-preserving), noise_level 0.7, sde_window 4,
     beta_velocity 0 gave 0.207 -> 0.281 / 0.182 -> 0.282 / 0.200 -> 0.312 over 3 RL seeds (the "sde" window at
     noise 1.0 draws images scored 0.07-0.12 where the ODE scores 0.2, and under AdamW the velocity-MSE's steady
