@@ -33,6 +33,20 @@ def test_every_scenario_runs_a_few_steps(scenario, tmp_path):
         assert (tmp_path / "samples_before.png").is_file() and (tmp_path / "samples_after.png").is_file()
 
 
+def test_cps_window_replays_its_own_logprobs(tmp_path):
+    """sde_type="cps": the training window uses the marginal-preserving step; the replay reproduces the
+    rollout's log-probs (ratio 1, approx KL ~0 on the first, on-policy update) and the samples are finite."""
+    cfg = dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path), steps=1, sde_type="cps",
+                              noise_level=0.7, beta_velocity=0.0)
+    t = Trainer(cfg, log=lambda *_: None)
+    rec = t.train_step()
+    from unirl_fast.train.rl import image_params
+
+    assert image_params(cfg).sde == "cps" and image_params(cfg, eval_mode=True).sde == "ode"
+    assert abs(rec["image_ratio_mean"] - 1.0) < 1e-5
+    assert abs(rec["image_approx_kl"]) < 1e-8 and 0.0 <= rec["reward"] <= 1.0
+
+
 def test_trained_experts_change_and_frozen_ones_do_not(tmp_path, monkeypatch):
     import unirl_fast.train.trainer as trainer_mod
 
@@ -94,6 +108,7 @@ def test_checkpoint_crash_mid_save_keeps_last_good(tmp_path, monkeypatch):
     (dict(device="tpu"), "device"),
     pytest.param(dict(device="cuda"), "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+    (dict(sde_type="dpm"), "sde_type"),
 ])
 def test_bad_configs_are_rejected_before_work(over, needle, tmp_path):
     with pytest.raises(ValueError, match=needle):
@@ -112,3 +127,17 @@ def test_device_resolution():
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(TrainConfig()).type == want
     assert resolve_device(TrainConfig(device="cpu")).type == "cpu"
+
+
+def test_scenario_defaults_apply_to_tiny_and_yield_to_flags():
+    import argparse
+
+    from unirl_fast.train.config import SCENARIO_DEFAULTS, add_config_args, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    gen = config_from_args(p.parse_args(["--scenario", "generate"]))
+    assert {k: getattr(gen, k) for k in SCENARIO_DEFAULTS["generate"]} == SCENARIO_DEFAULTS["generate"]
+    assert config_from_args(p.parse_args(["--scenario", "generate", "--sde-type", "sde"])).sde_type == "sde"
+    assert config_from_args(p.parse_args([])) == TrainConfig()  # the default run: reason-generate, unchanged
+    assert config_from_args(p.parse_args(["--config", "smoke", "--scenario", "generate"])).sde_type == "sde"

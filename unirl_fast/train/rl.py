@@ -47,7 +47,7 @@ def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
     if eval_mode:
         return ImageSamplingParams(num_steps=cfg.image_steps, shift=cfg.image_shift, sde="ode",
                                    guidance_scale=cfg.guidance_scale)
-    return ImageSamplingParams(num_steps=cfg.image_steps, shift=cfg.image_shift, sde="sde",
+    return ImageSamplingParams(num_steps=cfg.image_steps, shift=cfg.image_shift, sde=cfg.sde_type,
                                noise_level=cfg.noise_level, window_start=0, window_size=cfg.sde_window,
                                guidance_scale=cfg.guidance_scale)
 
