@@ -17,21 +17,18 @@ SCENARIOS = ("understand", "generate", "reason-generate", "refine-prompt", "edit
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Defaults are the `tiny` preset, tuned on the synthetic world on a CPU (48 held-out prompts, 32 px DiT after
-    600 warm-up steps). Flow-GRPO learns with a short, noisy window (sde_window 2, noise_level 1.0), lr 3e-4
-    for the DiT and connector and 8 prompts x 8 samples per step: `generate` held-out image reward 0.207 ->
-    0.272 in 40 steps without a regularizer; with sde_window 4 / noise_level 0.7 the training reward stayed
-    flat for 36 steps. The
-    UniGRPO velocity-MSE is kept small: at beta_velocity 0.02 `generate` stayed flat (0.207 -> 0.223 at 30
-    steps; the per-step log-prob is a mean over 3x32x32 pixels, so its gradient is small next to the MSE's pull
-    back to the reference); at 0 the images drift brighter and the reward peaks and falls (`reason-generate`
-    image 0.118 -> 0.246 at 20 -> 0.196 at 40 steps); at 0.005 it rises without the drift (0.118 -> 0.176 ->
-    0.214, total 0.193 -> 0.414). `generate` (Flow-GRPO alone, LM frozen) learns with training samples
-    like the ODE it is evaluated with: sde_type "cps" (marginal-preserving), noise_level 0.7, sde_window 4,
-    beta_velocity 0 gave 0.207 -> 0.281 / 0.182 -> 0.282 / 0.200 -> 0.312 over 3 RL seeds (the "sde" window at
-    noise 1.0 draws images scored 0.07-0.12 where the ODE scores 0.2, and under AdamW the velocity-MSE's steady
-    pull outweighs the noisy image policy gradient); the same settings give `reason-generate` 0.193 -> 0.376,
-    below the defaults' 0.414, so they stay per-scenario (tests/test_learning.py OVERRIDES)."""
+    """Defaults are the `tiny` preset for the default scenario (reason-generate), tuned on the synthetic world on
+    a CPU (seed 0, 48 held-out prompts, 32 px DiT after 600 warm-up steps); measured base -> after 40 RL steps:
+    - Flow-GRPO window: sde_window 2, noise_level 1.0, lr 3e-4 for the DiT and connector, 8 prompts x 8 samples.
+      With sde_window 4 / noise_level 0.7 (sde) the training reward stayed flat for 36 steps.
+    - UniGRPO velocity-MSE kept small: at beta_velocity 0.02 the image reward stays flat (the per-step log-prob
+      is a mean over 3x32x32 pixels, so its gradient is small next to the MSE's pull back to the reference); at 0
+      the images drift brighter and the reward peaks and falls (image 0.118 -> 0.246 at 20 -> 0.196 at 40
+      steps); at 0.005 it rises without the drift (image 0.118 -> 0.214, total 0.193 -> 0.414).
+    - `generate` (Flow-GRPO alone, LM frozen) does not learn with these (0.207 -> 0.147); it does with training
+      samples like the ODE it is evaluated with: sde_type "cps", noise_level 0.7, sde_window 4, beta_velocity 0
+      (0.207 -> 0.281 / 0.182 -> 0.282 / 0.200 -> 0.312 over 3 RL seeds). Those give reason-generate 0.193 ->
+      0.376, below 0.414, so they are generate's own defaults (SCENARIO_DEFAULTS below)."""
 
     scenario: str = "reason-generate"
     preset: str = "tiny"  # model preset; `tiny` is adapted to the 32 px synthetic world (see train.pretrain)
