@@ -27,7 +27,9 @@ from unirl_fast.train import SCENARIOS, Trainer, train_preset
 # window; the default "sde" at noise 1.0 draws images scored 0.07-0.12 where the ODE scores 0.2), 4 trained steps
 # per sample and no velocity-MSE (under AdamW its steady pull outweighs the noisy policy gradient): 0.207 -> 0.281,
 # 0.182 -> 0.282, 0.200 -> 0.312 at 40 steps (RL seeds 0/1/2 on the seed-0 base, paired z 2.3 / 2.6 / 2.7); with
-# the reason-generate defaults 0.207 -> 0.147. Those settings are generate's CLI defaults (train.config
+# the reason-generate defaults 0.207 -> 0.147. That was seed/base-sensitive: on the base a 2-thread run builds
+# (0.191) it gave 0.191 -> 0.222 (z 1.0), 60 steps 0.263 (z 2.1), 16 prompts/step 0.297 (z 3.1), so generate
+# also takes 16 prompts per step. Those settings are generate's CLI defaults (train.config
 # SCENARIO_DEFAULTS), applied here through `train_preset`.
 OVERRIDES = {"understand": dict(steps=30, pretrain_lm_steps=150)}
 
