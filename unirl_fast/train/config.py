@@ -144,8 +144,11 @@ PRESETS = {
 # evaluated distribution (the marginal-preserving "cps" window at noise 0.7), 4 trained steps and no velocity-MSE
 # (0.207 -> 0.281 held-out in 40 steps; with the reason-generate defaults 0.207 -> 0.147), and 16 prompts per step:
 # on a second base (built with 2 threads: 0.191) 8 prompts gave 0.191 -> 0.222 (z 1.0), 16 gave 0.297 (z 3.1).
+# reason-edit: 8 prompts per step gave 0.754 -> 0.799 (z 2.8) on one base and 0.737 -> 0.750 (z 0.8) on another;
+# 16 prompts per step 0.737 -> 0.765 (z 2.3).
 SCENARIO_DEFAULTS = {"generate": dict(sde_type="cps", noise_level=0.7, sde_window=4, beta_velocity=0.0,
-                                      prompts_per_step=16)}
+                                      prompts_per_step=16),
+                     "reason-edit": dict(prompts_per_step=16)}
 
 
 def train_preset(name: str, scenario: str | None = None) -> TrainConfig:
