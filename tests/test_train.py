@@ -141,3 +141,20 @@ def test_scenario_defaults_apply_to_tiny_and_yield_to_flags():
     assert config_from_args(p.parse_args(["--scenario", "generate", "--sde-type", "sde"])).sde_type == "sde"
     assert config_from_args(p.parse_args([])) == TrainConfig()  # the default run: reason-generate, unchanged
     assert config_from_args(p.parse_args(["--config", "smoke", "--scenario", "generate"])).sde_type == "sde"
+
+
+def test_impl_reaches_the_image_rollout_and_the_cycle_back(tmp_path, monkeypatch):
+    """`--impl reference` runs every op in eager PyTorch, the SDE step inside the rollout engine included."""
+    import unirl_fast.rollout.image as image_mod
+
+    seen = set()
+    real = image_mod.flow_sde_step
+
+    def spy(*a, **kw):
+        seen.add(kw.get("impl"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(image_mod, "flow_sde_step", spy)
+    cfg = dataclasses.replace(SMOKE, scenario="edit", run_dir=str(tmp_path), steps=1, impl="reference")
+    Trainer(cfg, log=lambda *_: None).train_step()
+    assert seen == {"reference"}

@@ -16,8 +16,7 @@ measured steps; every step's record (phases, throughput, FLOPs, MFU, NVML) goes 
 
 `--impl fast` = impl "auto" (the Triton kernels on CUDA; on CPU "auto" resolves to the eager reference ops, so a
 CPU comparison measures the harness, not the kernels); `--impl reference` = every public op in eager PyTorch
-(log-probs, policy losses, flow log-probs and losses, advantages). The rollout engines' own sampling step
-(`flow_sde_step` inside ImageEngine) always runs at impl "auto".
+(log-probs, policy losses, flow log-probs and losses, advantages, and the image rollout's SDE step).
 
 `--compare` runs fast, then reference, in one process, from identical initial weights (the model is rebuilt
 from the same seed), at the same batch and seed, and checks the first `check_steps` steps' losses and rewards

@@ -74,8 +74,9 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
                                            zip(tasks, b.completions or [None] * len(tasks))], device=dev)
             if scenario.edit:
                 b.sources = torch.stack([W.render_scene(t.source, size) for t in tasks]).to(dev)
-            b.traj = ImageEngine(model).generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
-                                                 source_images=b.sources, generator=generator)
+            engine = ImageEngine(model, impl=cfg.impl)
+            b.traj = engine.generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
+                                     source_images=b.sources, generator=generator)
             b.images = b.traj.images
     return b
 
@@ -86,8 +87,8 @@ def score(model, scenario, cfg, b: Batch, generator) -> Batch:
     if scenario.edit:  # edit back with the inverse instruction (deterministic) and compare with the source
         tok = model.tokenizer
         ids, mask = tok([t.inverse for t in b.tasks], device=model.device)
-        back = ImageEngine(model).generate(ids, mask, image_params(cfg, eval_mode=True), source_images=b.images,
-                                           generator=generator)
+        back = ImageEngine(model, impl=cfg.impl).generate(ids, mask, image_params(cfg, eval_mode=True),
+                                                          source_images=b.images, generator=generator)
         cycled = list(back.images)
     parts = []
     for i, t in enumerate(b.tasks):
