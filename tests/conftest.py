@@ -40,3 +40,13 @@ def device():
 def _fresh_seed(request):
     """Fresh random inputs per test, reproducible from the test id (crc32: stable across processes, unlike hash())."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny, launch-bound work: on a shared 2-core CPU more threads only
+    oversubscribe (and make repeated timings incomparable). Use with `pytestmark = pytest.mark.usefixtures(...)`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -33,14 +33,7 @@ B, L, H, V = 4, 64, 128, 4096
 LAT = (8, 16, 32, 32)
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 paths against fp64 formulas at these sizes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread keeps repeated timings comparable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny, launch-bound work: see conftest
 
 
 def _grads(loss, leaves):

@@ -21,15 +21,8 @@ def _tiny_edit_kl_config():
     cfg = preset_config("tiny")
     return cfg.replace(vae_type="kl", vae=vae, edit=True, dit={**cfg.dit, "in_channels": 8, "out_channels": 4})
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny, launch-bound work: see conftest
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are launch-bound: on the shared 2-core CPU, one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def models():

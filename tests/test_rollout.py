@@ -19,15 +19,8 @@ from unirl_fast.rollout import (
 
 PROMPTS = ["The cat", "a much longer prompt here", "x"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny, launch-bound work: see conftest
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are launch-bound: on the shared 2-core CPU, one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def model():
