@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..train.config import resolve_device
 from .report import PHASES, summarize
 
 IMPLS = {"fast": "auto", "reference": "reference"}
@@ -131,6 +132,11 @@ def _metric_rows(summaries: dict) -> list:
     return rows
 
 
+def _ratio(vals):
+    """fast / reference of a metric row, None when either side is missing (or the reference is 0)."""
+    return vals[0] / vals[1] if len(vals) == 2 and vals[0] is not None and vals[1] else None
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
@@ -143,8 +149,7 @@ def format_table(summaries: dict, loss_rows=(), passed=None, tol=None) -> str:
     for name, vals in _metric_rows(summaries):
         line = f"{name:<20}" + "".join(f"{_fmt(v):>12}" for v in vals)
         if compare:
-            ratio = vals[0] / vals[1] if vals[0] is not None and vals[1] else None
-            line += f"{_fmt(ratio):>10}"
+            line += f"{_fmt(_ratio(vals)):>10}"
         lines.append(line)
     if compare:
         f, r = summaries["fast"], summaries["reference"]
@@ -165,8 +170,7 @@ def write_results(out: Path, result: dict) -> tuple:
         w = csv.writer(fh)
         w.writerow(["metric", *impls, *(["fast_over_reference"] if len(impls) == 2 else [])])
         for name, vals in _metric_rows(result["summaries"]):
-            ratio = [vals[0] / vals[1] if vals[0] is not None and vals[1] else None] if len(vals) == 2 else []
-            w.writerow([name, *vals, *ratio])
+            w.writerow([name, *vals, *([_ratio(vals)] if len(vals) == 2 else [])])
     return out / "profile.json", out / "profile.csv"
 
 
@@ -178,7 +182,7 @@ def profile(cfg, impl: str = "fast", *, steps: int, warmup: int = 1, compare: bo
     if steps < 1 or warmup < 0 or check_steps < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0, check_steps >= 1; got {steps}, {warmup}, {check_steps}")
     cfg.validate()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = Path(out)
     impls = ["fast", "reference"] if compare else [impl]

@@ -10,8 +10,9 @@ Data parallel. Every rank draws the step's `prompts_per_step` prompts from the s
 batch is the single-process one) and keeps its contiguous share of whole groups: rank r rolls out prompts
 [r k, (r + 1) k), k = prompts_per_step / world, so group advantages are local (prompts_per_step % world == 0 is
 required, and the local batch k * group_size must be divisible by micro_batch). Rollout noise comes from a generator
-seeded `seed + rank` (rank 0 draws what a single process draws). Rewards and step metrics are averaged over ranks
-(peak memory: max) for the log; only rank 0 logs, writes metrics.jsonl, plots and evaluates (others wait).
+seeded `seed + rank` (rank 0 draws what a single process draws). Step records are reduced over ranks for the log
+(counts and rates such as samples/s summed, peak memory the max, losses, rewards and times averaged); only rank 0
+logs, writes metrics.jsonl, plots and evaluates (others wait).
 
 Gradient math. Per micro-batch the losses are already scaled by micro/B_local (rl.py), so the accumulated local
 gradient is the local-batch mean; DeepSpeed averages gradients over ranks, which gives the global-batch mean = the

@@ -43,11 +43,12 @@ class Trainer:
 
             self.dist = DeepSpeedRuntime(cfg)
             log = log if self.dist.is_main else (lambda *a, **k: None)
+        self.is_main = self.dist is None or self.dist.is_main  # the process that logs, writes metrics and plots
         self.log = log
         self.scenario = get_scenario(cfg.scenario)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist is None or self.dist.is_main:
+        if self.is_main:
             cfg.save(self.run_dir / "config.json")
         torch.manual_seed(cfg.seed)
         if self.dist is not None:
@@ -279,7 +280,7 @@ class Trainer:
             self._save_grid(base["_images"], "samples_before.png")
             self.log(f"base model held-out reward {base['eval_reward']:.3f}")
         bar = tqdm(total=c.steps, initial=self.step, desc=c.scenario,
-                   disable=None if self.dist is None or self.dist.is_main else True)
+                   disable=None if self.is_main else True)
         while self.step < c.steps:
             rec = self.train_step()
             self.history.append(rec)
@@ -308,7 +309,7 @@ class Trainer:
         return final
 
     def _write(self, path, rec):
-        if self.dist is not None and not self.dist.is_main:
+        if not self.is_main:
             return
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -316,7 +317,7 @@ class Trainer:
     def _save_grid(self, images, name):
         from .plots import save_grid
 
-        if self.dist is not None and not self.dist.is_main:
+        if not self.is_main:
             return
         if images is not None:
             save_grid(images[:16], self.run_dir / name)
@@ -324,7 +325,7 @@ class Trainer:
     def _plot(self, metrics_path):
         from .plots import plot_rewards
 
-        if self.dist is not None and not self.dist.is_main:
+        if not self.is_main:
             return
         plot_rewards(metrics_path, self.run_dir / "rewards.png")
 
