@@ -35,8 +35,8 @@ real_rollout, real_score = tm.rollout, tm.score
 offset = [0]  # this process's first global row (rewards depend on the global row, as in the plain batch)
 
 
-def score(*args):  # rewards that differ inside each group, so the advantages are not all zero
-    b = real_score(*args)
+def score(*args, **kw):  # rewards that differ inside each group, so the advantages are not all zero
+    b = real_score(*args, **kw)
     b.rewards = (torch.arange(len(b.rewards), dtype=torch.float32) + offset[0]) % 3 / 2
     return b
 

@@ -52,8 +52,8 @@ def test_trained_experts_change_and_frozen_ones_do_not(tmp_path, monkeypatch):
 
     real_score = trainer_mod.score
 
-    def varied_score(*args):  # rewards that differ inside each group, so advantages are not all zero
-        b = real_score(*args)
+    def varied_score(*args, **kw):  # rewards that differ inside each group, so advantages are not all zero
+        b = real_score(*args, **kw)
         b.rewards = torch.arange(len(b.rewards), dtype=torch.float32) % 2
         return b
 
@@ -100,6 +100,7 @@ def test_checkpoint_crash_mid_save_keeps_last_good(tmp_path, monkeypatch):
 @pytest.mark.parametrize("over,needle", [
     (dict(scenario="dance"), "unknown scenario"),
     (dict(group_size=1), "group_size"),
+    (dict(cycle_back="source"), "cycle_back"),
     (dict(prompts_per_step=3, group_size=4, micro_batch=8), "not divisible"),
     (dict(lr_lm=0.0), "lr_lm"),
     (dict(lr_dit=-1.0), "lr_dit"),
@@ -158,3 +159,46 @@ def test_impl_reaches_the_image_rollout_and_the_cycle_back(tmp_path, monkeypatch
     cfg = dataclasses.replace(SMOKE, scenario="edit", run_dir=str(tmp_path), steps=1, impl="reference")
     Trainer(cfg, log=lambda *_: None).train_step()
     assert seen == {"reference"}
+
+
+@pytest.mark.parametrize("cycle_back", ["reference", "policy"])
+def test_cycle_back_model(cycle_back, tmp_path, monkeypatch):
+    """The edit reward's inverse edit is made by the policy or (cycle_back="reference") by the frozen reference,
+    in training and in evaluation alike."""
+    import unirl_fast.train.rl as rl_mod
+
+    engines = []
+    real = rl_mod.ImageEngine
+
+    def spy(model, **kw):
+        engines.append(model)
+        return real(model, **kw)
+
+    monkeypatch.setattr(rl_mod, "ImageEngine", spy)
+    cfg = dataclasses.replace(SMOKE, scenario="edit", run_dir=str(tmp_path), steps=1, cycle_back=cycle_back)
+    t = Trainer(cfg, log=lambda *_: None)
+    back = t.ref if cycle_back == "reference" else t.model
+    t.train_step()
+    assert engines[0] is t.model and engines[1] is back and len(engines) == 2  # rollout, then the cycle-back
+    engines.clear()
+    t.evaluate()
+    n = len(engines) // 2
+    assert n and all(e is t.model for e in engines[::2]) and all(e is back for e in engines[1::2])
+
+
+@pytest.mark.parametrize("group_noise", [True, False])
+def test_group_noise_shares_the_initial_latent_within_groups(group_noise, tmp_path):
+    from unirl_fast.train.rl import rollout
+
+    cfg = dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path), prompts_per_step=3, group_size=3,
+                              micro_batch=3, group_noise=group_noise)
+    t = Trainer(cfg, log=lambda *_: None)
+    tasks, gid = t._sample_tasks()
+    gid = gid * 5 + 2  # ids need not be 0..G-1
+    x0 = rollout(t.model, t.scenario, cfg, tasks, gid, t.gen).traj.samples[0]
+    for g in gid.unique():
+        rows = x0[gid == g]
+        assert torch.equal(rows[0], rows[1]) == group_noise and torch.equal(rows[1], rows[2]) == group_noise
+    assert not torch.equal(x0[0], x0[3])  # groups differ
+    ev = rollout(t.model, t.scenario, cfg, tasks, gid, t.gen, eval_mode=True).traj.samples[0]
+    assert not torch.equal(ev[0], ev[1])  # evaluation draws one latent per sample either way

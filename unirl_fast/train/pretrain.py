@@ -97,6 +97,7 @@ def base_key(cfg, scenario) -> str:
     keys["edit"] = scenario.edit
     keys["draws"] = scenario.draws
     keys["lm_data"] = hashlib.sha1(json.dumps(scenario.sft_pairs("train")).encode()).hexdigest()
+    keys["image_data"] = hashlib.sha1(repr(scenario.image_pretrain_tasks("train")).encode()).hexdigest()
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 

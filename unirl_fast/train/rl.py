@@ -74,21 +74,30 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
                                            zip(tasks, b.completions or [None] * len(tasks))], device=dev)
             if scenario.edit:
                 b.sources = torch.stack([W.render_scene(t.source, size) for t in tasks]).to(dev)
+            noise = None
+            if cfg.group_noise and not eval_mode:  # one initial latent per group (DanceGRPO's shared noise)
+                _, which = torch.unique(group_ids, return_inverse=True)
+                noise = torch.randn((int(which.max()) + 1, *model.latent_shape), generator=generator, device=dev)
+                noise = noise[which.to(dev)]
             engine = ImageEngine(model, impl=cfg.impl)
             b.traj = engine.generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
-                                     source_images=b.sources, generator=generator)
+                                     source_images=b.sources, generator=generator, noise=noise)
             b.images = b.traj.images
     return b
 
 
 @torch.no_grad()
-def score(model, scenario, cfg, b: Batch, generator) -> Batch:
+def score(model, scenario, cfg, b: Batch, generator, *, inverse_model=None) -> Batch:
+    """Rewards of a rolled-out batch. Edits are edited back with the inverse instruction (ODE, no gradient) by
+    `inverse_model` (default `model`; with cycle_back="reference" the trainer passes its frozen reference, so
+    that the cycle-consistency reward is a fixed function of the edited image: edited back by the policy itself,
+    every update also changes the inverse edit, which the policy gradient does not see)."""
     cycled = [None] * len(b.tasks)
     if scenario.edit:  # edit back with the inverse instruction (deterministic) and compare with the source
-        tok = model.tokenizer
-        ids, mask = tok([t.inverse for t in b.tasks], device=model.device)
-        back = ImageEngine(model, impl=cfg.impl).generate(ids, mask, image_params(cfg, eval_mode=True),
-                                                          source_images=b.images, generator=generator)
+        inv = model if inverse_model is None else inverse_model
+        ids, mask = inv.tokenizer([t.inverse for t in b.tasks], device=inv.device)
+        back = ImageEngine(inv, impl=cfg.impl).generate(ids, mask, image_params(cfg, eval_mode=True),
+                                                        source_images=b.images, generator=generator)
         cycled = list(back.images)
     parts = []
     for i, t in enumerate(b.tasks):

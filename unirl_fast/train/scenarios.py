@@ -11,8 +11,9 @@ conditioned on, which experts train, and the reward.
 | reason-edit | a plain instruction from a riddle | LM text + source | LM + DiT + connector | edit + cycle + format |
 
 Image score: `world.score_image` (GenEval-style count / colour / position checks). Cycle consistency: the
-edited image is edited back with the inverse instruction (ODE sampling, no gradient) and compared with the
-source in pixels: 1 - mean|cycled - source| / 2. Joint scenarios share one advantage per sample (UniGRPO).
+edited image is edited back with the inverse instruction (ODE sampling, no gradient; by the policy, or
+with cycle_back="reference" by the frozen reference, so that this part of the reward stays fixed) and compared with the source in
+pixels: 1 - mean|cycled - source| / 2. Joint scenarios share one advantage per sample (UniGRPO).
 """
 from __future__ import annotations
 

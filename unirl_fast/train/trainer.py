@@ -165,7 +165,7 @@ class Trainer:
         with self._full_weights():
             b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase)
         with timer.phase("reward"), self._full_weights():
-            score(m, s, c, b, self.gen)
+            score(m, s, c, b, self.gen, inverse_model=self._cycle_model())
             adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
         with timer.phase("ref"):
             reference_outputs(self.ref, s, c, b, c.micro_batch)
@@ -235,6 +235,10 @@ class Trainer:
         self.opt.step()
         return gnorm
 
+    def _cycle_model(self):
+        """Who edits back for the cycle-consistency reward: the policy (None) or the frozen reference."""
+        return self.ref if self.cfg.cycle_back == "reference" else None
+
     def _full_weights(self):
         return self.dist.full_weights() if self.dist is not None else contextlib.nullcontext()
 
@@ -255,7 +259,7 @@ class Trainer:
         for start in range(0, len(self.eval_tasks), c.micro_batch):
             tasks = self.eval_tasks[start:start + c.micro_batch]
             b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True)
-            score(m, self.scenario, c, b, gen)
+            score(m, self.scenario, c, b, gen, inverse_model=self._cycle_model())
             rewards.append(b.rewards)
             parts += b.reward_parts
             if b.images is not None:
