@@ -12,8 +12,9 @@ conditioned on, which experts train, and the reward.
 
 Image score: `world.score_image` (GenEval-style count / colour / position checks). Cycle consistency: the
 edited image is edited back with the inverse instruction (ODE sampling, no gradient; by the policy, or
-with cycle_back="reference" by the frozen reference, so that this part of the reward stays fixed) and compared with the source in
-pixels: 1 - mean|cycled - source| / 2. Joint scenarios share one advantage per sample (UniGRPO).
+with cycle_back="reference" by the frozen reference, so that this part of the reward stays fixed) and
+compared with the source in pixels: 1 - mean|cycled - source| / 2. Joint scenarios share one advantage per
+sample (UniGRPO).
 """
 from __future__ import annotations
 
