@@ -105,12 +105,10 @@ class TrainConfig:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.sde_window <= self.image_steps:
             bad(f"sde_window must be in [1, image_steps={self.image_steps}], got {self.sde_window}")
-        if self.sde_type not in ("sde", "cps"):
-            bad(f"sde_type must be sde or cps, got {self.sde_type!r}")
-        if self.cycle_back not in ("policy", "reference"):
-            bad(f"cycle_back must be policy or reference, got {self.cycle_back!r}")
-        if self.impl not in ("auto", "triton", "reference"):
-            bad(f"impl must be auto, triton or reference, got {self.impl!r}")
+        for name, options in (("sde_type", ("sde", "cps")), ("cycle_back", ("policy", "reference")),
+                              ("impl", ("auto", "triton", "reference"))):
+            if getattr(self, name) not in options:
+                bad(f"{name} must be one of {options}, got {getattr(self, name)!r}")
         if self.model_path is not None and not (Path(self.model_path) / "unified_config.json").is_file():
             bad(f"model_path {self.model_path!r} is not a saved UnifiedModel directory (no unified_config.json)")
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
