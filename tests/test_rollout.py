@@ -13,6 +13,7 @@ from unirl_fast.rollout import (
     TextEngine,
     recompute_logprobs,
     replay_logprobs,
+    replay_velocity,
     sampling_logprobs,
     timestep_schedule,
 )
@@ -264,6 +265,30 @@ def test_edit_rollout_replays_with_source_latents():
         torch.testing.assert_close(replay_logprobs(m, traj), traj.log_probs[:2], rtol=1e-4, atol=1e-4)
         traj.source_latents = -traj.source_latents  # the source image conditions the velocity
         assert (replay_logprobs(m, traj) - traj.log_probs[:2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["edit", "cfg"])
+def test_replay_velocity_of_a_row_subset_is_that_slice_of_the_full_replay(model, kind):
+    """The trainer replays micro-batches (rows) with their own recomputed conditioning: rows, source latents,
+    sigmas and the unconditional branch must all be cut to the same rows."""
+    from test_models import _tiny_edit_kl_config
+
+    m = UnifiedModel(_tiny_edit_kl_config()).eval() if kind == "edit" else model
+    ids, mask = m.tokenizer(PROMPTS)
+    src = torch.rand(3, 3, 16, 16) * 2 - 1 if kind == "edit" else None
+    p = ImageSamplingParams(num_steps=4, window_size=2, guidance_scale=3.0 if kind == "cfg" else 1.0, decode=False)
+    traj = ImageEngine(m).generate(ids, mask, p, source_images=src, generator=torch.Generator().manual_seed(4))
+    steps = traj.trainable.nonzero().flatten()
+    rows = torch.tensor([2, 0])
+    with torch.no_grad():
+        v_all, x_all = replay_velocity(m, traj, steps)
+        v, x = replay_velocity(m, traj, steps, rows=rows)
+        v_cond, _ = replay_velocity(m, traj, steps, rows=rows, conditioning=m.condition(ids[rows], mask[rows]))
+    assert v.shape == x.shape == (2, 2, *m.latent_shape)
+    torch.testing.assert_close(x, x_all[:, rows], rtol=0, atol=0)
+    torch.testing.assert_close(v, v_all[:, rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_cond, v, rtol=1e-5, atol=1e-5)  # recomputed conditioning = the stored one
+    assert (v_all[:, 1] - v_all[:, 0]).abs().max() > 1e-3  # rows differ: a wrong row pick would show
 
 
 @pytest.mark.slow

@@ -6,10 +6,11 @@ from .image import (
                     ImageTrajectory,
                     guided_velocity,
                     replay_logprobs,
+                    replay_velocity,
                     timestep_schedule,
 )
 from .text import SamplingParams, TextEngine, TextRolloutOutput, recompute_logprobs, sampling_logprobs
 
 __all__ = ["SamplingParams", "TextEngine", "TextRolloutOutput", "recompute_logprobs", "sampling_logprobs",
            "ImageEngine", "ImageSamplingParams", "ImageTrajectory", "guided_velocity", "replay_logprobs",
-           "timestep_schedule"]
+           "replay_velocity", "timestep_schedule"]

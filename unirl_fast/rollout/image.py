@@ -179,29 +179,50 @@ class ImageEngine:
                                images)
 
 
+def replay_velocity(model, traj: ImageTrajectory, steps, *, rows=None, conditioning: Conditioning | None = None,
+                    uncond: Conditioning | None = None):
+    """The model's velocities on the stored samples of `steps` (a 1-D index tensor) for batch rows `rows`
+    (default all): one DiT call on len(steps) * len(rows) rows. Returns (v, x), both [S, R, C, h, w].
+
+    `conditioning` / `uncond` are for the selected rows (e.g. recomputed with gradients through the LM and
+    connector); by default the trajectory's own, cut to `rows`."""
+    p = traj.params
+    S = steps.numel()
+
+    def pick(c):
+        if c is None or rows is None:
+            return c
+        return Conditioning(c.cond[rows], None if c.pooled is None else c.pooled[rows])
+
+    def rep(c):
+        return None if c is None else Conditioning(c.cond.repeat(S, 1, 1),
+                                                   None if c.pooled is None else c.pooled.repeat(S, 1))
+
+    cond = pick(traj.conditioning) if conditioning is None else conditioning
+    unc = pick(traj.uncond) if uncond is None else uncond
+    x = traj.samples[steps] if rows is None else traj.samples[steps][:, rows]
+    sig = traj.sigmas[steps] if rows is None else traj.sigmas[steps][:, rows]
+    src = traj.source_latents
+    if src is not None:
+        src = (src if rows is None else src[rows]).repeat(S, 1, 1, 1)
+    v = guided_velocity(model, x.flatten(0, 1), sig.flatten(), rep(cond), rep(unc) if p.cfg else None,
+                        p.guidance_scale, src)
+    return v.view(x.shape), x
+
+
 def replay_logprobs(model, traj: ImageTrajectory, *, conditioning: Conditioning | None = None,
                     uncond: Conditioning | None = None, steps=None, impl: str = "auto") -> torch.Tensor:
     """Log-probs [S, B] fp32 of the stored transitions at `steps` (default: the trainable ones, S of them) under
-    the model's current weights: one DiT call on S * B rows, then `flow_step_logprob`. Differentiable in the DiT
-    (and in `conditioning` / `uncond` when given, e.g. recomputed with gradients through the LM and connector)."""
+    the model's current weights: one DiT call on S * B rows (`replay_velocity`), then `flow_step_logprob`.
+    Differentiable in the DiT (and in `conditioning` / `uncond` when given, e.g. recomputed with gradients
+    through the LM and connector)."""
     p = traj.params
     idx = traj.trainable.nonzero().flatten() if steps is None else torch.as_tensor(steps, device=traj.samples.device)
     if idx.numel() == 0:
         raise ValueError("no trainable steps to replay (an all-ODE trajectory has no log-probs)")
     if p.sde == "ode":
         raise ValueError("an sde='ode' trajectory has no log-probs to replay")
-    S = idx.numel()
-    cond = traj.conditioning if conditioning is None else conditioning
-    unc = traj.uncond if uncond is None else uncond
-
-    def rep(c):
-        return None if c is None else Conditioning(c.cond.repeat(S, 1, 1),
-                                                   None if c.pooled is None else c.pooled.repeat(S, 1))
-
-    x = traj.samples[idx]
-    src = None if traj.source_latents is None else traj.source_latents.repeat(S, 1, 1, 1)
-    v = guided_velocity(model, x.flatten(0, 1), traj.sigmas[idx].flatten(), rep(cond), rep(unc) if p.cfg else None,
-                        p.guidance_scale, src)
-    return flow_step_logprob(v.view(x.shape), x, traj.next_samples[idx], traj.sigmas[idx], traj.sigmas_next[idx],
+    v, x = replay_velocity(model, traj, idx, conditioning=conditioning, uncond=uncond)
+    return flow_step_logprob(v, x, traj.next_samples[idx], traj.sigmas[idx], traj.sigmas_next[idx],
                              noise_level=p.noise_level, sde=p.sde, sigma_max=traj.sigma_max if p.sde == "sde" else None,
                              impl=impl)

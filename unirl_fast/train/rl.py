@@ -19,7 +19,7 @@ import torch
 
 from .. import flow_policy_loss, flow_step_logprob, fused_linear_logprobs, fused_linear_policy_loss
 from .. import world as W
-from ..rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, guided_velocity
+from ..rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, replay_velocity
 
 
 @dataclass
@@ -137,8 +137,10 @@ def reference_outputs(ref, scenario, cfg, b: Batch, micro_batch: int) -> Batch:
         b.ref_logp = torch.cat(logps)
     if scenario.train_dit and b.traj is not None and cfg.beta_velocity > 0:
         steps = b.traj.trainable.nonzero().flatten()
-        vs = [_replay_velocity(ref, b.traj, steps, idx, ref.condition(b.cond_ids[idx], b.cond_mask[idx]))[0]
-              for idx in chunks]
+        vs = []
+        for idx in chunks:
+            cond = ref.condition(b.cond_ids[idx], b.cond_mask[idx])
+            vs.append(replay_velocity(ref, b.traj, steps, rows=idx, conditioning=cond)[0])
         b.ref_velocity = torch.cat(vs, 1)
     return b
 
@@ -169,27 +171,13 @@ def text_loss(model, cfg, b: Batch, idx, adv, n_total_tokens):
     return loss * scale, m
 
 
-def _replay_velocity(model, traj, steps, rows, cond):
-    x = traj.samples[steps][:, rows]
-    S, B = x.shape[:2]
-    c = cond.__class__(cond.cond.repeat(S, 1, 1), None if cond.pooled is None else cond.pooled.repeat(S, 1))
-    src = None if traj.source_latents is None else traj.source_latents[rows].repeat(S, 1, 1, 1)
-    unc = None
-    if traj.params.cfg:
-        u = traj.uncond
-        unc = u.__class__(u.cond[rows].repeat(S, 1, 1), None if u.pooled is None else u.pooled[rows].repeat(S, 1))
-    v = guided_velocity(model, x.flatten(0, 1), traj.sigmas[steps][:, rows].flatten(), c, unc,
-                        traj.params.guidance_scale, src)
-    return v.view(x.shape), x
-
-
 def image_loss(model, cfg, b: Batch, idx, adv):
     """Flow-GRPO loss on the trained window of rows `idx`; returns (loss scaled for accumulation, metrics).
     With beta_velocity > 0 the reference velocities come from `reference_outputs` (b.ref_velocity)."""
     traj = b.traj
     steps = traj.trainable.nonzero().flatten()
     cond = model.condition(b.cond_ids[idx], b.cond_mask[idx])
-    v, x = _replay_velocity(model, traj, steps, idx, cond)
+    v, x = replay_velocity(model, traj, steps, rows=idx, conditioning=cond)
     p = traj.params
     logp = flow_step_logprob(v, x, traj.next_samples[steps][:, idx], traj.sigmas[steps][:, idx],
                              traj.sigmas_next[steps][:, idx], noise_level=p.noise_level, sde=p.sde,
