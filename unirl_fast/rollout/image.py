@@ -188,11 +188,10 @@ def replay_velocity(model, traj: ImageTrajectory, steps, *, rows=None, condition
     connector); by default the trajectory's own, cut to `rows`."""
     p = traj.params
     S = steps.numel()
+    r = slice(None) if rows is None else rows
 
     def pick(c):
-        if c is None or rows is None:
-            return c
-        return Conditioning(c.cond[rows], None if c.pooled is None else c.pooled[rows])
+        return None if c is None else Conditioning(c.cond[r], None if c.pooled is None else c.pooled[r])
 
     def rep(c):
         return None if c is None else Conditioning(c.cond.repeat(S, 1, 1),
@@ -200,11 +199,8 @@ def replay_velocity(model, traj: ImageTrajectory, steps, *, rows=None, condition
 
     cond = pick(traj.conditioning) if conditioning is None else conditioning
     unc = pick(traj.uncond) if uncond is None else uncond
-    x = traj.samples[steps] if rows is None else traj.samples[steps][:, rows]
-    sig = traj.sigmas[steps] if rows is None else traj.sigmas[steps][:, rows]
-    src = traj.source_latents
-    if src is not None:
-        src = (src if rows is None else src[rows]).repeat(S, 1, 1, 1)
+    x, sig = traj.samples[steps][:, r], traj.sigmas[steps][:, r]
+    src = None if traj.source_latents is None else traj.source_latents[r].repeat(S, 1, 1, 1)
     v = guided_velocity(model, x.flatten(0, 1), sig.flatten(), rep(cond), rep(unc) if p.cfg else None,
                         p.guidance_scale, src)
     return v.view(x.shape), x
