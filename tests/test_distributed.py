@@ -34,7 +34,7 @@ from unirl_fast.train.distributed import check_world, deepspeed_config  # noqa: 
 ROOT = Path(__file__).resolve().parent.parent
 # smoke-sized 2-rank run: 2 prompts x 2 samples, one prompt (one whole group) per rank, micro-batch 2
 RUN = ["train", "--config", "smoke", "--scenario", "reason-generate", "--micro-batch", "2", "--steps", "2",
-       "--temperature", "1.5"]
+       "--temperature", "1.5", "--ema-decay", "0.5"]  # the EMA (kept by rank 0) is evaluated, saved and resumed too
 # ZeRO-3 with every parameter partitioned (DeepSpeed keeps params below 1e5 elements whole by default, which
 # would leave the tiny model unpartitioned and the hooks untested)
 Z3_JSON = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
@@ -122,7 +122,8 @@ def test_two_ranks_train_and_resume(stage, tmp_path, capsys):
     assert [(r["phase"], r["step"]) for r in lines] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
     ck = a / "checkpoints" / "step-0000002"
     assert (a / "checkpoints" / "latest").read_text() == ck.name
-    assert {"model.pt", "state.pt", "state-rank0.pt", "state-rank1.pt", "ds"} <= {f.name for f in ck.iterdir()}
+    names = {f.name for f in ck.iterdir()}
+    assert {"model.pt", "state.pt", "state-rank0.pt", "state-rank1.pt", "ds", "ema.pt"} <= names
     assert (a / "rewards.png").is_file() and (a / "samples_after.png").is_file()
 
     # restart from the step-1 checkpoint (as if the run had died after it) and compare step 2

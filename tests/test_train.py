@@ -47,6 +47,38 @@ def test_cps_window_replays_its_own_logprobs(tmp_path):
     assert abs(rec["image_approx_kl"]) < 1e-8 and 0.0 <= rec["reward"] <= 1.0
 
 
+def test_eval_samples_average_each_task_over_its_draws(tmp_path, monkeypatch):
+    """eval_samples K: every held-out task is drawn K times and `_rewards[i]` is task i's mean over its K draws
+    (micro-batches straddle the passes here: 3 tasks x 2 draws in micro-batches of 4); images: the first pass."""
+    import unirl_fast.train.trainer as trainer_mod
+
+    real_score = trainer_mod.score
+    seen = {}
+
+    def tagged_score(*args, **kw):  # reward = task index + 10 x (how often that task was scored before)
+        b = real_score(*args, **kw)
+        vals = []
+        for task in b.tasks:
+            i = next(j for j, t in enumerate(t_eval) if t is task)
+            vals.append(i + 10.0 * seen.get(i, 0))
+            seen[i] = seen.get(i, 0) + 1
+        b.rewards = torch.tensor(vals)
+        return b
+
+    cfg = dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path), eval_prompts=3, eval_samples=2,
+                              micro_batch=4)
+    t = Trainer(cfg, log=lambda *_: None)
+    t_eval = t.eval_tasks
+    monkeypatch.setattr(trainer_mod, "score", tagged_score)
+    out = t.evaluate()
+    assert out["_rewards"].tolist() == [5.0, 6.0, 7.0]  # (i + 0 + i + 10) / 2
+    assert out["eval_reward"] == pytest.approx(6.0)
+    assert out["_images"].shape[0] == 3
+    monkeypatch.setattr(trainer_mod, "score", real_score)
+    one = Trainer(dataclasses.replace(cfg, eval_samples=1), log=lambda *_: None).evaluate()
+    assert one["_rewards"].shape == (3,)
+
+
 def test_trained_experts_change_and_frozen_ones_do_not(tmp_path, monkeypatch):
     import unirl_fast.train.trainer as trainer_mod
 
@@ -76,6 +108,46 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3]
     for k in ("reward", "text_loss", "grad_norm"):
         assert a[2][k] == b[2][k], k
+
+
+def test_ema_weights_average_updates_are_evaluated_and_resume(tmp_path):
+    """ema_decay: the average follows e <- d e + (1 - d) w with d = min(decay, (1 + n) / (10 + n)); evaluate()
+    scores the averaged weights and puts the trained ones back; a resumed run continues the same average."""
+    cfg = dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path / "a"), steps=3, save_every=1,
+                              ema_decay=0.15, lr_dit=1e-2, lr_connector=1e-2)
+    t = Trainer(cfg, log=lambda *_: None)
+    params = {k: p for k, p in t.model.named_parameters() if p.requires_grad}
+    expect = {k: p.detach().clone() for k, p in params.items()}
+    for n in range(3):
+        t.train_step()
+        d = min(0.15, (1 + n) / (10 + n))  # 0.1, then the cap 0.15
+        expect = {k: d * expect[k] + (1 - d) * params[k].detach() for k in params}
+    assert max((t.ema.shadow[k] - expect[k]).abs().max().item() for k in params) < 1e-6
+    trained = {k: p.detach().clone() for k, p in params.items()}
+    assert any(not torch.equal(trained[k], expect[k]) for k in params)  # the average differs from the weights
+    ev = t.evaluate()
+    assert all(torch.equal(params[k], trained[k]) for k in params)  # put back
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(expect[k])
+    plain = dataclasses.replace(cfg, ema_decay=0.0)
+    t.cfg, t.ema = plain, None
+    assert torch.allclose(t.evaluate()["_rewards"], ev["_rewards"])  # the same as evaluating those weights
+
+    Trainer(cfg, log=lambda *_: None).train()  # uninterrupted, 3 steps
+    b = dataclasses.replace(cfg, run_dir=str(tmp_path / "b"))
+    Trainer(dataclasses.replace(b, steps=2), log=lambda *_: None).train()
+    Trainer(b, log=lambda *_: None).train()  # resumed at step 2
+    ea = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "a"))["ema"]
+    eb = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b"))["ema"]
+    assert ea["n"] == eb["n"] == 3
+    assert all(torch.equal(ea["shadow"][k], eb["shadow"][k]) for k in ea["shadow"])
+    assert _records(tmp_path / "a", "eval")[-1]["eval_reward"] == _records(tmp_path / "b", "eval")[-1]["eval_reward"]
+    with pytest.raises(ValueError, match="no EMA weights"):  # a checkpoint written without EMA
+        Trainer(dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path / "c"), steps=1),
+                log=lambda *_: None).train()
+        Trainer(dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path / "c"), steps=2,
+                                    ema_decay=0.5), log=lambda *_: None)
 
 
 def test_checkpoint_crash_mid_save_keeps_last_good(tmp_path, monkeypatch):
@@ -110,6 +182,8 @@ def test_checkpoint_crash_mid_save_keeps_last_good(tmp_path, monkeypatch):
     pytest.param(dict(device="cuda"), "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
     (dict(sde_type="dpm"), "sde_type"),
+    (dict(eval_samples=0), "eval_samples"),
+    (dict(ema_decay=1.0), "ema_decay"),
 ])
 def test_bad_configs_are_rejected_before_work(over, needle, tmp_path):
     with pytest.raises(ValueError, match=needle):
@@ -120,6 +194,16 @@ def test_bad_configs_are_rejected_before_work(over, needle, tmp_path):
 def test_cli_rejects_bad_config(capsys):
     assert main(["train", "--group-size", "1"]) == 2
     assert "group_size" in capsys.readouterr().err
+
+
+def test_cli_eval_takes_eval_samples_and_rejects_bad_ones(tmp_path, capsys):
+    cfg = dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path), steps=1)
+    Trainer(cfg, log=lambda *_: None).train()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path), "--eval-samples", "2"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_reward"] <= 1.0
+    assert main(["eval", str(tmp_path), "--eval-samples", "0"]) == 2
+    assert "eval_samples must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_device_resolution():

@@ -42,8 +42,12 @@ def _cmd_eval(args) -> int:
         print(f"unirl-fast eval: {args.run_dir!r} has no config.json (not a run directory)", file=sys.stderr)
         return 2
     cfg = dataclasses.replace(TrainConfig(**json.loads(path.read_text())), zero_stage=None)  # one process reads
-    if args.eval_prompts:
-        cfg = dataclasses.replace(cfg, eval_prompts=args.eval_prompts)
+    over = {k: getattr(args, k) for k in ("eval_prompts", "eval_samples") if getattr(args, k) is not None}
+    try:
+        cfg = dataclasses.replace(cfg, **over).validate()
+    except ValueError as e:
+        print(f"unirl-fast eval: {e}", file=sys.stderr)
+        return 2
     res = Trainer(cfg).evaluate()
     print(json.dumps({k: v for k, v in res.items() if not k.startswith("_")}))
     return 0
@@ -200,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out reward of a run's latest checkpoint")
     ev.add_argument("run_dir")
     ev.add_argument("--eval-prompts", type=int, default=None)
+    ev.add_argument("--eval-samples", type=int, default=None, help="images per held-out task")
     ev.set_defaults(func=_cmd_eval)
     _add_bench_parser(sub)
     _add_report_parser(sub)

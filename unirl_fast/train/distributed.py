@@ -254,7 +254,8 @@ class DeepSpeedRuntime:
         return out
 
     # checkpoints ----------------------------------------------------------------------------------------------
-    def save(self, trainer, state: dict) -> Path:
+    def save(self, trainer, state: dict, extra: dict | None = None) -> Path:
+        """extra: name -> object the main rank saves beside model.pt (e.g. the EMA weights)."""
         root = Path(trainer.run_dir) / "checkpoints"
         final, tmp = root / f"step-{trainer.step:07d}", root / f"step-{trainer.step:07d}.tmp"
         if self.is_main:
@@ -273,6 +274,8 @@ class DeepSpeedRuntime:
         if self.is_main:
             torch.save(model_sd, tmp / "model.pt")
             torch.save(state, tmp / "state.pt")
+            for name, obj in (extra or {}).items():
+                torch.save(obj, tmp / f"{name}.pt")
         dist.barrier()
         if self.is_main:
             fsync_tree(tmp)
@@ -293,6 +296,8 @@ class DeepSpeedRuntime:
                                                    load_lr_scheduler_states=False)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the engine state from {path / 'ds'}")
+        ema = path / "ema.pt"
+        trainer._load_ema(torch.load(ema, map_location="cpu", weights_only=False) if ema.is_file() else None, path)
         return st
 
 

@@ -73,6 +73,9 @@ class Trainer:
             self.model = self.dist.main_first_exit(self.model)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._set_trainable()
+        self.ema = None  # the averaged weights evaluation uses (ema_decay > 0), kept by the process that evaluates
+        if cfg.ema_decay > 0 and self.is_main:
+            self.ema = ParamEMA(self.model, cfg.ema_decay)
         self.opt = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator(device=self.model.device).manual_seed(cfg.seed)
@@ -130,19 +133,29 @@ class Trainer:
             else:  # written under DeepSpeed: fine for evaluation, training refuses (see train())
                 self._no_optim_state = path
             st = ck["state"]
+            self._load_ema(ck.get("ema"), path)
         self.step, self.history = st["step"], st["history"]
         self.rng.setstate(st["py_rng"])
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["torch_rng"])
         self.log(f"resumed from {path} at step {self.step}")
 
+    def _load_ema(self, state, path):
+        if self.ema is None:
+            return
+        if state is None:
+            raise ValueError(f"checkpoint {path} holds no EMA weights but ema_decay is {self.cfg.ema_decay}: it was "
+                             "written without --ema-decay; resume it with --ema-decay 0")
+        self.ema.load_state_dict(state)
+
     def save(self):
         st = {"step": self.step, "history": self.history, "py_rng": self.rng.getstate(),
               "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         if self.dist is not None:
-            return self.dist.save(self, st)
+            return self.dist.save(self, st, extra)
         return save_checkpoint(self.run_dir, self.step, {"model": self.model.state_dict(),
-                                                         "optim": self.opt.state_dict(), "state": st},
+                                                         "optim": self.opt.state_dict(), "state": st, **extra},
                                keep=self.cfg.keep_checkpoints)
 
     # one step -------------------------------------------------------------------------------------------------
@@ -193,6 +206,10 @@ class Trainer:
                     loss.backward()
         with timer.phase("optimizer"):
             gnorm = self._optimizer_step()
+            if c.ema_decay > 0:
+                with self._full_weights():  # a collective under ZeRO-3: every rank enters, the main one averages
+                    if self.ema is not None:
+                        self.ema.update()
         times = timer.finish_step()
         self.step += 1
         rec = {"step": self.step, "reward": b.rewards.mean().item(), "grad_norm": float(gnorm), **metrics,
@@ -245,28 +262,37 @@ class Trainer:
     # evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean held-out reward: greedy text, ODE images from fixed noise (the same every evaluation)."""
+        """Mean held-out reward: greedy text, ODE images from fixed noise (the same every evaluation).
+        With eval_samples K > 1 every task is drawn K times (pass k over all tasks uses the k-th noise draws)
+        and a task's reward is the mean of its K; `_rewards` holds one value per task, `_images` the first pass.
+        With ema_decay > 0 the averaged weights are evaluated (swapped in, then the trained ones put back)."""
         if self.dist is not None and not getattr(self, "_in_eval", False):
             self._in_eval = True  # rank 0 evaluates (full weights), every rank gets the numbers
             try:
                 return self.dist.evaluate(self.evaluate)
             finally:
                 self._in_eval = False
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         c, m = self.cfg, self.model
         m.eval()
         gen = torch.Generator(device=m.device).manual_seed(c.seed + 4242)
         rewards, parts, images = [], [], []
-        for start in range(0, len(self.eval_tasks), c.micro_batch):
-            tasks = self.eval_tasks[start:start + c.micro_batch]
+        tasks_all = self.eval_tasks * c.eval_samples
+        for start in range(0, len(tasks_all), c.micro_batch):
+            tasks = tasks_all[start:start + c.micro_batch]
             b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True)
             score(m, self.scenario, c, b, gen, inverse_model=self._cycle_model())
             rewards.append(b.rewards)
             parts += b.reward_parts
-            if b.images is not None:
-                images.append(b.images.cpu())
-        out = {"eval_reward": torch.cat(rewards).mean().item(), **_reward_parts(parts, prefix="eval_")}
+            if b.images is not None and start < len(self.eval_tasks):
+                images.append(b.images[:len(self.eval_tasks) - start].cpu())
+        per_task = torch.cat(rewards).view(c.eval_samples, len(self.eval_tasks)).mean(0)
+        out = {"eval_reward": per_task.mean().item(), **_reward_parts(parts, prefix="eval_")}
         out["_images"] = torch.cat(images) if images else None
-        out["_rewards"] = torch.cat(rewards)  # per held-out task, in order (paired comparisons across evaluations)
+        out["_rewards"] = per_task  # per held-out task, in order (paired comparisons across evaluations)
         return out
 
     # the loop -------------------------------------------------------------------------------------------------
@@ -332,6 +358,49 @@ class Trainer:
         if not self.is_main:
             return
         plot_rewards(metrics_path, self.run_dir / "rewards.png")
+
+
+class ParamEMA:
+    """Exponential moving average of a model's trained (requires_grad) weights, the model Flow-GRPO evaluates.
+    After the n-th update (n = 0, 1, ...): e <- d e + (1 - d) w with d = min(decay, (1 + n) / (10 + n)), so the
+    first averages lean on the newest weights instead of the base model's. Kept in fp32."""
+
+    def __init__(self, model, decay: float):
+        self.decay, self.n = decay, 0
+        self.params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {k: p.detach().float().clone() for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self):
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for k, p in self.params.items():
+            self.shadow[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        self.n += 1
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The averaged weights in place of the trained ones for the duration (restored even on an error)."""
+        saved = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(saved[k])
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "decay": self.decay, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict):
+        if set(state["shadow"]) != set(self.shadow):
+            raise ValueError(f"EMA state has weights {sorted(set(state['shadow']) ^ set(self.shadow))[:4]} that do "
+                             "not match this model's trained ones (another scenario or model?)")
+        self.n = int(state["n"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
 
 
 def _nvml_index(dev) -> int:
