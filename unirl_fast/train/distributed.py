@@ -297,7 +297,9 @@ class DeepSpeedRuntime:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the engine state from {path / 'ds'}")
         ema = path / "ema.pt"
-        trainer._load_ema(torch.load(ema, map_location="cpu", weights_only=False) if ema.is_file() else None, path)
+        if trainer.ema is not None:  # only the main rank keeps (and reads) the EMA
+            trainer._load_ema(torch.load(ema, map_location="cpu", weights_only=False) if ema.is_file() else None,
+                              path)
         return st
 
 
