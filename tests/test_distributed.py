@@ -111,6 +111,21 @@ def test_two_rank_step_matches_the_single_process_trainer(stage, loss_type, tmp_
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
+def test_fp8_forward_follows_deepspeed_updates(stage, tmp_path):
+    """--fp8 under ZeRO-2 / ZeRO-3: after every step the FP8 forward equals the emulation of the current weights."""
+    args = [str(ROOT / "tests" / "ds_fp8_step.py"), str(tmp_path), str(stage)]
+    if stage == 3:
+        (tmp_path / "z3.json").write_text(json.dumps(Z3_JSON))
+        args.append(str(tmp_path / "z3.json"))
+    rcs, outs = _env_launch(args, script=True)
+    assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    for out in outs:
+        res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        assert res["layers"] > 4 and res["moved"] > 0, res  # FP8 layers in the LM and DiT, and the steps moved them
+        assert res["diffs"] == [0.0] * 3, res  # exact: same quantizer and GEMM on the current weights
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
 def test_two_ranks_train_and_resume(stage, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     args = RUN + _stage_args(stage, tmp_path) + ["--save-every", "1", "--keep-checkpoints", "2"]

@@ -4,6 +4,7 @@ Oracles written here, independent of the package: a plain quantizer (explicit bl
 of its dequantized operands. The Triton kernels run on CPU under the interpreter (their FP8 cast is done by
 torch there, see kernels/fp8_quant.py); the real FP8 GEMM paths (scaled_mm, Triton on tensor cores) are GPU-marked.
 """
+import contextlib
 import copy
 
 import pytest
@@ -11,7 +12,16 @@ import torch
 from tolerance import rel_err, scale_free_err
 from torch import nn
 
-from unirl_fast.fp8 import FP8Linear, convert_to_fp8, dequantize_fp8, quantize_fp8, rollout_mismatch, scaled_mm_failure
+from unirl_fast.fp8 import (
+    FP8Linear,
+    convert_to_fp8,
+    dequantize_fp8,
+    fp8_weight_cache,
+    invalidate_fp8_weights,
+    quantize_fp8,
+    rollout_mismatch,
+    scaled_mm_failure,
+)
 
 E4M3 = torch.float8_e4m3fn
 # DeepGEMM's bound for its FP8 GEMMs; E4M3 on both operands of Gaussian data measures ~6.6e-4 here
@@ -208,17 +218,95 @@ def test_save_fp8_activation_both_ways():
     assert any(t.dtype == torch.bfloat16 and t.shape == (150, 256) for t in s2)
 
 
-def test_weight_cache_follows_updates():
-    layer = FP8Linear(128, 256, backend="emulation")
-    x = torch.randn(9, 128)
-    y1 = layer(x)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
-    y1.square().sum().backward()
-    opt.step()
-    fresh = FP8Linear.from_linear(nn.Linear(128, 256), backend="emulation")
-    fresh.weight, fresh.bias = nn.Parameter(layer.weight.detach().clone()), layer.bias
-    assert not torch.equal(layer(x), y1)
-    assert torch.equal(layer(x), fresh(x))
+def _emulated(layer, x):
+    """What an FP8Linear of the layer's CURRENT weights computes: a fresh module over copies (no shared state)."""
+    fresh = FP8Linear.from_linear(nn.Linear(layer.in_features, layer.out_features), backend="emulation")
+    fresh.weight = nn.Parameter(layer.weight.detach().clone())
+    fresh.bias = nn.Parameter(layer.bias.detach().clone())
+    with torch.no_grad():
+        return fresh(x)
+
+
+def _flat_buffer(layer):
+    """ZeRO-1/2's layout: the parameters become views of one flat buffer; returns the update that refreshes them
+    by an in-place copy into that buffer (through `.data`, so the parameters' version counters never move)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in layer.parameters()])
+    o = 0
+    for p in layer.parameters():
+        p.data = flat[o:o + p.numel()].view_as(p)
+        o += p.numel()
+
+    def update():
+        version = layer.weight._version
+        flat.data.copy_(flat.data - 0.5)
+        assert layer.weight._version == version  # invisible to any (storage, version) key
+    return update
+
+
+UPDATES = {
+    "adamw_fused": lambda layer: torch.optim.AdamW(layer.parameters(), lr=0.5, fused=True),
+    "adamw_foreach": lambda layer: torch.optim.AdamW(layer.parameters(), lr=0.5, foreach=True),
+    "sgd": lambda layer: torch.optim.SGD(layer.parameters(), lr=0.5),
+    "flat_buffer_copy": None,
+}
+
+
+@pytest.mark.parametrize("update", list(UPDATES), ids=list(UPDATES))
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "in_cache_block"])
+def test_fp8_weights_never_stale(update, cached):
+    """After any kind of weight update the FP8 forward equals the emulation of the current weights exactly, with a
+    rollout-style (no-grad) forward and a training forward before the update; `in_cache_block` also keeps one
+    fp8_weight_cache block open across the update (an optimizer step clears it; the flat-buffer copy is followed
+    by the explicit invalidation the block's contract asks for)."""
+    layer = FP8Linear(256, 256, backend="emulation")
+    x = torch.randn(9, 256)
+    step = _flat_buffer(layer) if UPDATES[update] is None else UPDATES[update](layer).step
+    block = fp8_weight_cache(layer) if cached else contextlib.nullcontext()
+    with block:
+        with torch.no_grad():
+            y0 = layer(x)
+        layer(x).square().sum().backward()
+        step()
+        if cached and UPDATES[update] is None:
+            invalidate_fp8_weights(layer)
+        with torch.no_grad():
+            y_rollout = layer(x)
+        y_train = layer(x)
+    want = _emulated(layer, x)
+    assert not torch.equal(y_rollout, y0)
+    assert torch.equal(y_rollout, want) and torch.equal(y_train.detach(), want)
+
+
+def test_fp8_weight_cache_is_scoped(monkeypatch):
+    """Outside a block every forward quantizes the weight; inside, no-grad forwards share one quantization and a
+    forward that builds a graph still re-quantizes; leaving the block drops the copy; copies start outside."""
+    import unirl_fast.fp8.linear as lin
+
+    calls = []
+    real = lin._quant
+    monkeypatch.setattr(lin, "_quant", lambda x, grouping, *a: calls.append(grouping) or real(x, grouping, *a))
+    model = nn.Sequential(FP8Linear(128, 256, backend="emulation"), FP8Linear(256, 128, backend="emulation"))
+    x = torch.randn(5, 128)
+
+    def weight_quants(fn):
+        calls.clear()
+        fn()
+        return calls.count("128x128")
+    with torch.no_grad():
+        assert weight_quants(lambda: (model(x), model(x))) == 4  # no block: every forward
+    with fp8_weight_cache(model), torch.no_grad():
+        assert weight_quants(lambda: [model(x) for _ in range(5)]) == 2  # once per layer
+        with fp8_weight_cache(model):  # nested
+            assert weight_quants(lambda: model(x)) == 0
+        assert model[0]._wcache is not None and copy.deepcopy(model)[0]._cache_depth == 0
+    assert model[0]._wcache is None and model[0]._cache_depth == 0
+    with fp8_weight_cache(model):
+        assert weight_quants(lambda: model(x).sum().backward()) == 2  # a graph-building forward: fresh weights
+        with torch.no_grad():
+            model(x)
+        assert model[0]._wcache is not None
+        torch.optim.SGD(model.parameters(), lr=0.1).step()  # any optimizer step clears every cache
+        assert model[0]._wcache is None and model[1]._wcache is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on hardware without FP8 GEMMs")

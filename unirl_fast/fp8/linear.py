@@ -11,10 +11,20 @@ token sum). Every scale group runs along the GEMM's reduction axis, as block sca
 padded to a multiple of 128 (zero rows) only inside the wgrad operands. Where both directions of one tensor
 are needed (x in a training forward, dy in the backward) one fused kernel reads it once and writes both.
 
-Quantizations per layer and step: W once per weight version (cached), x once (rollout) or one fused dual
-pass (training), dy one fused dual pass, W^T a transposed copy of the FP8 weight (N*K bytes) in backward.
-Non-finite x, dy or W raise ValueError; that check reads the scales on the host (one sync per quantization):
-set UNIRL_FAST_VALUE_CHECKS=0 in a hot loop once the pipeline is trusted (the benchmark times it that way).
+Quantizations per layer and step: W in every forward that builds a graph for backward, and once per rollout
+(see "weight cache"), x once (rollout) or one fused dual pass (training), dy one fused dual pass, W^T a
+transposed copy of the FP8 weight (N*K bytes) in backward. Non-finite x, dy or W raise ValueError; that check
+reads only the scales and never syncs the host (on CUDA it is deferred to `unirl_fast.check_pending()`).
+
+Weight cache: the FP8 weight is NOT cached by default: any forward re-quantizes the current weight (a
+128x128-block pass over N*K elements, < 2% of the GEMM beside it at M >= 1024 tokens), so no optimizer or
+engine can leave it stale: fused / foreach AdamW and DeepSpeed's ZeRO-1/2 flat-buffer refresh write the
+weights without bumping the tensor's version, and ZeRO-3 re-gathers them at the same address, so no key on
+(storage, version) can see those updates. Caching is scoped: inside `with fp8_weight_cache(model):` a forward
+that builds no graph (rollout, reference forwards) reuses one FP8 copy per layer, and leaving the block drops
+every copy (so no FP8 copy of a ZeRO-3-partitioned weight outlives its gather). The rollout engines open
+that block around each generate call (weights cannot change inside one); a forward that builds a graph
+re-quantizes even inside it, and any torch optimizer step (a global post-step hook) clears every cache.
 
 Unified flow: rollout (eval / no_grad) and training call the same `FP8LinearFunction.forward`, which
 quantizes x and W with one quantizer family and runs one GEMM, so a token's rollout log-prob and the one
@@ -23,19 +33,22 @@ the trainer recomputes come from literally the same function (bitwise equal for 
 Saved for backward: with save_fp8_activation=True (Jet-RL) the 128x1 FP8 copy of x that wgrad consumes
 (1 byte/elem + 1/32 for scales, quantized in the forward) instead of x itself (2 bytes/elem in bf16). The
 wgrad operand is the same tensor either way, so both settings give bitwise identical gradients; only
-memory (and where the quantization runs) differs. The quantized weight is cached per module while the
-weight is unchanged (same storage and `_version`), which is what rollout needs: FP8 weights once per
-optimizer step, not once per decode step.
+memory (and where the quantization runs) differs.
 
 Limits: 2-D weights only; K, N multiples of 128 (ValueError otherwise; `convert_to_fp8` skips such layers);
-no autocast integration (FP8 is its own precision policy); not made torch.compile-friendly (the weight
-cache reads the storage pointer and version counter: expect a graph break per layer); embeddings, LM head,
+no autocast integration (FP8 is its own precision policy); not made torch.compile-friendly (the scoped
+weight cache reads the storage pointer and version counter: expect a graph break per layer); embeddings, LM head,
 norms and attention stay in the input dtype by construction (only nn.Linear layers are swapped).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import weakref
+
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .._checks import check_option, check_tensor
 from ..ops._dispatch import choose, triton_impl
@@ -132,6 +145,8 @@ class FP8Linear(nn.Linear):
         self.backend = backend
         self.save_fp8_activation = bool(save_fp8_activation)
         self._wcache = None
+        self._cache_depth = 0  # > 0 inside fp8_weight_cache()
+        _LIVE.add(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, backend="auto", save_fp8_activation=True) -> FP8Linear:
@@ -147,13 +162,29 @@ class FP8Linear(nn.Linear):
         return new
 
     def quantized_weight(self, gemm: str):
-        """(wq [N, K] e4m3, ws [N/128, K/128] fp32), recomputed only when the weight changed."""
+        """(wq [N, K] e4m3, ws [N/128, K/128] fp32) of the current weight. Reused only inside fp8_weight_cache()
+        by forwards that build no graph (and then only while storage, version and device are unchanged)."""
         w = self.weight
+        if self._cache_depth == 0 or (torch.is_grad_enabled() and w.requires_grad):
+            with torch.no_grad():
+                return _quant(w.detach(), "128x128", gemm, "weight")
         key = (w.data_ptr(), w._version, w.device, w.dtype, gemm == "emulation")
         if self._wcache is None or self._wcache[0] != key:
             with torch.no_grad():
                 self._wcache = (key, *_quant(w.detach(), "128x128", gemm, "weight"))
         return self._wcache[1], self._wcache[2]
+
+    def invalidate_weight_cache(self) -> None:
+        """Drop the cached FP8 weight (the next cached forward re-quantizes)."""
+        self._wcache = None
+
+    def __getstate__(self):
+        """Copies (deepcopy, pickle) start outside any cache block, with no cached weight."""
+        return {**self.__dict__, "_wcache": None, "_cache_depth": 0}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _LIVE.add(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, min_ndim=1, floating=True)
@@ -171,6 +202,56 @@ class FP8Linear(nn.Linear):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, backend={self.backend!r}, "
                 f"save_fp8_activation={self.save_fp8_activation}")
+
+
+_LIVE: "weakref.WeakSet[FP8Linear]" = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def fp8_weight_cache(module: nn.Module):
+    """Within the block, every FP8Linear in `module` quantizes its weight once and reuses it in forwards that
+    build no graph (rollout, frozen-reference forwards); on exit every cached copy is dropped. The weights must
+    not change inside the block except through a torch optimizer step (which clears the caches) or a call of
+    `invalidate_fp8_weights`. Blocks nest. Example:
+        with torch.no_grad(), fp8_weight_cache(model):
+            out = engine.generate(...)          # one FP8 weight quantization per layer, not one per token
+    """
+    layers = [m for m in module.modules() if isinstance(m, FP8Linear)]
+    for m in layers:
+        m._cache_depth += 1
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._cache_depth -= 1
+            if m._cache_depth == 0:
+                m.invalidate_weight_cache()
+
+
+def with_fp8_weight_cache(attr: str):
+    """Method decorator: run the method inside `fp8_weight_cache(getattr(self, attr))` (the rollout engines)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            with fp8_weight_cache(getattr(self, attr)):
+                return fn(self, *args, **kwargs)
+        return wrapper
+    return deco
+
+
+def invalidate_fp8_weights(module: nn.Module | None = None) -> None:
+    """Drop the cached FP8 weights of every FP8Linear in `module` (all live ones when None)."""
+    for m in (_LIVE if module is None else module.modules()):
+        if isinstance(m, FP8Linear):
+            m.invalidate_weight_cache()
+
+
+def _after_optimizer_step(optimizer, args, kwargs):
+    invalidate_fp8_weights()
+
+
+# Any torch optimizer's step (DeepSpeed's wrapped optimizers included) clears every cached FP8 weight.
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def _check_features(in_features: int, out_features: int) -> None:
