@@ -12,8 +12,9 @@ convention as the copy ceiling (bytes read + written). Per-sample and scalar ten
 GB/s is reported against the copy bandwidth measured in the same run (`frac_copy`).
 
 Inputs rotate through enough copies to exceed the 50 MB L2 (BENCH.md), so no case is timed from cache.
-"ours" goes through the public op with value checks off (UNIRL_FAST_VALUE_CHECKS=0, what a hot loop uses: the
-checks sync the device); the reference rows call the reference functions directly (no validation either).
+"ours" goes through the public op with the default value checks ("cheap": the per-sample log-probs and sigmas,
+no host sync; the CSV's `checks` column says which); the reference rows call the reference functions directly
+(no validation).
 Backward rows time `autograd.grad(..., retain_graph=True)` on a graph built once per input copy.
 
     python bench/bench_flow.py --smoke          # CPU: tiny shapes, ours under the Triton interpreter
@@ -190,19 +191,6 @@ def _plot(rows, path, copy_gbps):
 
 
 def main(argv=None):
-    """Runs with UNIRL_FAST_VALUE_CHECKS=0 (see the module docstring); the caller's setting is restored after."""
-    old = os.environ.get("UNIRL_FAST_VALUE_CHECKS")
-    os.environ["UNIRL_FAST_VALUE_CHECKS"] = "0"
-    try:
-        return _main(argv)
-    finally:
-        if old is None:
-            os.environ.pop("UNIRL_FAST_VALUE_CHECKS")
-        else:
-            os.environ["UNIRL_FAST_VALUE_CHECKS"] = old
-
-
-def _main(argv):
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--compile", action="store_true", help="time torch.compile(reference) in smoke mode too")
     args = p.parse_args(argv)

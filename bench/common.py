@@ -6,7 +6,9 @@
   and an FP8 GEMM (tensorwise `torch._scaled_mm`) where the GPU has FP8. CPU smoke mode uses small sizes.
 - Peak extra memory: `max_memory_allocated()` after `reset_peak_memory_stats()`, minus what was allocated
   before the call. Not measurable on CPU (reported as empty).
-- CSV rows carry the device name, torch / triton versions and the git commit; files go to bench/results/.
+- CSV rows carry the device name, torch / triton versions, the git commit and the value-check mode the ops
+  ran with (`checks`: "ours" is timed with the default, "cheap": O(output), no host sync); files go to
+  bench/results/.
 Every benchmark script takes `--smoke` (tiny shapes, few repeats: what the CPU runs).
 """
 from __future__ import annotations
@@ -122,9 +124,12 @@ def env_columns(device="cpu") -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
+    from unirl_fast import get_checks
+
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{os.cpu_count()}"
     return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "checks": get_checks()}
 
 
 def ratio(baseline_ms, ours_ms):

@@ -7,7 +7,7 @@ rows, the same dicts it appends to `<out>/<name>.csv`. The suite passes those fl
 script's own options.
 
 Isolation between scripts in one process: each runs with `os.environ` and `torch.get_num_threads()` restored
-afterwards (scripts set UNIRL_FAST_VALUE_CHECKS or one CPU thread for themselves), `torch._dynamo.reset()`
+afterwards (a script may set environment variables or one CPU thread for itself), `torch._dynamo.reset()`
 (the scripts compile the same reference functions; without a reset their guards accumulate toward dynamo's
 recompile limit, past which "compiled_ref" would silently run eager) and, on CUDA, `empty_cache()`. A script
 that raises is reported and the others still run.

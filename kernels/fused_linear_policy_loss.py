@@ -15,7 +15,9 @@ MODE_LOGP stops after sweep 1 (the first pass of sequence-level IS).
 
 Traffic per chunk: zr read twice and written once (2 bytes each for bf16), i.e. about 3 C V * 2 bytes against
 the 6 C H V GEMM FLOPs around it. Rows whose target is < 0 (ignore_index or mask 0, set by the caller)
-skip sweep 1 and write a zero row, logp = H = 0. An all -inf row is never produced by a finite head; the
+skip sweep 1 and write a zero row, logp = H = 0. Rows whose target is >= V (an out-of-range id, mapped there by
+the caller) are never read at that id: logp = H = NaN and a zero gradient row. An all -inf row is never
+produced by a finite head; the
 online update is still guarded so -inf logits give p = 0 and no NaN.
 """
 from __future__ import annotations
@@ -69,9 +71,10 @@ def _flpl_chunk_kernel(
     z_row = z_ptr + i_c * stride_zc
     tgt = tl.load(tgt_ptr + i_n).to(tl.int64)
     o_v = tl.arange(0, BLOCK_V)
-    if tgt < 0:
-        tl.store(logp_ptr + i_n, 0.0)
-        tl.store(ent_ptr + i_n, 0.0)
+    if (tgt < 0) | (tgt >= V):
+        out = tl.where(tgt < 0, 0.0, float("nan"))
+        tl.store(logp_ptr + i_n, out)
+        tl.store(ent_ptr + i_n, out)
         if MODE != 0:
             for v0 in range(0, V, BLOCK_V):
                 m_v = (v0 + o_v) < V

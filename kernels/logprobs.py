@@ -18,7 +18,8 @@ target logit is one extra scalar load. Per row it saves lse and H (fp32) for bac
 loaded into registers before the current slice's reductions, so one 8-16 KB load per program stays in
 flight across the reduce/exp/reduce chain (the loop has no tl.dot, so Triton's software pipeliner does
 not do this). Rows whose target is `ignore_index` skip the row loop
-entirely (padding costs no bandwidth) and give logp = H = 0.
+entirely (padding costs no bandwidth) and give logp = H = 0; rows whose id is outside [0, V) skip it too
+and give NaN (never a read outside the row; the public op's O(N) check reports the id).
 
 Backward, grid (N, cdiv(V, BLOCK_V)), elementwise given the saved per-row lse and H:
 
@@ -63,9 +64,11 @@ def _logprobs_fwd_kernel(
     i_n = tl.program_id(0).to(tl.int64)
     y = tl.load(p_y + i_n).to(tl.int64)
     valid = y != ignore_index
+    # an id outside [0, V) is never read: its row is skipped and its logp / H are NaN (the op's check names it)
+    bad = valid & ((y < 0) | (y >= V))
     p_row = p_x + (i_n // L) * s_xb + (i_n % L) * s_xl
     o_v = tl.arange(0, BLOCK_V)
-    v_end = tl.where(valid, V, 0)
+    v_end = tl.where(valid & ~bad, V, 0)
     m = float("-inf")
     s = 0.0
     t = 0.0
@@ -90,13 +93,13 @@ def _logprobs_fwd_kernel(
         m = m_new
     log_s = tl.log(s)
     lse = m + log_s
-    y_safe = tl.where(valid, y, 0)
+    y_safe = tl.where(valid & ~bad, y, 0)
     z_y = tl.load(p_row + y_safe * s_xv).to(tl.float32) * inv_t
     # (z_y - m) - log s, not z_y - lse: lse rounded to fp32 loses ~1e-3 absolute on rows near -2e4
-    tl.store(p_logp + i_n, tl.where(valid, (z_y - m) - log_s, 0.0))
+    tl.store(p_logp + i_n, tl.where(bad, float("nan"), tl.where(valid, (z_y - m) - log_s, 0.0)))
     tl.store(p_lse + i_n, lse)
     if HAS_ENT:
-        tl.store(p_ent + i_n, tl.where(valid, log_s - t / s, 0.0))
+        tl.store(p_ent + i_n, tl.where(bad, float("nan"), tl.where(valid, log_s - t / s, 0.0)))
 
 
 @triton.jit

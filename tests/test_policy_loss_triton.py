@@ -5,7 +5,7 @@ the fused op runs several chunks. GPU-marked tests use the BENCH.md qwen-1.5b sh
 """
 import pytest
 import torch
-from tolerance import assert_close_rule
+from tolerance import assert_close_rule, rel_err
 
 import unirl_fast as U
 import unirl_fast.ops.fused_linear_policy_loss_triton as FL
@@ -358,6 +358,67 @@ def test_fused_compiles_fullgraph(device, small_chunks):
     g_e = torch.autograd.grad(out_e[0], [h, W, b])
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(g_c, g_e)
+
+
+def _head_grads(h, W, b, y, d, rows, monkeypatch, **kw):
+    monkeypatch.setattr(FL, "CHUNK_ELEMENTS", rows * W.shape[0])
+    leaves = [t.detach().clone().requires_grad_() for t in (h, W, b)]
+    loss, _ = U.fused_linear_policy_loss(leaves[0], leaves[1], y, d["old_logp"], d["advantages"], d["mask"],
+                                         bias=leaves[2], impl="triton", loss_type="seq_sum", **kw)
+    return torch.autograd.grad(loss, leaves)
+
+
+def test_fused_head_grad_accumulates_in_fp32(device, monkeypatch):
+    """bf16 head, 2 rows per chunk (128 chunks): summed in fp32 across chunks, dW equals the one-chunk result (one
+    GEMM, rounded once) and is as close to the fp64 oracle; summed in bf16 (accum_dtype=None, the old behaviour) it
+    is measurably further from both. dh and db never accumulate across chunks and are the same either way."""
+    B, L, H, V = 4, 64, 32, 300
+    h, W, b, y = _head(B, L, H, V, device, dtype=torch.bfloat16)
+    d = _policy_data(B, L, device)
+    d["mask"][:] = True
+    one = _head_grads(h, W, b, y, d, B * L, monkeypatch)
+    acc32 = _head_grads(h, W, b, y, d, 2, monkeypatch)
+    acc16 = _head_grads(h, W, b, y, d, 2, monkeypatch, accum_dtype=None)
+    Wd = W.detach().double().requires_grad_()
+    loss_d, _ = fused_linear_policy_loss_ref(h.detach().double(), Wd, y, d["old_logp"].double(),
+                                             d["advantages"].double(), d["mask"], bias=b.detach().double(),
+                                             loss_type="seq_sum")
+    (oracle,) = torch.autograd.grad(loss_d, [Wd])
+    assert acc32[1].dtype == torch.bfloat16
+    assert rel_err(acc32[1], one[1]) <= 1e-3  # the chunked fp32 sum rounds like one GEMM (rare 1-ulp flips at most)
+    assert rel_err(acc32[1], oracle) <= rel_err(one[1], oracle) + 1e-4
+    assert rel_err(acc16[1], oracle) > 1.5 * rel_err(acc32[1], oracle), (rel_err(acc16[1], oracle),
+                                                                         rel_err(acc32[1], oracle))
+    assert torch.equal(acc32[0], acc16[0]) and torch.equal(acc32[2], acc16[2])
+    with pytest.raises(ValueError, match="accum_dtype"):
+        _head_grads(h, W, b, y, d, 2, monkeypatch, accum_dtype=torch.bfloat16)
+
+
+def test_fused_memory_and_in_place_backward(device, monkeypatch):
+    """Peak extra memory of forward + backward (op allocations beyond the gradients the caller gets): one logits
+    chunk plus the fp32 [V, H] accumulator and O(N) vectors. Backward scales the stored gradients in place (no
+    second [N, H] or [V, H] buffer) and refuses a second backward through the same call."""
+    from memprobe import AllocProbe
+
+    B, L, H, V = 4, 32, 64, 1000
+    h, W, b, y = _head(B, L, H, V, device, dtype=torch.bfloat16)
+    d = _policy_data(B, L, device)
+    rows = 16
+    monkeypatch.setattr(FL, "CHUNK_ELEMENTS", rows * V)
+    with AllocProbe() as fwd:
+        loss, _ = U.fused_linear_policy_loss(h, W, y, d["old_logp"], d["advantages"], d["mask"], bias=b,
+                                             impl="triton")
+    with AllocProbe() as bwd:
+        (loss * 0.5).backward(retain_graph=True)
+    grads = (h.numel() + W.numel()) * 2 + V * 4  # what the caller receives: dh, dW (bf16), db (fp32 then bf16)
+    budget = rows * V * 2 + V * H * 4 + 64 * B * L * 4 + grads + 4096
+    assert fwd.peak_bytes <= budget, (fwd.peak_bytes, budget, sorted(fwd.allocs, key=lambda a: -a[2])[:6])
+    assert bwd.count_at_least(B * L * H) == 0, bwd.allocs  # scaled in place: no new dh / dW buffer
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+    again, _ = U.fused_linear_policy_loss(h, W, y, d["old_logp"], d["advantages"], d["mask"], bias=b, impl="triton")
+    full = torch.autograd.grad(again, [h, W])
+    assert torch.equal(h.grad * 2, full[0]) and torch.equal(W.grad * 2, full[1])  # x 0.5 is exact in bf16
 
 
 @pytest.mark.gpu

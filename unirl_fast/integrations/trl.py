@@ -53,6 +53,7 @@ import types
 
 import torch
 
+from .._checks import check_pending
 from ..ops import fused_linear_logprobs, fused_linear_policy_loss
 from .hf import scoring_inputs, token_logprobs
 
@@ -183,7 +184,8 @@ def _compute_loss(self, model, inputs):
         ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, beta=self.beta, kl="k3",
         entropy_coef=self.entropy_coef, max_completion_length=self.max_completion_length, num_tokens=num_tokens,
         impl=impl)
-    _log_metrics(self, mode, loss, metrics)
+    _log_metrics(self, mode, loss, metrics)  # reads the metrics on the host: the step's sync point anyway
+    check_pending()  # so the deferred value checks of this loss call raise here, at no extra sync
     return loss * factor
 
 

@@ -17,7 +17,9 @@ SDE_KINDS = ("sde", "cps", "ode")
 
 
 def _sigma_values(name, value, sample):
-    """Validate a float or batch-shaped sigma; return (fp32 tensor or float, batch ndim or None)."""
+    """Validate a float or batch-shaped sigma; return (fp32 tensor on sample's device, batch ndim or None).
+    A float becomes a device tensor by a fill (no host-to-device copy, no sync); a sampler passes its schedule
+    as device tensors built once per trajectory, so a step makes neither."""
     if isinstance(value, torch.Tensor):
         C.check_tensor(name, value, floating=True)
         if value.ndim == 0:
@@ -27,11 +29,12 @@ def _sigma_values(name, value, sample):
                              f"of sample {tuple(sample.shape)} (e.g. [{sample.shape[0]}])")
         C.check_same_device(**{name: value, "sample": sample})
         return value.float(), value.ndim
-    return torch.tensor(C.check_finite_scalar(name, value), dtype=torch.float32, device=sample.device), None
+    return torch.full((), C.check_finite_scalar(name, value), dtype=torch.float32, device=sample.device), None
 
 
 def _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max):
-    """Shared validation; returns (sigma, sigma_next, sigma_max, batch_ndim)."""
+    """Shared validation; returns (sigma, sigma_next, sigma_max, batch_ndim). The sigma range checks are cheap
+    ([S] values) and deferred without a host sync on CUDA (see `unirl_fast.set_checks`)."""
     C.check_tensor("sample", sample, min_ndim=2, floating=True)
     C.check_tensor("velocity", velocity, floating=True)
     C.check_same_shape("velocity", velocity, "sample", sample)
@@ -47,28 +50,64 @@ def _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigm
     if nd1 is not None and nd2 is not None and nd1 != nd2:
         raise ValueError(f"sigma has {nd1} batch dims but sigma_next has {nd2}")
     batch_ndim = nd1 or nd2 or 1
-    if C.value_checks_enabled():
-        if not bool(((sig > 0) & (sig <= 1)).all()):
-            raise ValueError(f"sigma must be in (0, 1], got {sig[~((sig > 0) & (sig <= 1))].flatten()[0].item()}")
-        bad = ~((nxt >= 0) & (nxt < sig))
-        if bool(bad.any()):
-            got_n = torch.broadcast_to(nxt, bad.shape)[bad][0].item()
-            got_s = torch.broadcast_to(sig, bad.shape)[bad][0].item()
-            raise ValueError(f"sigma_next must be in [0, sigma), got {got_n} for sigma {got_s}")
     smax = None
-    if sde == "sde":
-        if sigma_max is not None:
-            smax, _ = _sigma_values("sigma_max", sigma_max, sample)
-            if C.value_checks_enabled() and not bool(((smax > 0) & (smax < 1)).all()):
-                raise ValueError(f"sigma_max must be in (0, 1) (the schedule's second-largest sigma), "
-                                 f"got {sigma_max!r}")
-        elif C.value_checks_enabled() and bool((sig == 1).any()):
-            raise ValueError("sigma == 1 needs sigma_max (the schedule's second-largest sigma): the 'sde' std "
-                             "divides by 1 - sigma")
-    if sde == "cps" and C.value_checks_enabled() and bool((nxt == 0).any()):
-        raise ValueError("sde='cps' with sigma_next == 0 is a zero-variance step with no log-prob; "
-                         "run the last step with sde='ode'")
+    if sde == "sde" and sigma_max is not None:
+        smax, _ = _sigma_values("sigma_max", sigma_max, sample)
+    _check_sigmas(sde, sigma, sigma_next, sigma_max, sig, nxt, smax)
     return sig, nxt, smax, batch_ndim
+
+
+def _sigma_rules(sde, has_smax):
+    """(test(sigma, sigma_next, sigma_max) -> ok, message) for one step; works on floats and on tensors."""
+    rules = [(lambda s, n, m: (s > 0) & (s <= 1), "sigma must be in (0, 1]"),
+             (lambda s, n, m: (n >= 0) & (n < s), "sigma_next must be in [0, sigma)")]
+    if sde == "sde" and has_smax:
+        rules.append((lambda s, n, m: (m > 0) & (m < 1), "sigma_max must be in (0, 1) (the schedule's second-largest "
+                                                         "sigma)"))
+    elif sde == "sde":
+        rules.append((lambda s, n, m: s != 1, "sigma == 1 needs sigma_max (the schedule's second-largest sigma): the "
+                                              "'sde' std divides by 1 - sigma"))
+    if sde == "cps":
+        rules.append((lambda s, n, m: n != 0, "sde='cps' with sigma_next == 0 is a zero-variance step with no "
+                                              "log-prob; run the last step with sde='ode'"))
+    return rules
+
+
+def _check_sigmas(sde, sigma, sigma_next, sigma_max, sig, nxt, smax):
+    """Every sigma rule in one check: on the host at once for Python floats (free), else one device flag for the
+    whole batch (no host sync), whose message finds the failing rule and values on the error path only."""
+    if not C.value_checks_enabled():
+        return
+    rules = _sigma_rules(sde, smax is not None)
+    raw = (sigma, sigma_next, sigma_max)
+    if not any(isinstance(v, torch.Tensor) for v in raw):
+        for test, what in rules:
+            if not test(*(None if v is None else float(v) for v in raw)):
+                raise ValueError(f"{what}; got sigma={sigma!r}, sigma_next={sigma_next!r}, sigma_max={sigma_max!r}")
+        return
+    s, n = torch.broadcast_tensors(sig, nxt)
+    m = None if smax is None else torch.broadcast_to(smax, s.shape)
+    ok = torch.ones_like(s, dtype=torch.bool)
+    for test, _ in rules:
+        ok = ok & test(s, n, m)
+    refs = tuple(C.weak(x) for x in (s, n, m))
+
+    def message(i):
+        vals = tuple(None if r is None or r() is None else r()[i].item() for r in refs)
+        if vals[0] is not None and vals[1] is not None:
+            failed = [what for test, what in rules if not test(*vals)]
+            if failed:
+                return f"{failed[0]}; got sigma={vals[0]}, sigma_next={vals[1]}, sigma_max={vals[2]} at {list(i)}"
+        return f"a sigma rule failed at {list(i)}: " + "; ".join(what for _, what in rules)
+    C.flag(~ok, message)
+
+
+def _check_logp(name, logp, inputs):
+    """Cheap check of a step's per-sample log-prob [S]: NaN/inf in any input of the step shows up there."""
+    if logp is not None and C.value_checks_enabled():
+        C.flag(~torch.isfinite(logp.detach()),
+               lambda i: f"{name}: non-finite log-prob for sample {C._fmt_index(i)}: {inputs} holds NaN or inf "
+                         "(set_checks('full') scans each input)")
 
 
 def flow_sde_step(velocity, sample, sigma, sigma_next, *, noise=None, generator=None, noise_level=0.7, sde="sde",
@@ -91,11 +130,20 @@ def flow_sde_step(velocity, sample, sigma, sigma_next, *, noise=None, generator=
             raise ValueError("pass either noise or generator, not both")
         C.check_tensor("noise", noise, floating=True)
         C.check_same_shape("noise", noise, "sample", sample)
-        C.check_all_finite("noise", noise)
+        C.scan_finite("noise", noise)
+    C.scan_finite("velocity", velocity)
+    C.scan_finite("sample", sample)
+    if sample.numel() == 0:  # an empty batch: empty results, no kernel
+        S = sample.shape[:nd]
+        f32 = dict(dtype=torch.float32, device=sample.device)
+        empty = torch.empty(sample.shape, **f32)
+        return empty, (None if sde == "ode" else torch.empty(S, **f32)), empty.clone(), torch.empty(S, **f32)
     kw = dict(noise=noise, generator=generator, noise_level=float(noise_level), sde=sde, sigma_max=smax,
               batch_ndim=nd)
     fn = triton_impl("flow_sde_step") if choose("flow_sde_step", impl, sample.device) == "triton" else flow_sde_step_ref
-    return fn(velocity, sample, sig, nxt, **kw)
+    out = fn(velocity, sample, sig, nxt, **kw)
+    _check_logp("flow_sde_step", out[1], "velocity, sample or noise")
+    return out
 
 
 def flow_step_logprob(velocity, sample, next_sample, sigma, sigma_next, *, noise_level=0.7, sde="sde", sigma_max=None,
@@ -113,11 +161,17 @@ def flow_step_logprob(velocity, sample, next_sample, sigma, sigma_next, *, noise
     sig, nxt, smax, nd = _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max)
     C.check_tensor("next_sample", next_sample, floating=True)
     C.check_same_shape("next_sample", next_sample, "sample", sample)
-    C.check_all_finite("next_sample", next_sample)
+    for name, x in (("velocity", velocity), ("sample", sample), ("next_sample", next_sample)):
+        C.scan_finite(name, x.detach())
+    if sample.numel() == 0:
+        return velocity.sum(tuple(range(nd, velocity.ndim)), dtype=torch.float32)  # [S] empty, still in the graph
     kw = dict(noise_level=float(noise_level), sde=sde, sigma_max=smax, batch_ndim=nd)
     if choose("flow_step_logprob", impl, sample.device) == "triton":
-        return triton_impl("flow_step_logprob")(velocity, sample, next_sample, sig, nxt, **kw)
-    return flow_step_logprob_ref(velocity, sample, next_sample, sig, nxt, **kw)
+        out = triton_impl("flow_step_logprob")(velocity, sample, next_sample, sig, nxt, **kw)
+    else:
+        out = flow_step_logprob_ref(velocity, sample, next_sample, sig, nxt, **kw)
+    _check_logp("flow_step_logprob", out, "velocity, sample or next_sample")
+    return out
 
 
 def _check_pair(a_name, a, b_name, b, lead):
@@ -156,7 +210,7 @@ def flow_policy_loss(logp, old_logp, advantages, *, clip_range=1e-4, velocity=No
     C.check_finite_scalar("beta_velocity", beta_velocity, nonneg=True)
     C.check_finite_scalar("beta_kl", beta_kl, nonneg=True)
     for name, x in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
-        C.check_all_finite(name, x)
+        C.check_finite(name, x.detach())
     _check_pair("velocity", velocity, "ref_velocity", ref_velocity, logp.shape)
     _check_pair("mean", mean, "ref_mean", ref_mean, logp.shape)
     if beta_velocity > 0 and velocity is None:
@@ -166,10 +220,14 @@ def flow_policy_loss(logp, old_logp, advantages, *, clip_range=1e-4, velocity=No
             raise ValueError("the latent KL needs mean, ref_mean and std")
         if isinstance(std, torch.Tensor):
             C.check_same_shape("std", std, "logp", logp)
-            if C.value_checks_enabled() and not bool((std > 0).all()):
-                raise ValueError("std must be > 0 everywhere (a zero-variance step has no KL)")
+            C.check_in_range("std", std.detach(), std.detach() > 0, "must be > 0 everywhere (a zero-variance step "
+                                                                    "has no KL)")
         else:
             C.check_finite_scalar("std", std, positive=True)
+    if logp.numel() == 0:  # no sample: zero loss (still in the graph) and zero metrics, never NaN
+        names = ["pg_loss", "clip_frac", "ratio_mean", "approx_kl"]
+        names += ["velocity_mse"] * (velocity is not None) + ["latent_kl"] * (mean is not None)
+        return logp.sum(dtype=torch.float32) * 0.0, {k: torch.zeros((), device=logp.device) for k in names}
     kw = dict(clip_range=float(clip_range), velocity=velocity, ref_velocity=ref_velocity,
               beta_velocity=float(beta_velocity), mean=mean, ref_mean=ref_mean, std=std, beta_kl=float(beta_kl))
     fn = triton_impl("flow_policy_loss") if choose("flow_policy_loss", impl, logp.device) == "triton" \

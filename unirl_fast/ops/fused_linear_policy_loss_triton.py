@@ -16,8 +16,16 @@ gradient pass (6NHV): 8NHV in all. The loss value and metrics come from the same
 Backward only multiplies the stored grads by the upstream scalar.
 
 Memory: one [C, V] logits buffer with C = CHUNK_ELEMENTS // V rows (fixed element budget: 2^28 elements,
-512 MiB in bf16, whatever N is), the grads of hidden (N H) and weight (V H, accumulated in the weight's
-dtype with cuBLAS beta=1: one rounding per chunk) and O(N) fp32 vectors. Nothing else grows with N.
+512 MiB in bf16, whatever N is), the grads of hidden (N H) and weight (V H) and O(N) fp32 vectors. Nothing
+else grows with N. The head gradient is summed over the chunks in an fp32 [V, H] accumulator by default
+(`accum_dtype=torch.float32`; cuBLAS adds into the fp32 C directly, `addmm(out_dtype=float32)`) and rounded to
+the head's dtype once: summing in bf16 rounds the running sum once per chunk (5 / 10 / 38 times at 8k / 16k /
+64k tokens at qwen-3b), the instability Liger users traced to it. The accumulator costs 4 V H bytes during the
+forward (1.2 GB at qwen-3b) and is freed before the op returns; `accum_dtype=None` keeps the old in-dtype sums.
+Under autocast over fp32 master weights the head gradient is still rounded to the autocast dtype once (the op
+runs on the cast head), then widened by autograd.
+Backward scales the stored gradients by the upstream scalar in place (no second dh / dW buffer), so one call
+supports one backward (a second raises instead of scaling twice).
 
 Precision: GEMMs run in the inputs' dtype (the autocast dtype when autocast is on, like F.linear);
 softmax, logp, entropy and the loss are fp32. fp16 runs its GEMMs in fp32: fp16 dlogits (~w p, 1e-9
@@ -31,6 +39,7 @@ from typing import Optional
 import torch
 
 from ..kernels import fused_linear_policy_loss as K
+from ..kernels.fused_linear_logprobs import _fp32_accumulate_ok
 from ._dispatch import register_triton
 from .policy_loss_triton import METRIC_NAMES, metrics_dict, row_weights, run_policy_kernel
 
@@ -41,17 +50,37 @@ def chunk_rows(N, V):
     return max(1, min(N, CHUNK_ELEMENTS // V))
 
 
-def _head_pass(h2, W, b, tgt, vec, opts, *, mode, need_dh, need_dw, need_db):
-    """One chunked sweep over the head: -> (logp [N], ent [N], dh | None, dW | None, db | None)."""
+def _addmm_fp32(acc, a, b):
+    """acc (fp32) += a @ b for 16-bit a, b with fp32 accumulation and no 16-bit rounding of the product.
+    cuBLAS takes the fp32 C directly where torch has `addmm(out_dtype=float32)` (probed once per device and
+    dtype); elsewhere the product runs in fp32 over row blocks of a, whose fp32 copies stay below a quarter
+    of a's size (the CPU path; exact, just slower)."""
+    if _fp32_accumulate_ok(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return
+    b32 = b.float()
+    step = max(1, a.shape[0] // 4)
+    for r in range(0, a.shape[0], step):
+        acc[r:r + step].addmm_(a[r:r + step].float(), b32)
+
+
+def _head_pass(h2, W, b, tgt, vec, opts, *, mode, need_dh, need_dw, need_db, accum_fp32):
+    """One chunked sweep over the head: -> (logp [N], ent [N], dh | None, dW | None, db | None).
+    With accum_fp32 (and a 16-bit head over more than one chunk) dW is summed over the chunks in an fp32
+    [V, H] buffer and rounded to the head's dtype once at the end; otherwise cuBLAS adds each chunk into dW in
+    the head's dtype (one rounding per chunk)."""
     N, H = h2.shape
     V = W.shape[0]
     f32 = dict(dtype=torch.float32, device=h2.device)
     logp, ent = torch.empty(N, **f32), torch.empty(N, **f32)
     grads = mode != K.MODE_LOGP
-    dh = torch.empty(N, H, dtype=h2.dtype, device=h2.device) if grads and need_dh else None
-    dW = (torch.zeros_like(W) if N == 0 else torch.empty_like(W)) if grads and need_dw else None
-    db = torch.zeros(V, **f32) if grads and need_db else None
     rows = chunk_rows(N, V)
+    acc32 = accum_fp32 and W.dtype in (torch.bfloat16, torch.float16) and N > rows
+    dh = torch.empty(N, H, dtype=h2.dtype, device=h2.device) if grads and need_dh else None
+    dW = None
+    if grads and need_dw:
+        dW = torch.zeros(V, H, **f32) if acc32 else (torch.zeros_like(W) if N == 0 else torch.empty_like(W))
+    db = torch.zeros(V, **f32) if grads and need_db else None
     zbuf = torch.empty(rows, V, dtype=W.dtype, device=h2.device)
     Wt = W.t()
     for i, s in enumerate(range(0, N, rows)):
@@ -65,21 +94,28 @@ def _head_pass(h2, W, b, tgt, vec, opts, *, mode, need_dh, need_dw, need_db):
         if dh is not None:
             torch.mm(z, W, out=dh[s:e])  # [C, V] x [V, H] -> [C, H]
         if dW is not None:
-            if i == 0:
+            if acc32:
+                _addmm_fp32(dW, z.t(), hc)  # [V, C] x [C, H] -> [V, H], fp32 C
+            elif i == 0:
                 torch.mm(z.t(), hc, out=dW)  # [V, C] x [C, H] -> [V, H]
             else:
                 dW.addmm_(z.t(), hc)
         if db is not None:
             db += z.sum(0, dtype=torch.float32)  # [C, V] -> [V]
+    if acc32 and dW is not None:
+        del zbuf
+        dW = dW.to(W.dtype)
     return logp, ent, dh, dW, db
 
 
-def _token_vectors(targets, old_logp, advantages, mask, ref_logp, rollout_logp, ignore_index, loss_type,
+def _token_vectors(targets, vocab, old_logp, advantages, mask, ref_logp, rollout_logp, ignore_index, loss_type,
                    max_completion_length, num_tokens):
-    """Per-token fp32 [N] inputs of the row kernel; tgt = -1 marks tokens outside the loss."""
+    """Per-token fp32 [N] inputs of the row kernel; tgt = -1 marks tokens outside the loss, tgt = V an
+    out-of-range id (never read by the kernel: NaN log-prob)."""
     B, L = targets.shape
     valid = mask & (targets != ignore_index)
-    tgt = torch.where(valid, targets, torch.full_like(targets, -1)).to(torch.int32).reshape(-1)
+    ids = torch.where((targets >= 0) & (targets < vocab), targets, vocab)
+    tgt = torch.where(valid, ids, -1).to(torch.int32).reshape(-1)
     w = (valid.float() * row_weights(valid, loss_type, max_completion_length, num_tokens)[:, None]).reshape(-1)
 
     def flat(x):
@@ -98,19 +134,20 @@ def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
              ignore_index: int, loss_type: str, eps_low: float, eps_high: float, dual_clip: Optional[float],
              importance_sampling: str, beta: float, kl: str, tis_cap: Optional[float], entropy_coef: float,
              max_completion_length: Optional[int], num_tokens: Optional[float], need_dh: bool, need_dw: bool,
-             need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             need_db: bool, accum_fp32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
     with torch.autocast(hidden.device.type, enabled=False):
         B, L = targets.shape
         h2 = hidden.reshape(B * L, hidden.shape[-1])
-        valid, tgt, vec = _token_vectors(targets, old_logp, advantages, mask, ref_logp, rollout_logp,
-                                         ignore_index, loss_type, max_completion_length, num_tokens)
+        valid, tgt, vec = _token_vectors(targets, weight.shape[0], old_logp, advantages, mask, ref_logp,
+                                         rollout_logp, ignore_index, loss_type, max_completion_length, num_tokens)
         popts = dict(loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                      importance_sampling=importance_sampling, beta=beta, kl=kl, tis_cap=tis_cap,
                      entropy_coef=entropy_coef, max_completion_length=max_completion_length, num_tokens=num_tokens)
         kopts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                      tis_cap=tis_cap, beta=beta, entropy_coef=entropy_coef, kl=kl)
-        need = dict(need_dh=need_dh, need_dw=need_dw, need_db=need_db and bias is not None)
-        grads = need_dh or need["need_dw"] or need["need_db"]
+        need = dict(need_dh=need_dh, need_dw=need_dw, need_db=need_db and bias is not None, accum_fp32=accum_fp32)
+        grads = need_dh or need_dw or need["need_db"]
         seq = importance_sampling == "sequence"
         first = K.MODE_TOKEN if grads and not seq else K.MODE_LOGP
         logp, ent, dh, dW, db = _head_pass(h2, weight, bias, tgt, vec, kopts, mode=first, **need)
@@ -130,7 +167,7 @@ def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 @_flpl_op.register_fake
 def _(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, rollout_logp, temperature,
       ignore_index, loss_type, eps_low, eps_high, dual_clip, importance_sampling, beta, kl, tis_cap, entropy_coef,
-      max_completion_length, num_tokens, need_dh, need_dw, need_db):
+      max_completion_length, num_tokens, need_dh, need_dw, need_db, accum_fp32):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (torch.empty((), **f32), torch.empty(len(METRIC_NAMES), **f32),
             hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
@@ -140,15 +177,27 @@ def _(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, rollo
 def _setup(ctx, inputs, output):
     ctx.bias_dtype = None if inputs[6] is None else inputs[6].dtype
     ctx.save_for_backward(*output[2:])
+    ctx.set_materialize_grads(False)  # no zero [N, H] / [V, H] grads for the gradient outputs nobody uses
+    ctx.consumed = False
 
 
 def _backward(ctx, g_loss, g_metrics, g_dh, g_dw, g_db):
+    """The gradients were computed in the forward; scale them by the upstream scalar IN PLACE (no second
+    [N, H] / [V, H] buffer). A second backward through the same call would scale them twice, so it raises."""
+    if ctx.consumed:
+        raise RuntimeError("fused_linear_policy_loss computes its gradients in the forward and the first backward "
+                           "scales them in place: backward through the same call only once (call the op again "
+                           "instead of retain_graph=True)")
+    ctx.consumed = not torch.compiler.is_compiling()  # a traced backward is a functional graph: scaling copies there
     dh, dW, db = ctx.saved_tensors
 
-    def scale(x, dt):
-        return None if x.numel() == 0 else (x * g_loss).to(dt)
-    d_b = None if ctx.bias_dtype is None else scale(db, ctx.bias_dtype)
-    return (scale(dh, dh.dtype), scale(dW, dW.dtype)) + (None,) * 4 + (d_b,) + (None,) * 18
+    if g_loss is None:  # the loss took no part in what was differentiated
+        return (None,) * 26
+
+    def scale(x):
+        return None if x.numel() == 0 else x.mul_(g_loss)
+    d_b = None if ctx.bias_dtype is None or db.numel() == 0 else (db * g_loss).to(ctx.bias_dtype)
+    return (scale(dh), scale(dW)) + (None,) * 4 + (d_b,) + (None,) * 19
 
 
 _flpl_op.register_autograd(_backward, setup_context=_setup)
@@ -168,8 +217,9 @@ def fused_linear_policy_loss_triton(hidden, weight, targets, old_logp, advantage
                                     temperature=1.0, ignore_index=-100, loss_type="grpo", eps_low=0.2,
                                     eps_high=0.2, dual_clip=None, importance_sampling="token", ref_logp=None,
                                     beta=0.0, kl="k3", rollout_logp=None, tis_cap=None, entropy_coef=0.0,
-                                    max_completion_length=None, num_tokens=None):
-    """Triton `fused_linear_policy_loss`: same arguments and results as its reference."""
+                                    max_completion_length=None, num_tokens=None, accum_dtype=torch.float32):
+    """Triton `fused_linear_policy_loss`: same arguments and results as its reference. accum_dtype: fp32 sums the
+    head gradient over token chunks in fp32; None in the head's dtype (one rounding per chunk)."""
     cdt = _compute_dtype(hidden, weight)
     h, W = hidden.to(cdt), weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
@@ -179,6 +229,7 @@ def fused_linear_policy_loss_triton(hidden, weight, targets, old_logp, advantage
         loss_type, float(eps_low), float(eps_high), None if dual_clip is None else float(dual_clip),
         importance_sampling, float(beta), kl, None if tis_cap is None else float(tis_cap), float(entropy_coef),
         max_completion_length, None if num_tokens is None else float(num_tokens),
-        on and h.requires_grad, on and W.requires_grad, on and b is not None and b.requires_grad)
+        on and h.requires_grad, on and W.requires_grad, on and b is not None and b.requires_grad,
+        accum_dtype is not None)
     return loss, metrics_dict(metrics, dual=dual_clip is not None, kl=ref_logp is not None, entropy=True,
                               tis=rollout_logp is not None)

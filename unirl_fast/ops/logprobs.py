@@ -2,8 +2,16 @@
 
 Shapes: N tokens in any leading dims ([B, L] or flattened [N]), V vocab, H hidden.
 Both ops return fp32 per-token log-probs (and entropies) and are differentiable in their float inputs.
+
+Value checks (see `unirl_fast.set_checks`): by default ("cheap") the [N] outputs are checked, not the [N, V]
+logits or the [V, H] head. A NaN or +inf logit, or a row of only -inf, makes that token's log-prob NaN on both
+impls; a NaN/inf in hidden, weight or bias makes it non-finite (a finite head gives finite logits). So the check
+is O(N) and needs no host sync. Out-of-range target ids are checked on the [N] ids; the kernels and the
+reference never read them (their log-prob is NaN), whatever the mode. "full" also scans the inputs first.
 """
 from __future__ import annotations
+
+import torch
 
 from .. import _checks as C
 from ..reference.logprobs import fused_linear_logprobs_ref, logprobs_from_logits_ref
@@ -48,14 +56,57 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
     C.check_same_device(logits=logits, targets=targets)
     _check_common(temperature, ignore_index, return_entropy)
     _check_inplace(inplace_backward)
-    C.check_no_nan_or_posinf("logits", logits)
-    C.check_targets("targets", targets, logits.shape[-1], ignore_index)
+    C.scan_no_nan_or_posinf("logits", logits)
     if choose("logprobs_from_logits", impl, logits.device) == "triton":
-        return triton_impl("logprobs_from_logits")(logits, targets, temperature=float(temperature),
-                                                   ignore_index=ignore_index, return_entropy=return_entropy,
-                                                   inplace_backward=inplace_backward)
-    return logprobs_from_logits_ref(logits, targets, temperature=float(temperature), ignore_index=ignore_index,
-                                    return_entropy=return_entropy)
+        out = triton_impl("logprobs_from_logits")(logits, targets, temperature=float(temperature),
+                                                  ignore_index=ignore_index, return_entropy=return_entropy,
+                                                  inplace_backward=inplace_backward)
+    else:
+        out = logprobs_from_logits_ref(logits, targets, temperature=float(temperature), ignore_index=ignore_index,
+                                       return_entropy=return_entropy)
+    _check_outputs(out[0], targets, logits.shape[-1], ignore_index, _logits_message, nan_only=True)
+    return out
+
+
+def _logits_message(i, refs):
+    return (f"logits contain NaN or +inf (or only -inf) in the row of token {C._fmt_index(i)}: its log-prob is "
+            "NaN; logits may hold -inf (masked entries) but never NaN or +inf")
+
+
+def blame_head(refs, row=None, where="non-finite output") -> str:
+    """Name which of hidden / weight / bias (weak references) is non-finite; looked at on the error path only,
+    and only while the tensors are still alive. row: the token whose output was bad (None: any)."""
+    hidden, weight, bias = (None if r is None else r() for r in refs)
+    if hidden is not None and not bool(torch.isfinite(hidden if row is None else hidden[row]).all()):
+        at = "" if row is None else f" in the row of token {C._fmt_index(row)}"
+        return f"hidden contains NaN or inf{at} ({where})"
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is not None and not bool(torch.isfinite(x).all()):
+            return f"{name} contains NaN or inf ({where})"
+    return f"{where}: hidden, weight or bias holds NaN or inf (or the logits overflowed)"
+
+
+def _head_message(i, refs):
+    return blame_head(refs, i, f"non-finite log-prob at token {C._fmt_index(i)}")
+
+
+def _check_outputs(logp, targets, vocab, ignore_index, message, refs=(), *, nan_only=False):
+    """Cheap output check, one flag for the ids and the values: an out-of-range id, or a valid token whose log-prob
+    is NaN (nan_only: the logits path, where -inf logits are legal) / non-finite (head path). The message tells
+    which on the error path only."""
+    if not C.value_checks_enabled():
+        return
+    ids_bad = C.bad_targets(targets, vocab, ignore_index)
+    bad = ids_bad | (torch.isnan(logp) if nan_only else ~torch.isfinite(logp))
+    t_ref = C.weak(targets)
+
+    def which(i):
+        t = t_ref()
+        if t is None or C.bad_targets(t[i], vocab, ignore_index):
+            v = f"id {int(t[i])}" if t is not None else f"an id at {C._fmt_index(i)} (or a non-finite value there)"
+            return f"targets contains {v} outside [0, {vocab}) that is not ignore_index={ignore_index}"
+        return message(i, refs)
+    C.flag(bad, which)
 
 
 def check_linear_head(hidden, weight, targets, bias):
@@ -77,10 +128,10 @@ def check_linear_head(hidden, weight, targets, bias):
             raise ValueError(f"hidden has shape {tuple(hidden.shape)} but targets has shape {tuple(targets.shape)}; "
                              "expected hidden [*targets.shape, H] or flattened [targets.numel(), H]")
     C.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    C.check_all_finite("hidden", hidden)
-    C.check_all_finite("weight", weight)
+    C.scan_finite("hidden", hidden)
+    C.scan_finite("weight", weight)
     if bias is not None:
-        C.check_all_finite("bias", bias)
+        C.scan_finite("bias", bias)
     return hidden
 
 
@@ -101,10 +152,18 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     """
     hidden = check_linear_head(hidden, weight, targets, bias)
     _check_common(temperature, ignore_index, return_entropy)
-    C.check_targets("targets", targets, weight.shape[0], ignore_index)
     if choose("fused_linear_logprobs", impl, hidden.device) == "triton":
-        return triton_impl("fused_linear_logprobs")(hidden, weight, targets, bias=bias,
-                                                    temperature=float(temperature), ignore_index=ignore_index,
-                                                    return_entropy=return_entropy)
-    return fused_linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=float(temperature),
-                                     ignore_index=ignore_index, return_entropy=return_entropy)
+        out = triton_impl("fused_linear_logprobs")(hidden, weight, targets, bias=bias,
+                                                   temperature=float(temperature), ignore_index=ignore_index,
+                                                   return_entropy=return_entropy)
+    else:
+        out = fused_linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=float(temperature),
+                                        ignore_index=ignore_index, return_entropy=return_entropy)
+    check_head_outputs(out[0], targets, weight.shape[0], ignore_index, hidden, weight, bias)
+    return out
+
+
+def check_head_outputs(logp, targets, vocab, ignore_index, hidden, weight, bias):
+    """The cheap check of an op that computes logits from hidden @ weight.T + bias: finite per-token log-probs."""
+    refs = tuple(C.weak(x) for x in (hidden, weight, bias))
+    _check_outputs(logp, targets, vocab, ignore_index, _head_message, refs)

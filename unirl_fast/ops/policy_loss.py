@@ -6,11 +6,13 @@ dual_clip_frac, kl_mean, entropy_mean, tis_weight_mean, tis_capped_frac.
 """
 from __future__ import annotations
 
+import torch
+
 from .. import _checks as C
 from ..reference import fused_linear_policy_loss_ref
 from ..reference.policy_loss import policy_loss_ref
 from ._dispatch import choose, triton_impl
-from .logprobs import _check_common, check_linear_head
+from .logprobs import _check_common, blame_head, check_linear_head
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "seq_sum")
 IS_LEVELS = ("token", "sequence")
@@ -22,10 +24,7 @@ def _check_per_token(name, x, ref, mask, *, required=False):
         return
     C.check_tensor(name, x, floating=True)
     C.check_same_shape(name, x, "logp", ref)
-    if C.value_checks_enabled():
-        bad = mask & ~x.isfinite()
-        if bool(bad.any()):
-            raise ValueError(f"{name} has a non-finite value ({x[bad].flatten()[0].item()}) at a valid (mask=1) token")
+    C.check_finite(f"{name} (at a valid, mask=1 token)", x.detach(), where=mask)
 
 
 def check_policy_options(B, L, advantages, *, loss_type, eps_low, eps_high, dual_clip, importance_sampling,
@@ -38,7 +37,7 @@ def check_policy_options(B, L, advantages, *, loss_type, eps_low, eps_high, dual
     C.check_tensor("advantages", advantages, ndim=(1, 2), floating=True)
     if tuple(advantages.shape) not in ((B,), (B, L)):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected [{B}] or [{B}, {L}]")
-    C.check_all_finite("advantages", advantages)
+    C.check_finite("advantages", advantages.detach())
     lo = C.check_finite_scalar("eps_low", eps_low, nonneg=True)
     if lo > 1:
         raise ValueError(f"eps_low must be in [0, 1], got {eps_low!r}")
@@ -108,7 +107,7 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
                              ignore_index=-100, loss_type="grpo", eps_low=0.2, eps_high=0.2, dual_clip=None,
                              importance_sampling="token", ref_logp=None, beta=0.0, kl="k3", rollout_logp=None,
                              tis_cap=None, entropy_coef=0.0, max_completion_length=None, num_tokens=None,
-                             impl="auto"):
+                             impl="auto", accum_dtype=torch.float32):
     """`policy_loss` computed straight from hidden states and the LM head.
 
     Token log-probs and entropies come from softmax((hidden @ weight.T + bias) / temperature); entropy
@@ -117,6 +116,9 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
     Args:
         hidden: [B, L, H] or flattened [B*L, H] (differentiable); weight: [V, H] (differentiable); bias: [V] or None.
         targets, old_logp, mask: [B, L]; advantages: [B] or [B, L]; other options as in `policy_loss`.
+        accum_dtype: torch.float32 (default) sums the head gradient over token chunks in fp32 and rounds it to
+            the head's dtype once (Triton path); None sums in the head's dtype (one rounding per chunk). The
+            reference computes in fp32 either way.
     Returns:
         (loss fp32 scalar, metrics dict)
     Example:
@@ -145,8 +147,16 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
               importance_sampling=importance_sampling, ref_logp=ref_logp, beta=float(beta), kl=kl,
               rollout_logp=rollout_logp, tis_cap=tis_cap, entropy_coef=float(entropy_coef),
               max_completion_length=max_completion_length, num_tokens=num_tokens)
+    if accum_dtype not in (torch.float32, None):
+        raise ValueError(f"accum_dtype must be torch.float32 or None (the head's dtype), got {accum_dtype!r}")
     if choose("fused_linear_policy_loss", impl, hidden.device) == "triton":
-        fn = triton_impl("fused_linear_policy_loss")
+        loss, metrics = triton_impl("fused_linear_policy_loss")(hidden, weight, targets, old_logp, advantages,
+                                                                mask, accum_dtype=accum_dtype, **kw)
     else:
-        fn = fused_linear_policy_loss_ref
-    return fn(hidden, weight, targets, old_logp, advantages, mask, **kw)
+        loss, metrics = fused_linear_policy_loss_ref(hidden, weight, targets, old_logp, advantages, mask, **kw)
+    if C.value_checks_enabled():
+        # NaN/inf in hidden, weight or bias makes a valid token's entropy, so their mean, non-finite; a finite head
+        # never does (unlike the loss, which a huge ratio may legitimately make infinite)
+        refs = tuple(C.weak(x) for x in (hidden, weight, bias))
+        C.flag(~torch.isfinite(metrics["entropy_mean"]), lambda i: blame_head(refs, where="non-finite entropy"))
+    return loss, metrics

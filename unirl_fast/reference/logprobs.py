@@ -6,7 +6,8 @@ Shapes: N tokens (any leading dims), V vocab, H hidden.
     logp = z[y] - logsumexp(z)
     H    = logsumexp(z) - sum_j p_j z_j
 
-A target equal to `ignore_index` gives logp = 0, H = 0 and no gradient. Logits may hold -inf
+A target equal to `ignore_index` gives logp = 0, H = 0 and no gradient. An id outside [0, V) that is not
+ignore_index is never read: its logp and H are NaN (the public op's check names it). Logits may hold -inf
 (masked vocabulary entries): such an entry has p = 0 and adds nothing to the entropy.
 This oracle materialises the full fp32 [N, V] logits; it is for correctness, not for memory.
 No input validation here: the public ops in `unirl_fast.ops` validate before calling.
@@ -20,21 +21,24 @@ def logprobs_from_logits_ref(logits, targets, *, temperature=1.0, ignore_index=-
     """logits [..., V] (any float dtype), targets [...] int -> (logp [...] fp32, entropy [...] fp32 | None)."""
     z = logits.float() / temperature
     valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    in_range = (targets >= 0) & (targets < z.shape[-1])
+    safe_t = torch.where(valid & in_range, targets, torch.zeros_like(targets)).long()
+    nan = torch.full((), float("nan"), device=z.device)
     # Work on z - max(z): the same values, but no fp32 cancellation when every logit is large
     # (rows near -2e4 lose ~1e-3 absolute in z[y] - lse otherwise).
     zmax = z.detach().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
     zs = z - zmax
     lse_s = torch.logsumexp(zs, dim=-1)
     zero = torch.zeros_like(lse_s)
-    logp = torch.where(valid, torch.gather(zs, -1, safe_t.unsqueeze(-1)).squeeze(-1) - lse_s, zero)
+    logp = torch.gather(zs, -1, safe_t.unsqueeze(-1)).squeeze(-1) - lse_s
+    logp = torch.where(valid, torch.where(in_range, logp, nan), zero)
     if not return_entropy:
         return logp, None
     p = torch.exp(zs - lse_s.unsqueeze(-1))
     # p * z with p == 0 at z == -inf must be 0, not NaN (forward and backward).
     zs_safe = torch.where(p > 0, zs, torch.zeros_like(zs))
     ent = lse_s - (p * zs_safe).sum(-1)  # H = lse - E_p[z], shift-invariant
-    return logp, torch.where(valid, ent, zero)
+    return logp, torch.where(valid, torch.where(in_range, ent, nan), zero)
 
 def linear_logits_ref(hidden, weight, bias=None):
     """fp32 logits h @ W.T (+ b) for hidden [..., H], weight [V, H]."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks as C
+from ..fp8.linear import with_fp8_weight_cache
 from ..models.unified import Conditioning
 from ..ops import cfg_velocity, flow_sde_step, flow_step_logprob
 
@@ -130,6 +131,7 @@ class ImageEngine:
         self.impl = impl  # the SDE step's backend ("reference" = eager PyTorch; "triton" never falls back)
 
     @torch.no_grad()
+    @with_fp8_weight_cache("model")  # one FP8 weight quantization per layer per call
     def generate(self, input_ids, attention_mask=None, params: ImageSamplingParams = ImageSamplingParams(), *,
                  source_images=None, generator=None, noise=None) -> ImageTrajectory:
         """Prompts [B, L] (left-padded) -> ImageTrajectory. noise: optional initial latents [B, C, h, w]."""
@@ -141,6 +143,7 @@ class ImageEngine:
         return self.sample(cond, params, uncond=uncond, source_latents=src, generator=generator, noise=noise)
 
     @torch.no_grad()
+    @with_fp8_weight_cache("model")
     def sample(self, cond: Conditioning, params: ImageSamplingParams, *, uncond=None, source_latents=None,
                generator=None, noise=None) -> ImageTrajectory:
         """The sampling loop from precomputed conditioning (cond [B, N, D]; uncond needed when params.cfg)."""
@@ -155,8 +158,11 @@ class ImageEngine:
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
             x = noise.float()
-        sig = timestep_schedule(T, params.shift, dev)
-        sigma_max = float(sig[1]) if T > 1 else 0.0  # unused by ode
+        # the schedule is made on the host and copied once: no device read-back (sync) for sigma_max, and the
+        # steps take device views of it (no per-step host-to-device copy)
+        sig_host = timestep_schedule(T, params.shift)
+        sig = sig_host.to(dev)
+        sigma_max = float(sig_host[1]) if T > 1 else 0.0  # unused by ode
         on = params.stochastic_steps()
         samples = torch.empty((T, *shape), device=dev)
         next_samples = torch.empty((T, *shape), device=dev)
@@ -166,7 +172,7 @@ class ImageEngine:
             v = guided_velocity(m, x, s, cond, uncond, params.guidance_scale, source_latents)
             kind = params.sde if bool(on[i]) else "ode"
             nxt, lp, _, _ = flow_sde_step(v, x, s, s_next, generator=generator, noise_level=params.noise_level,
-                                          sde=kind, sigma_max=sigma_max if kind == "sde" else None,
+                                          sde=kind, sigma_max=sig[1] if kind == "sde" else None,
                                           impl=self.impl)
             samples[i], next_samples[i] = x, nxt
             if lp is not None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks as C
+from ..fp8.linear import with_fp8_weight_cache
 from ..models.experts import sdpa_or_flash
 from ..ops import fused_linear_logprobs
 
@@ -180,11 +181,13 @@ class TextEngine:
                              f"{tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise ValueError("prompts must have at least one token")
-        if C.value_checks_enabled() and not bool(attention_mask[:, -1].bool().all()):
-            raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 for every row")
+        if C.value_checks_enabled():
+            C.flag(~attention_mask[:, -1].bool(), lambda i: f"prompts must be left-padded: attention_mask[:, -1] "
+                                                            f"must be 1 for every row (row {i[0]} is 0)")
         return attention_mask.long()
 
     @torch.no_grad()
+    @with_fp8_weight_cache("lm")  # one FP8 weight quantization per layer per call
     def generate(self, input_ids, attention_mask=None, params: SamplingParams = SamplingParams(), *,
                  generator=None) -> TextRolloutOutput:
         """input_ids / attention_mask [B, P] left-padded -> TextRolloutOutput (see the class docstring)."""

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .. import group_advantages
+from .. import check_pending, group_advantages
+from ..fp8 import fp8_weight_cache
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -180,7 +181,7 @@ class Trainer:
         with timer.phase("reward"), self._full_weights():
             score(m, s, c, b, self.gen, inverse_model=self._cycle_model())
             adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
-        with timer.phase("ref"):
+        with timer.phase("ref"), fp8_weight_cache(self.ref):  # frozen: one FP8 quantization per layer and step
             reference_outputs(self.ref, s, c, b, c.micro_batch)
         m.train()
         metrics = {}
@@ -210,6 +211,7 @@ class Trainer:
                 with self._full_weights():  # a collective under ZeRO-3: every rank enters, the main one averages
                     if self.ema is not None:
                         self.ema.update()
+        check_pending()  # the step's deferred value checks (NaN/inf, ids, masks), read once: one host sync
         times = timer.finish_step()
         self.step += 1
         rec = {"step": self.step, "reward": b.rewards.mean().item(), "grad_norm": float(gnorm), **metrics,
