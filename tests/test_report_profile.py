@@ -203,8 +203,12 @@ def test_fp8_world_rollout_and_training_share_fp8_modules(tmp_path, monkeypatch)
     monkeypatch.setattr(rl, "fused_linear_policy_loss", spy)
     rec = t.train_step()
     assert captured and rec["text_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    # Rollout decodes with a KV cache (M = B rows per GEMM), training runs whole sequences: an fp32 last-bit
+    # difference between those GEMM shapes can flip one FP8 rounding of a later activation. Measured: at most
+    # 1.4e-5 here (torch 2.13, transformers 5.24: one token; the rest <= 3.3e-6), while an FP8 rollout scored by a
+    # non-FP8 forward differs by more than 1e-3 (test_fp8.py's mixed-flow check), so 1e-4 still tells them apart.
     for logp, old, mask in captured:
-        assert mask.any() and ((logp - old).abs() * mask).max() < 1e-5
+        assert mask.any() and ((logp - old).abs() * mask).max() < 1e-4
     assert all(torch.isfinite(torch.tensor(float(v))) for v in rec.values() if isinstance(v, float))
 
 
