@@ -16,11 +16,14 @@ Step math (per sample n, fp32 whatever the input dtype), mean = c_x x + c_v v:
 Grid: one flat axis of P = N * C programs (never a y/z axis over samples, so no 65535 limit). Program p owns
 chunk p % C of sample p // C: it computes the sample's coefficients once (a handful of scalar loads), then loops
 over its chunk in BLOCK-element steps (vectorised loads; the row offset is int64, in-row offsets are int32 so D
-must stay below 2^31). C is picked so P is about 4 programs per SM; a chunk is a multiple of BLOCK.
+must stay below 2^31). C is the largest count with N * C <= RESIDENT programs per SM x SMs (the kernel's resident
+count in the compile report), so a launch is one wave: the replay at T10 x B32 took 640 programs where 528 fit
+(a second, nearly empty wave); a chunk is a multiple of BLOCK.
 
-Reduction (deterministic, no atomics): each program writes its partial sum to part[N, C] (chunk 0 also adds the
--log s - log(2 pi)/2 term); the caller sums the C partials of a row in a fixed order (`part.sum(1)`, one tiny
-launch; skipped when C == 1, where part is already logp). Bit-identical run to run on one GPU and config.
+Reduction (deterministic, one launch): each program writes its partial sum to part[N, C] (chunk 0 also adds the
+-log s - log(2 pi)/2 term) and counts itself in on a per-sample counter; the last of a sample's C programs sums
+its partials in a fixed order and writes logp (`_finish_sample`). Bit-identical run to run on one GPU and config;
+a sampler step is one kernel launch (plus torch's noise draw), a replay's log-prob one.
 
 Memory traffic, bytes counted once each way (bf16 inputs, fp32 outputs; E = N * D):
     step fwd    : read v, x, noise (3 * 2E), write mean, next (2 * 4E)         = 14E  (ode: 2 * 2E + 4E)
@@ -41,6 +44,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from ._device import sm_count
 
 KIND_SDE, KIND_CPS, KIND_ODE = 0, 1, 2
 KINDS = {"sde": KIND_SDE, "cps": KIND_CPS, "ode": KIND_ODE}
@@ -77,14 +82,33 @@ def _step_coeffs(p_sig, p_nxt, p_smax, i_n, stride_sig, stride_nxt, stride_smax,
 
 
 @triton.jit
+def _finish_sample(p_part, p_cnt, p_logp, part, i_n, i_p, n_chunks, CMAX: tl.constexpr):
+    """Deterministic per-sample sum of the C chunk partials inside the same launch: each program stores its partial,
+    then counts itself in (acq_rel atomic); the program that arrives last sums the sample's C partials in a fixed
+    order, writes logp and resets the counter to 0 for the next launch (the counters are a zeroed workspace that
+    every launch leaves zeroed)."""
+    if n_chunks == 1:
+        tl.store(p_logp + i_n, part)
+    else:
+        tl.store(p_part + i_p, part)
+        done = tl.atomic_add(p_cnt + i_n, 1, sem="acq_rel")
+        if done == n_chunks - 1:
+            o_c = tl.arange(0, CMAX)
+            b_p = tl.load(p_part + i_n * n_chunks + o_c, mask=o_c < n_chunks, other=0.0, volatile=True)
+            # [CMAX] -> scalar
+            tl.store(p_logp + i_n, tl.sum(b_p, axis=0))
+            tl.atomic_xchg(p_cnt + i_n, 0)
+
+
+@triton.jit
 def _flow_sde_step_fwd_kernel(
-    p_v, p_x, p_eps, p_sig, p_nxt, p_smax, p_mean, p_next, p_std, p_part,
+    p_v, p_x, p_eps, p_sig, p_nxt, p_smax, p_mean, p_next, p_std, p_part, p_cnt, p_logp,
     a, sin_a,
     # shapes
     D, n_chunks, chunk_len,
     # strides
     stride_v, stride_x, stride_eps, stride_out, stride_sig, stride_nxt, stride_smax,
-    KIND: tl.constexpr, HAS_SMAX: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr, HAS_SMAX: tl.constexpr, BLOCK: tl.constexpr, CMAX: tl.constexpr,
 ):
     i_p = tl.program_id(0)
     i_n = i_p // n_chunks
@@ -117,18 +141,18 @@ def _flow_sde_step_fwd_kernel(
         # [BLOCK] -> scalar
         part = -tl.sum(acc, axis=0) / (2.0 * s * s * D)
         part += tl.where(i_c == 0, -tl.log(s) - _HALF_LOG_2PI, 0.0)
-        tl.store(p_part + i_p, part)
+        _finish_sample(p_part, p_cnt, p_logp, part, i_n, i_p, n_chunks, CMAX)
 
 
 @triton.jit
 def _flow_step_logprob_fwd_kernel(
-    p_v, p_x, p_xn, p_sig, p_nxt, p_smax, p_part,
+    p_v, p_x, p_xn, p_sig, p_nxt, p_smax, p_part, p_cnt, p_logp,
     a, sin_a,
     # shapes
     D, n_chunks, chunk_len,
     # strides
     stride_v, stride_x, stride_xn, stride_sig, stride_nxt, stride_smax,
-    KIND: tl.constexpr, HAS_SMAX: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr, HAS_SMAX: tl.constexpr, BLOCK: tl.constexpr, CMAX: tl.constexpr,
 ):
     i_p = tl.program_id(0)
     i_n = i_p // n_chunks
@@ -151,7 +175,7 @@ def _flow_step_logprob_fwd_kernel(
     # [BLOCK] -> scalar
     part = -tl.sum(acc, axis=0) / (2.0 * s * s * D)
     part += tl.where(i_c == 0, -tl.log(s) - _HALF_LOG_2PI, 0.0)
-    tl.store(p_part + i_p, part)
+    _finish_sample(p_part, p_cnt, p_logp, part, i_n, i_p, n_chunks, CMAX)
 
 
 @triton.jit
@@ -190,30 +214,45 @@ def _flow_step_logprob_bwd_kernel(
 # launchers: tensors in, tensors out
 
 
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return 2  # interpreter: few programs keep the CPU run short while still splitting samples into chunks
-    return torch.cuda.get_device_properties(device).multi_processor_count
+# Programs per SM each kernel keeps resident on an H100 (the smaller of Triton 3.6 and 3.9 in the compile report,
+# bench/kernel_report.py): a launch uses at most this many per SM, so it runs in one wave (no nearly empty tail).
+RESIDENT = {"step": 4, "logprob": 8, "loss": 8}
 
 
-def plan(N, D, device, block=None):
-    """(BLOCK, C chunks per sample, chunk length, num_warps) for about 4 programs per SM; `block` fixes BLOCK."""
+def plan(N, D, device, block=None, resident=4, share=1, spare=0):
+    """(BLOCK, C chunks per sample, chunk length, num_warps): the most chunks per sample with N * C programs in one
+    wave, at least one. One wave holds `resident` programs per SM; a launch that runs `share` such terms side by
+    side plus `spare` other programs gives each term its part. `block` fixes BLOCK."""
     if N == 0 or D == 0:
         raise ValueError(f"flow kernels need at least one sample and one latent element, got {N} x {D}")
-    target = 4 * _sm_count(device)
+    target = (resident * sm_count(device) - spare) // share
     if block is None:
         block = max_block(device)
         if N * triton.cdiv(D, block) < target:
             block = max(128, min(block // 2, triton.next_power_of_2(D)))
-    n_chunks = max(1, min(triton.cdiv(target, N), triton.cdiv(D, block)))
+    n_chunks = max(1, min(target // N, triton.cdiv(D, block)))
     chunk_len = triton.cdiv(triton.cdiv(D, n_chunks), block) * block
     return block, triton.cdiv(D, chunk_len), chunk_len, 8 if block >= 2048 else 4
+
+
+_COUNTERS: dict = {}
+
+
+def counters(device, n: int) -> torch.Tensor:
+    """A zeroed int32 workspace of >= n per-sample counters for `_finish_sample`, one per (device, stream): every
+    launch leaves it zeroed, so it is allocated (and zeroed) once, not per step."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def max_block(device) -> int:
     """2048 elements per loop step on the GPU (8 per thread at 8 warps: 16-byte bf16 loads); 256 when
     interpreting, so small test shapes still split into several chunks and loop inside a chunk."""
-    return 2048 if device.type == "cuda" else 256
+    return 2048 if device.type in ("cuda", "meta") else 256
 
 
 def rows(t, N):
@@ -238,11 +277,6 @@ def _coeff_args(sig, nxt, smax, noise_level, kind, N):
     return (sig, nxt, smax), (float(noise_level), sin_a), (s_sig, s_nxt, s_smax)
 
 
-def _finish(part, n_chunks):
-    """Deterministic second stage: fixed-order sum of each sample's C partials (a no-op when C == 1)."""
-    return part[:, 0] if n_chunks == 1 else part.sum(dim=1)
-
-
 def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N):
     """-> (mean [N, D] fp32, next [N, D] fp32 | None for ode, std [N] fp32, logp [N] fp32 | None for ode)."""
     v, x = rows(v, N), rows(x, N)
@@ -252,32 +286,34 @@ def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N):
     mean = torch.empty((N, D), dtype=torch.float32, device=x.device)
     nxt_out = mean if ode else torch.empty_like(mean)
     std = torch.empty(N, dtype=torch.float32, device=x.device)
-    block, n_chunks, chunk_len, warps = plan(N, D, x.device)
+    block, n_chunks, chunk_len, warps = plan(N, D, x.device, resident=RESIDENT["step"])
     part = torch.empty((N, n_chunks), dtype=torch.float32, device=x.device)
+    logp = torch.empty(N, dtype=torch.float32, device=x.device)
     sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N)
     _flow_sde_step_fwd_kernel[(N * n_chunks,)](
-        v, x, eps, *sigs, mean, nxt_out, std, part, *scal,
+        v, x, eps, *sigs, mean, nxt_out, std, part, counters(x.device, N), logp, *scal,
         D, n_chunks, chunk_len,
         v.stride(0), x.stride(0), eps.stride(0), mean.stride(0), *strides,
-        KIND=kind, HAS_SMAX=smax is not None, BLOCK=block, num_warps=warps)
+        KIND=kind, HAS_SMAX=smax is not None, BLOCK=block, CMAX=triton.next_power_of_2(n_chunks), num_warps=warps)
     if ode:
         return mean, None, std, None
-    return mean, nxt_out, std, _finish(part, n_chunks)
+    return mean, nxt_out, std, logp
 
 
 def flow_step_logprob_fwd(v, x, xn, sig, nxt, smax, noise_level, kind, N):
     """-> logp [N] fp32 of the stored transitions x -> xn under velocity v."""
     v, x, xn = rows(v, N), rows(x, N), rows(xn, N)
     D = x.shape[1]
-    block, n_chunks, chunk_len, warps = plan(N, D, x.device)
+    block, n_chunks, chunk_len, warps = plan(N, D, x.device, resident=RESIDENT["logprob"])
     part = torch.empty((N, n_chunks), dtype=torch.float32, device=x.device)
+    logp = torch.empty(N, dtype=torch.float32, device=x.device)
     sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N)
     _flow_step_logprob_fwd_kernel[(N * n_chunks,)](
-        v, x, xn, *sigs, part, *scal,
+        v, x, xn, *sigs, part, counters(x.device, N), logp, *scal,
         D, n_chunks, chunk_len,
         v.stride(0), x.stride(0), xn.stride(0), *strides,
-        KIND=kind, HAS_SMAX=smax is not None, BLOCK=block, num_warps=warps)
-    return _finish(part, n_chunks)
+        KIND=kind, HAS_SMAX=smax is not None, BLOCK=block, CMAX=triton.next_power_of_2(n_chunks), num_warps=warps)
+    return logp
 
 
 def flow_step_logprob_bwd(g, v, x, xn, sig, nxt, smax, noise_level, kind, N):
@@ -286,7 +322,7 @@ def flow_step_logprob_bwd(g, v, x, xn, sig, nxt, smax, noise_level, kind, N):
     g = g.reshape(N)
     D = x.shape[1]
     dv = torch.empty((N, D), dtype=v.dtype, device=v.device)
-    block, n_chunks, chunk_len, warps = plan(N, D, x.device)
+    block, n_chunks, chunk_len, warps = plan(N, D, x.device, resident=RESIDENT["logprob"])
     sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N)
     _flow_step_logprob_bwd_kernel[(N * n_chunks,)](
         g, v, x, xn, *sigs, dv, *scal,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flow import max_block, per_sample, plan, rows
+from .flow import RESIDENT, max_block, per_sample, plan, rows
 
 
 @triton.jit
@@ -181,7 +181,8 @@ def _term(a, b, M, device, block):
     if a is None:
         return None, None, 1, 1, block, 0
     a, b = rows(a, M), rows(b, M)
-    _, n_chunks, chunk_len, _ = plan(M, a.shape[1], device, block=block)
+    # both regularisers and the one surrogate program share a launch: each regulariser gets half of the rest
+    _, n_chunks, chunk_len, _ = plan(M, a.shape[1], device, block=block, resident=RESIDENT["loss"], share=2, spare=1)
     return a, b, a.shape[1], n_chunks, chunk_len, M * n_chunks
 
 

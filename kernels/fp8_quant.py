@@ -12,8 +12,10 @@ Group shapes (MODE, a constexpr):
                  multiple of 128 with zero rows, so a ragged token count needs no special GEMM)
     2  "128x128" one scale per 128 x 128 block      (weights)
 Outputs are written through explicit strides, so the launcher chooses the layout the GEMM wants
-(e.g. the 128x1 result is stored transposed, [C, R_pad] row-major, i.e. K-contiguous for the wgrad GEMM,
-and 1x128 scales column-major [R, C/128] with strides (1, R), the layout blockwise `torch._scaled_mm` takes).
+(e.g. the 128x1 result is stored transposed, [C, R_pad] row-major, i.e. K-contiguous for the wgrad GEMM).
+Scales are "outer-dim-major", the layout blockwise `torch._scaled_mm` takes for 1x128 groups without a copy:
+1x128 scales [R, C/128] with strides (1, R), 128x1 scales [C, R_pad/128] with strides (1, C) (physically
+[R_pad/128, C] row-major: the wgrad GEMM reads it as its A scales as is and as its B scales transposed).
 
 Non-finite inputs: NaN is mapped to +inf before the amax, so any group holding NaN or +/-inf gets an
 infinite scale; the caller checks the (small) scale tensor once instead of the data.
@@ -41,6 +43,7 @@ import triton.language as tl
 FP8_MAX = 448.0
 GROUP = 128
 MODES = {"1x128": 0, "128x1": 1, "128x128": 2}
+DUAL_SUB, DUAL_WARPS = 8, 4  # dual quantizer: rows per slice, warps per program (see its kernel)
 
 
 @triton.jit
@@ -85,6 +88,14 @@ def _fp8_quant_kernel(
 
 
 @triton.jit
+def _dual_slice(x_ptr, i_r, r0, o_c, m_c, R, stride_xr, stride_xc, B: tl.constexpr, SUB: tl.constexpr):
+    """Rows r0 .. r0 + SUB of the tile ([SUB, B], zeros outside x; nothing is read when r0 >= B)."""
+    o_r = (i_r * B + r0 + tl.arange(0, SUB)).to(tl.int64)
+    m_in = (o_r[:, None] < R) & m_c[None, :] & (r0 < B)
+    return tl.load(x_ptr + o_r[:, None] * stride_xr + o_c[None, :] * stride_xc, mask=m_in, other=0.0)
+
+
+@triton.jit
 def _fp8_quant_dual_kernel(
     x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
     eps,
@@ -92,33 +103,50 @@ def _fp8_quant_dual_kernel(
     R, R_PAD, C,
     # strides
     stride_xr, stride_xc, stride_qr, stride_qc, stride_sr, stride_sc, stride_qtc, stride_qtr, stride_stc, stride_str,
-    STORE_FP8: tl.constexpr, B: tl.constexpr,
+    STORE_FP8: tl.constexpr, B: tl.constexpr, SUB: tl.constexpr,
 ):
-    """One read of a [128, 128] tile, two outputs: 1x128 (per row) into q/s and 128x1 (per column) into qt/st."""
+    """A [B, B] tile in [SUB, B] row slices, two passes: pass 1 quantizes each row (1x128 into q/s) and keeps the
+    running column amax; pass 2 re-reads the slices (this program read them a moment ago, so from L2) and quantizes
+    per column (128x1 into qt/st). Each pass loads the next slice before working on the current one. Holding the
+    whole tile in registers took 192-229 registers per thread (8 resident warps per SM); slices of 8 rows at 4 warps
+    keep it under 64 (32 resident warps; kernel report)."""
     i_r = tl.program_id(0)
     i_c = tl.program_id(1)
-    o_r = (i_r * B + tl.arange(0, B)).to(tl.int64)
     o_c = (i_c * B + tl.arange(0, B)).to(tl.int64)
-    m_in = (o_r[:, None] < R) & (o_c[None, :] < C)
-    b_x = tl.load(x_ptr + o_r[:, None] * stride_xr + o_c[None, :] * stride_xc, mask=m_in, other=0.0).to(tl.float32)
-    b_abs = tl.where(b_x != b_x, float("inf"), tl.abs(b_x))
-    # [B]: per-row groups
-    b_s = tl.math.div_rn(tl.maximum(tl.max(b_abs, axis=1), eps), 448.0)
-    b_q = tl.minimum(tl.maximum(tl.math.div_rn(b_x, b_s[:, None]), -448.0), 448.0)
-    # [B]: per-column groups
-    b_st = tl.math.div_rn(tl.maximum(tl.max(b_abs, axis=0), eps), 448.0)
-    b_qt = tl.minimum(tl.maximum(tl.math.div_rn(b_x, b_st[None, :]), -448.0), 448.0)
-    tl.store(s_ptr + o_r * stride_sr + i_c * stride_sc, b_s, mask=o_r < R)
-    tl.store(st_ptr + o_c * stride_stc + i_r * stride_str, b_st, mask=o_c < C)
-    p_q = q_ptr + o_r[:, None] * stride_qr + o_c[None, :] * stride_qc
-    p_qt = qt_ptr + o_r[:, None] * stride_qtr + o_c[None, :] * stride_qtc
-    m_pad = (o_r[:, None] < R_PAD) & (o_c[None, :] < C)
-    if STORE_FP8:
-        tl.store(p_q, b_q.to(tl.float8e4nv), mask=m_in)
-        tl.store(p_qt, b_qt.to(tl.float8e4nv), mask=m_pad)
-    else:
-        tl.store(p_q, b_q, mask=m_in)
-        tl.store(p_qt, b_qt, mask=m_pad)
+    m_c = o_c < C
+    c_amax = tl.zeros([B], dtype=tl.float32)
+    b_next = _dual_slice(x_ptr, i_r, 0, o_c, m_c, R, stride_xr, stride_xc, B, SUB)
+    for r0 in range(0, B, SUB):
+        b_x = b_next.to(tl.float32)
+        b_next = _dual_slice(x_ptr, i_r, r0 + SUB, o_c, m_c, R, stride_xr, stride_xc, B, SUB)
+        o_r = (i_r * B + r0 + tl.arange(0, SUB)).to(tl.int64)
+        m_in = (o_r[:, None] < R) & m_c[None, :]
+        b_abs = tl.where(b_x != b_x, float("inf"), tl.abs(b_x))
+        # [SUB]: per-row groups
+        b_s = tl.math.div_rn(tl.maximum(tl.max(b_abs, axis=1), eps), 448.0)
+        b_q = tl.minimum(tl.maximum(tl.math.div_rn(b_x, b_s[:, None]), -448.0), 448.0)
+        tl.store(s_ptr + o_r * stride_sr + i_c * stride_sc, b_s, mask=o_r < R)
+        p_q = q_ptr + o_r[:, None] * stride_qr + o_c[None, :] * stride_qc
+        if STORE_FP8:
+            tl.store(p_q, b_q.to(tl.float8e4nv), mask=m_in)
+        else:
+            tl.store(p_q, b_q, mask=m_in)
+        # [SUB, B] -> [B]: the column amax so far
+        c_amax = tl.maximum(c_amax, tl.max(b_abs, axis=0))
+    b_st = tl.math.div_rn(tl.maximum(c_amax, eps), 448.0)
+    tl.store(st_ptr + o_c * stride_stc + i_r * stride_str, b_st, mask=m_c)
+    b_next = _dual_slice(x_ptr, i_r, 0, o_c, m_c, R, stride_xr, stride_xc, B, SUB)
+    for r0 in range(0, B, SUB):
+        b_x = b_next.to(tl.float32)
+        b_next = _dual_slice(x_ptr, i_r, r0 + SUB, o_c, m_c, R, stride_xr, stride_xc, B, SUB)
+        o_r = (i_r * B + r0 + tl.arange(0, SUB)).to(tl.int64)
+        b_qt = tl.minimum(tl.maximum(tl.math.div_rn(b_x, b_st[None, :]), -448.0), 448.0)
+        p_qt = qt_ptr + o_r[:, None] * stride_qtr + o_c[None, :] * stride_qtc
+        m_pad = (o_r[:, None] < R_PAD) & m_c[None, :]
+        if STORE_FP8:
+            tl.store(p_qt, b_qt.to(tl.float8e4nv), mask=m_pad)
+        else:
+            tl.store(p_qt, b_qt, mask=m_pad)
 
 
 def _interpreting() -> bool:
@@ -130,7 +158,7 @@ def fp8_quant_fwd(x: torch.Tensor, mode: str, eps: float = 1e-12):
 
     Returns (q, s):
       "1x128":   q [R, C] row-major,            s [R, C/128]   strides (1, R)
-      "128x1":   q [C, R_pad] row-major (x^T),  s [C, R_pad/128] row-major   (R_pad = R rounded up to 128)
+      "128x1":   q [C, R_pad] row-major (x^T),  s [C, R_pad/128]  strides (1, C)  (R_pad = R rounded up to 128)
       "128x128": q [R, C] row-major,            s [R/128, C/128] row-major
     Non-finite groups give s = inf (checked by the caller).
     """
@@ -147,7 +175,7 @@ def fp8_quant_fwd(x: torch.Tensor, mode: str, eps: float = 1e-12):
     elif m == 1:
         r_out = triton.cdiv(R, GROUP) * GROUP
         qt = torch.empty(C, r_out, device=dev, dtype=qdt)
-        st = torch.empty(C, r_out // GROUP, device=dev, dtype=torch.float32)
+        st = torch.empty(r_out // GROUP, C, device=dev, dtype=torch.float32).t()  # [C, R_pad/128], strides (1, C)
         br, bc = GROUP, 64
         # kernel indexes q by (row r, column c) -> q^T[c, r]; s by (row group, column) -> s^T[c, g]
         sq, ss = (qt.stride(1), qt.stride(0)), (st.stride(1), st.stride(0))
@@ -178,12 +206,12 @@ def fp8_quant_dual_fwd(x: torch.Tensor, eps: float = 1e-12):
     q = torch.empty(R, C, device=dev, dtype=qdt)
     s = torch.empty(C // GROUP, R, device=dev, dtype=torch.float32).t()
     qt = torch.empty(C, r_pad, device=dev, dtype=qdt)
-    st = torch.empty(C, r_pad // GROUP, device=dev, dtype=torch.float32)
+    st = torch.empty(r_pad // GROUP, C, device=dev, dtype=torch.float32).t()
     grid = (r_pad // GROUP, triton.cdiv(C, GROUP))
     _fp8_quant_dual_kernel[grid](
         x, q, s, qt, st, eps, R, r_pad, C, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
         s.stride(0), s.stride(1), qt.stride(0), qt.stride(1), st.stride(0), st.stride(1),
-        STORE_FP8=store_fp8, B=GROUP, num_warps=8,
+        STORE_FP8=store_fp8, B=GROUP, SUB=DUAL_SUB, num_warps=DUAL_WARPS,
     )
     if not store_fp8:
         q, qt = q.to(torch.float8_e4m3fn), qt.to(torch.float8_e4m3fn)

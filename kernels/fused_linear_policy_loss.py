@@ -14,11 +14,13 @@ BLOCK_V columns (V need not be a multiple of the block; padded columns are -inf)
 MODE_LOGP stops after sweep 1 (the first pass of sequence-level IS).
 
 Traffic per chunk: zr read twice and written once (2 bytes each for bf16), i.e. about 3 C V * 2 bytes against
-the 6 C H V GEMM FLOPs around it. Rows whose target is < 0 (ignore_index or mask 0, set by the caller)
-skip sweep 1 and write a zero row, logp = H = 0. Rows whose target is >= V (an out-of-range id, mapped there by
-the caller) are never read at that id: logp = H = NaN and a zero gradient row. An all -inf row is never
-produced by a finite head; the
-online update is still guarded so -inf logits give p = 0 and no NaN.
+the 6 C H V GEMM FLOPs around it. Both sweeps keep the next BLOCK_V slice's load in flight (a register double
+buffer) while reducing / writing the current one: without it each program waited a full memory latency per
+slice (bench/kernel_report.py shows the double buffer as prefetch "reg").
+Rows whose target is < 0 (ignore_index or mask 0, set by the caller) skip sweep 1 and write a zero row,
+logp = H = 0. Rows whose target is >= V (an out-of-range id, mapped there by the caller) are never read at that
+id: logp = H = NaN and a zero gradient row. An all -inf row is never produced by a finite head; the online update
+is still guarded so -inf logits give p = 0 and no NaN.
 """
 from __future__ import annotations
 
@@ -34,14 +36,18 @@ MODE_LOGP, MODE_TOKEN, MODE_GIVEN = 0, 1, 2
 
 @triton.jit
 def _row_stats(z_row, inv_temp, V, BLOCK_V: tl.constexpr):
-    """Online max m, s = sum e^(z-m), t = sum e^(z-m)(z-m) over one row of V raw logits."""
+    """Online max m, s = sum e^(z-m), t = sum e^(z-m)(z-m) over one row of V raw logits. Register double
+    buffer: the next slice's load is issued before this slice's reductions (the loop has no tl.dot, so
+    Triton's pipeliner would not), so a load is always in flight."""
     o_v = tl.arange(0, BLOCK_V)
     m = -float("inf")
     s = 0.0
     t = 0.0
+    b_next = tl.load(z_row + o_v, mask=o_v < V, other=-float("inf"))
     for v0 in range(0, V, BLOCK_V):
-        m_v = (v0 + o_v) < V
-        z = tl.load(z_row + v0 + o_v, mask=m_v, other=-float("inf")).to(tl.float32) * inv_temp
+        z = b_next.to(tl.float32) * inv_temp
+        o_n = v0 + BLOCK_V + o_v
+        b_next = tl.load(z_row + o_n, mask=o_n < V, other=-float("inf"))
         m_new = tl.maximum(m, tl.max(z, 0))  # [BLOCK_V] -> scalar
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -106,10 +112,13 @@ def _flpl_chunk_kernel(
                 g = tl.load(g_ptr + i_n)
                 gh = tl.load(gh_ptr + i_n)
             inv_s = 1.0 / s
+            b_cur = tl.load(z_row + o_v, mask=o_v < V, other=-float("inf"))
             for v0 in range(0, V, BLOCK_V):
                 m_v = (v0 + o_v) < V
                 # fresh names: a name assigned before a loop is loop-carried on the GPU compiler (d is a scalar above)
-                zv = tl.load(z_row + v0 + o_v, mask=m_v, other=-float("inf")).to(tl.float32) * inv_temp
+                zv = b_cur.to(tl.float32) * inv_temp
+                o_n = v0 + BLOCK_V + o_v
+                b_cur = tl.load(z_row + o_n, mask=o_n < V, other=-float("inf"))  # next slice, in flight meanwhile
                 zd = zv - m_safe
                 p = tl.exp(zd) * inv_s
                 dz = -g * p - gh * tl.where(p > 0, p * (zd - ez), 0.0)
@@ -131,6 +140,8 @@ def flpl_chunk(z, row0, tgt, logp, ent, *, mode, temperature, w=None, old=None, 
     if C == 0:
         return
     interp = os.environ.get("TRITON_INTERPRET") == "1"
+    # 4096 columns at 4 warps: 32 per thread (four 16-byte loads); at qwen-3b 72 registers, 7 programs (28 warps)
+    # per SM, ~56 KB in flight with the double buffer (compile report; 8 warps: 5 programs, ~40 KB)
     block = min(triton.next_power_of_2(V), 1024 if interp else 4096)
 
     def pick(x):  # logp stands in as the pointer of an input this mode does not read
@@ -141,5 +152,5 @@ def flpl_chunk(z, row0, tgt, logp, ent, *, mode, temperature, w=None, old=None, 
         float("inf") if tis_cap is None else float(tis_cap), float(beta), float(entropy_coef),
         V, row0, z.stride(0),
         MODE=mode, HAS_DUAL=dual_clip is not None, HAS_TIS=roll is not None, HAS_REF=ref is not None,
-        KL_KIND=KL_CODES[kl], BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+        KL_KIND=KL_CODES[kl], BLOCK_V=block, num_warps=4,
     )

@@ -17,17 +17,21 @@ Per token t of sequence i (fp32), with the aggregation weight w_t = m_t * wrow_i
 
 `_pg_terms` / `_kl_terms` are shared with the fused head kernel (kernels/fused_linear_policy_loss.py) so both
 paths run the same per-token math. The gradient is produced in the forward pass (it is a few bytes per
-token); autograd's backward only scales it. One program per sequence loops over L in blocks (grid (B,),
-no dimension that grows with L): pass 1 (sequence IS only) the sequence log-ratio, pass 2 loss, metric
-sums and the token-IS gradient, pass 3 (sequence IS only) the gradient. Memory traffic: each [B, L]
-input read once per pass, dlogp / dH written once. Per-sequence partial sums [B, P] are reduced by the
-caller (deterministic; no atomics). Masked positions may hold garbage (inf/NaN): every load is masked
-and replaced by 0 before it reaches arithmetic, as the reference does.
+token); autograd's backward only scales it. Grid (B, S): program (i, s) loops over segment s of sequence i in
+blocks (S segments of a multiple of BLOCK_L tokens, S chosen for about 4 programs per SM: a grid of (B,) left most
+of the GPU idle at B8 and all but one SM at B1 x L65536; the y axis is at most L / BLOCK_L, far below 65535):
+pass 2 loss, metric sums and the token-IS gradient of the segment. Sequence IS keeps S = 1 and adds pass 1 (the
+sequence log-ratio) and pass 3 (the gradient). Memory traffic: each [B, L] input read once per pass, dlogp / dH
+written once. Partial sums [B * S, P] (one row per sequence segment) are reduced by the caller (deterministic; no
+atomics). Masked positions may hold garbage (inf/NaN): every load is masked and replaced by 0 before it reaches
+arithmetic, as the reference does.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._device import sm_count
 
 # Columns of the per-sequence partial sums.
 P_LOSS, P_COUNT, P_CLIP_LO, P_CLIP_HI, P_RATIO, P_DUAL, P_KL, P_ENT, P_TIS, P_TIS_CAP = range(10)
@@ -93,13 +97,17 @@ def _policy_loss_fwd_kernel(
     dlogp_ptr, dent_ptr, part_ptr,
     eps_low, eps_high, dual_clip, tis_cap, beta, entropy_coef,
     # shapes
-    L,
+    L, seg_len,
     # strides ([B, L] inputs share one layout; advantages has its own, stride_al = 0 for [B])
     stride_b, stride_l, stride_ab, stride_al,
     SEQ_IS: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_TIS: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1)
+    n_seg = tl.num_programs(1)
+    l_start = i_s * seg_len  # this program's segment of the sequence (the whole of it under sequence IS)
+    l_end = tl.minimum(L, l_start + seg_len)
     row = i_b * stride_b
     arow = i_b * stride_ab
     wrow = tl.load(wrow_ptr + i_b)
@@ -126,8 +134,8 @@ def _policy_loss_fwd_kernel(
     s_tis = 0.0
     s_cap = 0.0
     s_dpg = 0.0
-    for l0 in range(0, L, BLOCK_L):
-        m_l = (l0 + o_l) < L
+    for l0 in range(l_start, l_end, BLOCK_L):
+        m_l = (l0 + o_l) < l_end
         o = row + (l0 + o_l).to(tl.int64) * stride_l
         on = (tl.load(mask_ptr + o, mask=m_l, other=0) != 0) & m_l
         mf = on.to(tl.float32)
@@ -171,7 +179,7 @@ def _policy_loss_fwd_kernel(
         s_ent += tl.sum(tl.where(on, ent, 0.0), 0)
         s_tis += tl.sum(tl.where(on, tis_w, 0.0), 0)
         s_cap += tl.sum(tl.where(on & (tis_w >= tis_cap), 1.0, 0.0), 0)
-    p_row = part_ptr + i_b * 10  # NPART columns
+    p_row = part_ptr + (i_b * n_seg + i_s) * 10  # NPART columns, one row per (sequence, segment)
     tl.store(p_row + 0, s_loss)
     tl.store(p_row + 1, s_n)
     tl.store(p_row + 2, s_clo)
@@ -197,6 +205,18 @@ def _policy_loss_fwd_kernel(
             tl.store(dlogp_ptr + o, g, mask=m_l)
 
 
+MIN_SEGMENT = 128  # tokens: below this a program's fixed cost (scalars, 10 partial sums) outweighs its work
+
+
+def segments(B, L, device, seq_is) -> int:
+    """Programs per sequence: up to about 4 programs per SM over the batch, each at least MIN_SEGMENT tokens (one
+    program per sequence left 8-16 programs for the whole GPU at B8-16 x L1024, one at B1 x L65536). Sequence IS
+    needs the whole sequence's mean log-ratio before any token's gradient, so it keeps one program per sequence."""
+    if seq_is:
+        return 1
+    return max(1, min(triton.cdiv(L, MIN_SEGMENT), triton.cdiv(4 * sm_count(device), max(B, 1))))
+
+
 def policy_loss_fwd(logp, old, adv, mask_u8, wrow, *, ref=None, roll=None, ent=None, eps_low, eps_high,
                     dual_clip, tis_cap, beta, entropy_coef, kl, seq_is, write_grad):
     """Launch the policy kernel on fp32 [B, L] tensors sharing one layout (mask uint8, adv [B] or [B, L]).
@@ -207,7 +227,11 @@ def policy_loss_fwd(logp, old, adv, mask_u8, wrow, *, ref=None, roll=None, ent=N
     for name, x in (("old", old), ("mask", mask_u8), ("ref", ref), ("roll", roll), ("ent", ent)):
         if x is not None and x.stride() != logp.stride():
             raise ValueError(f"{name} has strides {x.stride()} but logp has {logp.stride()}; pass one layout")
-    part = logp.new_empty(B, NPART)
+    seg_len = triton.cdiv(L, segments(B, L, logp.device, seq_is)) if L else 1
+    block = min(1024, max(16, triton.next_power_of_2(seg_len)))
+    seg_len = triton.cdiv(seg_len, block) * block
+    seg = triton.cdiv(L, seg_len) if L else 1
+    part = logp.new_empty(B * seg, NPART)
     dlogp = logp.new_empty(B, L) if write_grad else None
     if dlogp is not None and dlogp.stride() != logp.stride():
         raise ValueError(f"logp must be contiguous for the gradient output, got strides {logp.stride()}")
@@ -216,13 +240,12 @@ def policy_loss_fwd(logp, old, adv, mask_u8, wrow, *, ref=None, roll=None, ent=N
     dummy = logp
     if B == 0:
         return part, dlogp, dent
-    block = min(1024, max(16, triton.next_power_of_2(L)))
-    _policy_loss_fwd_kernel[(B,)](
+    _policy_loss_fwd_kernel[(B, seg)](
         logp, old, adv, mask_u8, dummy if ref is None else ref, dummy if roll is None else roll,
         dummy if ent is None else ent, wrow, dummy if dlogp is None else dlogp, dummy if dent is None else dent,
         part, float(eps_low), float(eps_high), float(dual_clip or 0.0),
         float("inf") if tis_cap is None else float(tis_cap), float(beta), float(entropy_coef),
-        L, logp.stride(0), logp.stride(1), sab, sal,
+        L, seg_len, logp.stride(0), logp.stride(1), sab, sal,
         SEQ_IS=seq_is, HAS_DUAL=dual_clip is not None, HAS_TIS=roll is not None, HAS_REF=ref is not None,
         HAS_ENT=ent is not None, KL_KIND=KL_CODES[kl], WRITE_GRAD=write_grad, BLOCK_L=block,
         num_warps=4,

@@ -309,6 +309,30 @@ def test_fp8_weight_cache_is_scoped(monkeypatch):
         assert model[0]._wcache is None and model[1]._wcache is None
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("k", [384, 512], ids=["K-3-blocks", "K-4-blocks"])
+def test_scaled_mm_scale_layouts(impl, k, device):
+    """The layouts torch._scaled_mm's blockwise checks ask for, built from our quantizers' outputs: A scales
+    outer-dim-major, 128x128 B scales with 16-byte aligned strides (K/128 = 3 padded to 4), token-grouped B scales
+    (the wgrad operand, from the 128x1 quantizer) outer-dim-major, both wgrad scales without a copy."""
+    from unirl_fast.fp8.gemm import scaled_mm_scales
+
+    m, n = 200, 256
+    aq, sa = quantize_fp8(torch.randn(m, k, device=device), "1x128", impl=impl)
+    _, sw = quantize_fp8(torch.randn(n, k, device=device), "128x128", impl=impl)
+    scale_a, scale_b = scaled_mm_scales(sa, sw, n)
+    assert scale_a.shape == (m, k // 128) and scale_a.stride() == (1, m)
+    assert scale_b.shape == (k // 128, n // 128) and scale_b.stride() == (1, -(-(k // 128) // 4) * 4)
+    assert torch.equal(scale_b, sw.t())
+    tokens = 300  # the wgrad GEMM: dW [n, k] = dy^T [n, T_pad] x (x^T [k, T_pad])^T, both 128x1 along tokens
+    _, sdy = quantize_fp8(torch.randn(tokens, n, device=device), "128x1", impl=impl)
+    _, sx = quantize_fp8(torch.randn(tokens, k, device=device), "128x1", impl=impl)
+    scale_a, scale_b = scaled_mm_scales(sdy, sx, k)
+    t_blocks = -(-tokens // 128)
+    assert scale_a.shape == (n, t_blocks) and scale_a.stride() == (1, n) and scale_a.data_ptr() == sdy.data_ptr()
+    assert scale_b.shape == (t_blocks, k) and scale_b.stride() == (k, 1) and scale_b.data_ptr() == sx.data_ptr()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on hardware without FP8 GEMMs")
 def test_real_fp8_gemm_requested_on_cpu_raises(monkeypatch):
     x = torch.randn(4, 128)

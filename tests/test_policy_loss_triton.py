@@ -114,9 +114,32 @@ def test_policy_loss_all_masked_is_zero(device):
         assert all(torch.isfinite(v) for v in met.values())
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_policy_loss_split_along_l(device, loss_type):
+    """Token IS splits each sequence over several programs (one partial-sum row per segment): same loss, metrics and
+    gradients as the reference, with ragged segments, a fully masked sequence and per-token advantages."""
+    from unirl_fast.kernels.policy_loss import segments
+
+    B, L = 2, 517
+    assert segments(B, L, torch.device(device), False) > 1 and segments(B, L, torch.device(device), True) == 1
+    d = _policy_data(B, L, device, per_token_adv=True)
+    logp = (d["old_logp"] + 0.3 * torch.randn(B, L, device=device)).requires_grad_()
+    ent = (3 * torch.rand(B, L, device=device)).requires_grad_()
+    kw = _opts(loss_type, "token", d, entropy=ent)
+    args = (d["old_logp"], d["advantages"], d["mask"])
+    loss, met = U.policy_loss(logp, *args, impl="triton", **kw)
+    g = torch.autograd.grad(loss, [logp, ent])
+    loss_r, met_r = policy_loss_ref(logp, *args, **kw)
+    g_r = torch.autograd.grad(loss_r, [logp, ent])
+    _assert_loss(loss, loss_r, policy_loss_ref(logp, d["old_logp"], d["advantages"].abs(), d["mask"], **kw)[0])
+    assert_close_rule(g[0], g_r[0], atol=2e-6, name="dlogp")
+    assert_close_rule(g[1], g_r[1], atol=2e-6, name="dentropy")
+    _check_metrics(met, met_r)
+
+
 @pytest.mark.parametrize("is_level", ["token", "sequence"])
 def test_policy_loss_long_sequence(device, is_level):
-    B, L = 1, 70_000  # L past 65535: the grid is (B,) and each program loops over L
+    B, L = 1, 70_000  # L past 65535: token IS splits it over programs (grid (B, S)), sequence IS loops in one
     d = _policy_data(2, L, device)
     d = {k: v[:1] for k, v in d.items()}
     d["mask"][0, :5] = True

@@ -6,10 +6,12 @@ with sa one scale per row and 128 of K, sb one per 128x128 block ("block", weigh
 ("row", the token-grouped wgrad operand).
 
 - "emulation": dequantize both to fp32 and run an fp32 matmul (CPU and any device; the numerics oracle).
-- "scaled_mm": blockwise `torch._scaled_mm`. Layouts that ran on torch 2.11 / H100 (issue 5): A scales
-  [M, K/128] with strides (1, M), B scales [K/128, N/128] with strides (1, K/128); other layouts were rejected
-  or silently wrong there, so every (device, kind) is probed once on first use against the emulation
-  (awkward M, scale-free error < 1e-5) before it is trusted.
+- "scaled_mm": blockwise `torch._scaled_mm`, scales in the layouts its checks name (`scaled_mm_scales`): A scales
+  [M, K/128] outer-dim-major; B scales [K/128, N/128] with 16-byte aligned strides (128x128 weights) or
+  [K/128, N] outer-dim-major (the token-grouped wgrad operand; the layout used before, strides (1, K/128), was
+  rejected, so wgrad silently ran on the Triton GEMM). Every (device, kind) is probed once on first use against
+  the emulation (awkward M; K/128 = 3, which needs the padded stride, and K/128 = 4; scale-free error < 1e-5)
+  before it is trusted.
 - "triton": `unirl_fast.kernels.fp8_gemm` (any CUDA device with FP8 tensor cores, or the CPU interpreter).
 
 `resolve_gemm(backend, device, kind)` maps the user's FP8Linear backend to one of these; "auto" takes
@@ -33,11 +35,27 @@ def gemm_emulation(a, sa, bt, sb, out_dtype=torch.bfloat16):
     return (dequantize_fp8(a, sa) @ dequantize_fp8(bt, sb).t()).to(out_dtype)
 
 
+def scaled_mm_scales(sa, sb, n: int):
+    """The scale layouts blockwise `torch._scaled_mm` takes (torch's ScaledBlas checks), from our quantizers':
+        A, 1x128:            scale_a [M, K/128], outer-dim-major (strides (1, M))
+        B, 128x128 (block):  scale_b [K/128, N/128], near-inner-dim-major with 16-byte aligned strides: strides
+                             (1, L4), L4 = K/128 rounded up to 4 (K/128 = 3 gives a 12-byte stride otherwise)
+        B, 1x128 (row):      scale_b [K/128, N], outer-dim-major (strides (N, 1))
+    sa [M, K/128], sb [N/128, K/128] (block) or [N, K/128] (row), any strides; the quantizers already write the
+    1x128 / 128x1 layouts, so only the small 128x128 weight scales are copied (into their padded buffer)."""
+    scale_a = sa.t().contiguous().t()
+    if sb.shape[0] == n:  # row: per column of B and 128 of K
+        return scale_a, sb.t().contiguous()
+    nb, kb = sb.shape
+    padded = sb.new_zeros(nb, -(-kb // 4) * 4)
+    padded[:, :kb] = sb
+    return scale_a, padded[:, :kb].t()
+
+
 def gemm_scaled_mm(a, sa, bt, sb, out_dtype=torch.bfloat16):
     if a.numel() == 0 or bt.numel() == 0:  # empty batch (M = 0, or wgrad's K = M_pad = 0): not worth a cuBLAS call
         return torch.zeros(a.shape[0], bt.shape[0], device=a.device, dtype=out_dtype)
-    scale_a = sa.t().contiguous().t()      # [M, K/128], strides (1, M)
-    scale_b = sb.contiguous().t()          # [K/128, N/128 or N], strides (1, K/128)
+    scale_a, scale_b = scaled_mm_scales(sa, sb, bt.shape[0])
     return torch._scaled_mm(a, bt.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
@@ -71,20 +89,25 @@ def _probe(index: int, kind: str):
     device = torch.device("cuda", index)
     g = torch.Generator(device=device).manual_seed(0)
     m = 200 if kind == "block" else 256
-    a = torch.randn(m, 384, device=device, generator=g)
-    bt = torch.randn(256, 384, device=device, generator=g)
-    aq, sa = quantize_fp8_ref(a, "1x128")
-    bq, sb = quantize_fp8_ref(bt, "128x128" if kind == "block" else "1x128")
-    try:
-        out = gemm_scaled_mm(aq, sa, bq, sb)
-        torch.cuda.synchronize(device)
-    except Exception as e:  # noqa: BLE001 - any failure means "not supported here"; the reason is reported
-        return f"torch._scaled_mm rejected the {kind}-scaled layout: {type(e).__name__}: {e}"
-    ref = gemm_emulation(aq, sa, bq, sb).double()
-    out = out.double()
-    err = float(1 - 2 * (out * ref).sum() / ((out * out).sum() + (ref * ref).sum()))
-    if not err <= PROBE_BOUND:
-        return f"torch._scaled_mm {kind}-scaled result differs from the emulation (scale-free error {err:.2e})"
+    for k in (384, 512):  # K/128 = 3 (an awkward count: padded scale stride) and 4
+        a = torch.randn(m, k, device=device, generator=g)
+        bt = torch.randn(256, k, device=device, generator=g)
+        aq, sa = quantize_fp8_ref(a, "1x128")
+        if kind == "block":
+            bq, sb = quantize_fp8_ref(bt, "128x128")
+        else:  # the wgrad operand: the 128x1 quantizer's output, as FP8Linear's backward passes it
+            bq, sb = quantize_fp8_ref(bt.t().contiguous(), "128x1")
+        try:
+            out = gemm_scaled_mm(aq, sa, bq, sb)
+            torch.cuda.synchronize(device)
+        except Exception as e:  # noqa: BLE001 - any failure means "not supported here"; the reason is reported
+            return f"torch._scaled_mm rejected the {kind}-scaled layout at K={k}: {type(e).__name__}: {e}"
+        ref = gemm_emulation(aq, sa, bq, sb).double()
+        out = out.double()
+        err = float(1 - 2 * (out * ref).sum() / ((out * out).sum() + (ref * ref).sum()))
+        if not err <= PROBE_BOUND:
+            return (f"torch._scaled_mm {kind}-scaled result differs from the emulation at K={k} "
+                    f"(scale-free error {err:.2e})")
     return None
 
 

@@ -9,7 +9,8 @@ token's log-prob is computed by the same quantizer whichever engine asks for it.
 Layouts (chosen for the GEMMs in `unirl_fast.fp8.linear`, every GEMM there is C = A @ Bt^T with both
 operands K-contiguous, which Hopper FP8 tensor cores and `torch._scaled_mm` require):
     "1x128"   x [R, C] -> q [R, C],            s [R, C/128]    (column-major: strides (1, R))
-    "128x1"   x [R, C] -> q [C, R_pad] (= x^T), s [C, R_pad/128] (R_pad: R rounded up to 128, zero rows)
+    "128x1"   x [R, C] -> q [C, R_pad] (= x^T), s [C, R_pad/128] (strides (1, C); R_pad: R rounded up to 128,
+                                                                    zero rows)
     "128x128" x [R, C] -> q [R, C],            s [R/128, C/128]
 `dequantize_fp8(q, s)` inverts any of them to fp32 in q's layout.
 
@@ -58,7 +59,7 @@ def quantize_fp8_ref(x: torch.Tensor, grouping: str):
         xt[:, :R] = x.t()
         g = xt.view(C, r_pad // GROUP, GROUP)
         s = _scale(_abs_nan_inf(g).amax(-1))                                   # [C, R_pad/128]
-        return _cast(g / s[..., None]).view(C, r_pad), s
+        return _cast(g / s[..., None]).view(C, r_pad), s.t().contiguous().t()
     g = x.view(R // GROUP, GROUP, C // GROUP, GROUP)
     s = _scale(_abs_nan_inf(g).amax(dim=(1, 3)))                               # [R/128, C/128]
     return _cast(g / s[:, None, :, None]).view(R, C), s

@@ -41,7 +41,7 @@ def row_weights(m, loss_type, max_completion_length, num_tokens):
 
 
 def reduce_parts(part):
-    """[B, NPART] partial sums -> (loss fp32 scalar, metrics [8] fp32 in METRIC_NAMES order)."""
+    """[B * S, NPART] partial sums (one row per sequence segment) -> (loss fp32 scalar, metrics [8] fp32)."""
     n = part[:, K.P_COUNT].sum().clamp(min=1.0)
     return part[:, K.P_LOSS].sum(), part[:, list(_METRIC_COLS)].sum(0) / n
 
