@@ -87,6 +87,7 @@ def _needs_interpreter(device) -> bool:
 def _cmd_bench(args) -> int:
     import os
     import subprocess
+    from pathlib import Path
 
     try:
         suite = _bench_suite()
@@ -97,6 +98,11 @@ def _cmd_bench(args) -> int:
     if args.list:
         print("\n".join(suite.names()))
         return 0
+    if args.compile_report:  # its own process: it compiles for sm_90 and must not run under the interpreter
+        script = Path(suite.__file__).resolve().parent / "kernel_report.py"
+        argv = ["--shapes", "smoke" if args.smoke else "bench"] + (["--out", args.out] if args.out else [])
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, str(script), *argv, "--check"], env=env).returncode
     if _needs_interpreter(args.device):  # re-run this command in a child that defines the kernels interpreted
         argv = ["bench", *ops] + (["--smoke"] if args.smoke else []) + (["--out", args.out] if args.out else [])
         argv += (["--device", args.device] if args.device else []) + (["--baselines"] if args.baselines else [])
@@ -120,6 +126,10 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     b.add_argument("--list", action="store_true", help="print the benchmark names and exit")
     b.add_argument("--baselines", action="store_true", help="also print the baselines' rows in the summary table")
+    b.add_argument("--compile-report", action="store_true",
+                   help="no timing: compile every kernel launch for sm_90 (no GPU needed) and write registers, spills, "
+                        "occupancy, load widths, prefetch and a bandwidth estimate to kernel_report.csv/.md "
+                        "(bench/kernel_report.py); exits 1 on a compile error or a spill")
     b.set_defaults(func=_cmd_bench)
 
 
