@@ -181,3 +181,22 @@ def test_summary_groups_by_name_and_sizes():
     got = suite.summary_rows("fp8", rows)
     assert [s["shape"] for s in got[:2]] == ["smoke (M256 N384 K256)"] * 2
     assert [s["x_vs_ref"] for s in got] == [1.0, 2.0, 1.0, 4.0]
+
+
+def test_gpu_suite_smoke_runs_every_step(tmp_path):
+    """bench/gpu_suite.sh --smoke: the GPU suite's steps at tiny shapes on a CPU, so the script keeps working between
+    the rare sessions with a GPU (install, pytest -m gpu, compile report, op benches, profile --compare)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "suite"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), str(out), "--smoke"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=1500)
+    steps = list(csv.DictReader(open(out / "steps.csv")))
+    assert [s["step"] for s in steps] == ["install", "pytest", "report", "bench", "profile"]
+    assert p.returncode == 0 and all(s["rc"] == "0" for s in steps), (steps, p.stdout[-3000:], p.stderr[-3000:])
+    assert (out / "kernel_report_smoke.csv").is_file() and (out / "bench" / "summary.csv").is_file()
+    assert (out / "profile" / "profile.json").is_file()
+    summary = (out / "SUMMARY.md").read_text()
+    assert "| report | 0 |" in summary and "## Ours in the op benches" in summary

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The one script to run when a GPU is lent (about 15 minutes of device time a session): every GPU measurement the
+# project needs, in one call, inside 8 minutes, into one results folder.
+#
+#   bash bench/gpu_suite.sh OUT_DIR            # on the GPU machine (bare device image: torch, triton, pytest)
+#   bash bench/gpu_suite.sh OUT_DIR --smoke    # the same steps at tiny shapes on a CPU (interpreter): what CI runs
+#
+# Steps (each under its own time limit; a failing step is recorded and the next one still runs):
+#   1. install   pip install --no-deps --no-build-isolation -e .  (+ any wheel in .whl/, the ignored folder the
+#                device tool carries: e.g. liger-kernel for the peer column)
+#   2. pytest    python -m pytest -m gpu (the GPU-only tests; on a CPU they all skip)
+#   3. report    bench/kernel_report.py on this machine's Triton (registers, spills, occupancy, prefetch)
+#   4. bench     unirl-fast bench: every op bench (ours vs eager vs torch.compile vs peers; time, GB/s or TFLOP/s
+#                against ceilings measured in the same run, peak memory), the FP8 and flow benches, the checks' cost
+#   5. profile   unirl-fast profile --compare at bench-1.5b (fast vs reference, per phase, MFU)
+# Output: OUT_DIR/{env.txt, steps.csv, SUMMARY.md, pytest.txt, kernel_report.*, bench/, profile/}.
+# Commit OUT_DIR under bench/results/ with the device named (the folder name or env.txt says which).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:?usage: bash bench/gpu_suite.sh OUT_DIR [--smoke]}"
+SMOKE="${2:-}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+if [ "$SMOKE" = "--smoke" ]; then
+  LIMITS=(120 300 300 600 600)   # CPU: the interpreter is slow, nothing here is a measurement
+else
+  LIMITS=(60 90 60 240 120)      # 570 s in all: inside the 8 minutes a device call may take, with room to spare
+fi
+echo "step,rc,seconds" > "$OUT/steps.csv"
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "$name,$rc,$(( $(date +%s) - t0 ))" >> "$OUT/steps.csv"
+  tail -n 5 "$OUT/$name.txt"
+  return 0
+}
+
+INSTALL='set -e; "$0" -m pip install --no-deps --no-build-isolation -e .
+if ls .whl/*.whl >/dev/null 2>&1; then "$0" -m pip install --no-deps .whl/*.whl; fi'
+
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+} > "$OUT/env.txt" 2>&1
+
+if [ "$SMOKE" = "--smoke" ]; then
+  step install "${LIMITS[0]}" bash -c "$INSTALL" "$PY"
+  step pytest "${LIMITS[1]}" "$PY" -m pytest -q -m gpu -p no:cacheprovider
+  step report "${LIMITS[2]}" env -u TRITON_INTERPRET "$PY" bench/kernel_report.py --shapes smoke --out "$OUT"
+  step bench "${LIMITS[3]}" "$PY" -m unirl_fast.cli bench --smoke --out "$OUT/bench"
+  step profile "${LIMITS[4]}" "$PY" -m unirl_fast.cli profile --preset tiny --scenario reason-generate --steps 1 \
+    --warmup 0 --compare --quiet --out "$OUT/profile"
+else
+  step install "${LIMITS[0]}" bash -c "$INSTALL" "$PY"
+  step pytest "${LIMITS[1]}" "$PY" -m pytest -q -m gpu -p no:cacheprovider
+  step report "${LIMITS[2]}" env -u TRITON_INTERPRET "$PY" bench/kernel_report.py --out "$OUT"
+  step bench "${LIMITS[3]}" "$PY" -m unirl_fast.cli bench --out "$OUT/bench"
+  step profile "${LIMITS[4]}" "$PY" -m unirl_fast.cli profile --preset bench-1.5b --scenario reason-generate \
+    --steps 5 --warmup 2 --compare --out "$OUT/profile"
+fi
+
+"$PY" - "$OUT" <<'EOF'
+import csv, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+lines = ["# GPU suite", "", "```", (out / "env.txt").read_text().strip(), "```", "", "| step | rc | seconds |",
+         "|---|---|---|"]
+lines += [f"| {r['step']} | {r['rc']} | {r['seconds']} |" for r in csv.DictReader(open(out / "steps.csv"))]
+summary = out / "bench" / "summary.csv"
+if summary.is_file():
+    rows = [r for r in csv.DictReader(open(summary)) if r["impl"].startswith("ours")]
+    lines += ["", "## Ours in the op benches (x_vs_ref / x_vs_compiled > 1: faster)", "",
+              "| bench | op | shape | impl | median ms | x_vs_ref | x_vs_compiled | rate | unit | frac ceiling |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    def cell(v):
+        try:
+            return f"{float(v):.4g}"
+        except (TypeError, ValueError):
+            return v or ""
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in ("bench", "op", "shape", "impl", "median_ms", "x_vs_ref",
+                                                         "x_vs_compiled", "rate", "unit", "frac_ceiling")) + " |"
+              for r in rows]
+prof = out / "profile.txt"
+if prof.is_file():
+    lines += ["", "## profile --compare (tail)", "", "```", *prof.read_text().splitlines()[-30:], "```"]
+(out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
+print(f"summary: {out / 'SUMMARY.md'}")
+EOF
+awk -F, 'NR > 1 && $2 != 0 {bad = 1} END {exit bad}' "$OUT/steps.csv"
