@@ -38,6 +38,7 @@ import functools
 
 import torch
 
+from ._rows import aligned_rows
 from .logprobs import logprobs_bwd, logprobs_fwd
 
 CHUNK_ELEMS = 1 << 28
@@ -76,8 +77,10 @@ def _fp32_accumulate_ok(device, dtype) -> bool:
         return False
 
 
-def _logits(h, w, b):
-    return torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
+def _logits(h, w, b, out=None):
+    if b is not None:
+        return torch.addmm(b, h, w.t(), out=out)
+    return torch.mm(h, w.t(), out=out)
 
 
 def fused_linear_logprobs_fwd(h, w, b, y, temperature, ignore_index, return_entropy, chunk_elems=None):
@@ -89,7 +92,7 @@ def fused_linear_logprobs_fwd(h, w, b, y, temperature, ignore_index, return_entr
     nc = token_chunk(V, chunk_elems or CHUNK_ELEMS)
     for n0 in range(0, N, nc):
         n1 = min(N, n0 + nc)
-        z = _logits(h[n0:n1], w, b)
+        z = _logits(h[n0:n1], w, b, out=aligned_rows(n1 - n0, V, h.dtype, h.device))  # rows on 16-byte boundaries
         lp, e, ls = logprobs_fwd(z, y[n0:n1], temperature, ignore_index, return_entropy)
         logp[n0:n1] = lp
         lse[n0:n1] = ls

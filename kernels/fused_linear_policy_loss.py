@@ -29,64 +29,73 @@ import os
 import triton
 import triton.language as tl
 
+from ._rows import base_shift, online_softmax_step, row_edges, row_split, vec_elems
 from .policy_loss import KL_CODES, _kl_terms, _pg_terms, _tis_weight
 
 MODE_LOGP, MODE_TOKEN, MODE_GIVEN = 0, 1, 2
 
 
 @triton.jit
-def _row_stats(z_row, inv_temp, V, BLOCK_V: tl.constexpr):
-    """Online max m, s = sum e^(z-m), t = sum e^(z-m)(z-m) over one row of V raw logits. Register double
-    buffer: the next slice's load is issued before this slice's reductions (the loop has no tl.dot, so
-    Triton's pipeliner would not), so a load is always in flight."""
+def _row_stats(p_row, p_body, n_body, head, inv_temp, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """Online max m, s = sum e^(z-m), t = sum e^(z-m)(z-m) over one row of V raw logits: head and tail, then the
+    16-byte-aligned body (kernels/_rows.py). Register double buffer: the next slice's load is issued before this
+    slice's reductions (the loop has no tl.dot, so Triton's pipeliner would not), so a load is always in flight."""
+    o_e, m_e = row_edges(head, n_body, V, VEC)
+    b_e = tl.load(p_row + o_e, mask=m_e, other=-float("inf")).to(tl.float32) * inv_temp
+    m, s, t = online_softmax_step(-float("inf"), 0.0, 0.0, b_e, True)
     o_v = tl.arange(0, BLOCK_V)
-    m = -float("inf")
-    s = 0.0
-    t = 0.0
-    b_next = tl.load(z_row + o_v, mask=o_v < V, other=-float("inf"))
-    for v0 in range(0, V, BLOCK_V):
+    n_vec = n_body // VEC
+    b_next = tl.load(p_body + o_v, mask=o_v // VEC < n_vec, other=-float("inf"))
+    for v0 in range(0, n_body, BLOCK_V):
         z = b_next.to(tl.float32) * inv_temp
         o_n = v0 + BLOCK_V + o_v
-        b_next = tl.load(z_row + o_n, mask=o_n < V, other=-float("inf"))
-        m_new = tl.maximum(m, tl.max(z, 0))  # [BLOCK_V] -> scalar
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        shift = tl.where(s > 0, m - m_safe, 0.0)
-        d = z - m_safe
-        e = tl.exp(d)
-        ed = tl.where(e > 0, e * d, 0.0)
-        t = alpha * (t + shift * s) + tl.sum(ed, 0)  # [BLOCK_V] -> scalar
-        s = alpha * s + tl.sum(e, 0)
-        m = m_new
+        b_next = tl.load(p_body + o_n, mask=o_n // VEC < n_vec, other=-float("inf"))
+        m, s, t = online_softmax_step(m, s, t, z, True)
     return m, s, t
+
+
+@triton.jit
+def _grad_slice(p, o, mask, cols, tgt, g, gh, m_safe, ez, inv_s, inv_temp, b_z):
+    """dzr over one slice (raw logits b_z already loaded), written in place at p + o."""
+    zd = b_z.to(tl.float32) * inv_temp - m_safe
+    pr = tl.exp(zd) * inv_s
+    dz = -g * pr - gh * tl.where(pr > 0, pr * (zd - ez), 0.0)
+    dz = tl.where(cols == tgt, dz + g, dz)
+    tl.store(p + o, (dz * inv_temp).to(p.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _flpl_chunk_kernel(
     z_ptr, tgt_ptr, w_ptr, old_ptr, adv_ptr, roll_ptr, ref_ptr, g_ptr, gh_ptr, logp_ptr, ent_ptr,
-    inv_temp, eps_low, eps_high, dual_clip, tis_cap, beta, entropy_coef,
+    inv_temp, eps_low, eps_high, dual_clip, tis_cap, beta, entropy_coef, base_shift,
     # shapes
     V, row0,
     # strides (per-token vectors are contiguous [N]; the chunk logits have row stride stride_zc, column stride 1)
     stride_zc,
     MODE: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_TIS: tl.constexpr, HAS_REF: tl.constexpr,
-    KL_KIND: tl.constexpr, BLOCK_V: tl.constexpr,
+    KL_KIND: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     i_c = tl.program_id(0).to(tl.int64)
     i_n = row0 + i_c  # global token index
-    z_row = z_ptr + i_c * stride_zc
+    off = base_shift + i_c * stride_zc
+    z_row = z_ptr + (off - base_shift)
+    head, n_body = row_split(off, V, VEC)
+    z_body = z_ptr + (tl.multiple_of(off + head, VEC) - base_shift)
+    n_vec = n_body // VEC
     tgt = tl.load(tgt_ptr + i_n).to(tl.int64)
     o_v = tl.arange(0, BLOCK_V)
+    o_e, m_e = row_edges(head, n_body, V, VEC)
     if (tgt < 0) | (tgt >= V):
         out = tl.where(tgt < 0, 0.0, float("nan"))
         tl.store(logp_ptr + i_n, out)
         tl.store(ent_ptr + i_n, out)
         if MODE != 0:
-            for v0 in range(0, V, BLOCK_V):
-                m_v = (v0 + o_v) < V
-                tl.store(z_row + v0 + o_v, tl.zeros([BLOCK_V], dtype=z_ptr.dtype.element_ty), mask=m_v)
+            zero = tl.zeros([BLOCK_V], dtype=z_ptr.dtype.element_ty)
+            tl.store(z_row + o_e, tl.zeros([2 * VEC], dtype=z_ptr.dtype.element_ty), mask=m_e)
+            for v0 in range(0, n_body, BLOCK_V):
+                tl.store(z_body + v0 + o_v, zero, mask=(v0 + o_v) // VEC < n_vec)
     else:
-        m, s, t = _row_stats(z_row, inv_temp, V, BLOCK_V)
+        m, s, t = _row_stats(z_row, z_body, n_body, head, inv_temp, V, BLOCK_V, VEC)
         m_safe = tl.where(m == -float("inf"), 0.0, m)
         log_s = tl.log(s)
         ez = t / s  # E_p[z] - m
@@ -112,18 +121,16 @@ def _flpl_chunk_kernel(
                 g = tl.load(g_ptr + i_n)
                 gh = tl.load(gh_ptr + i_n)
             inv_s = 1.0 / s
-            b_cur = tl.load(z_row + o_v, mask=o_v < V, other=-float("inf"))
-            for v0 in range(0, V, BLOCK_V):
-                m_v = (v0 + o_v) < V
-                # fresh names: a name assigned before a loop is loop-carried on the GPU compiler (d is a scalar above)
-                zv = b_cur.to(tl.float32) * inv_temp
-                o_n = v0 + BLOCK_V + o_v
-                b_cur = tl.load(z_row + o_n, mask=o_n < V, other=-float("inf"))  # next slice, in flight meanwhile
-                zd = zv - m_safe
-                p = tl.exp(zd) * inv_s
-                dz = -g * p - gh * tl.where(p > 0, p * (zd - ez), 0.0)
-                dz = tl.where((v0 + o_v) == tgt, dz + g, dz)
-                tl.store(z_row + v0 + o_v, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=m_v)
+            b_e = tl.load(z_row + o_e, mask=m_e, other=-float("inf"))
+            _grad_slice(z_row, o_e, m_e, o_e.to(tl.int64), tgt, g, gh, m_safe, ez, inv_s, inv_temp, b_e)
+            b_cur = tl.load(z_body + o_v, mask=o_v // VEC < n_vec, other=-float("inf"))
+            for v0 in range(0, n_body, BLOCK_V):
+                o = v0 + o_v
+                b_z = b_cur
+                o_n = o + BLOCK_V
+                b_cur = tl.load(z_body + o_n, mask=o_n // VEC < n_vec, other=-float("inf"))  # in flight meanwhile
+                _grad_slice(z_body, o, o // VEC < n_vec, (head + o).to(tl.int64), tgt, g, gh, m_safe, ez, inv_s,
+                            inv_temp, b_z)
 
 
 def flpl_chunk(z, row0, tgt, logp, ent, *, mode, temperature, w=None, old=None, adv=None, roll=None, ref=None,
@@ -149,8 +156,8 @@ def flpl_chunk(z, row0, tgt, logp, ent, *, mode, temperature, w=None, old=None, 
     _flpl_chunk_kernel[(C,)](
         z, tgt, pick(w), pick(old), pick(adv), pick(roll), pick(ref), pick(g), pick(gh), logp, ent,
         1.0 / float(temperature), float(eps_low), float(eps_high), float(dual_clip or 0.0),
-        float("inf") if tis_cap is None else float(tis_cap), float(beta), float(entropy_coef),
+        float("inf") if tis_cap is None else float(tis_cap), float(beta), float(entropy_coef), base_shift(z),
         V, row0, z.stride(0),
         MODE=mode, HAS_DUAL=dual_clip is not None, HAS_TIS=roll is not None, HAS_REF=ref is not None,
-        KL_KIND=KL_CODES[kl], BLOCK_V=block, num_warps=4,
+        KL_KIND=KL_CODES[kl], BLOCK_V=block, VEC=vec_elems(z), num_warps=4,
     )

@@ -32,8 +32,10 @@ kernel serves a vocab slice [col0, col0 + V) of a larger head (fused_linear_logp
 
 Memory traffic: forward reads the logits once (plus N targets, writes 3N fp32); backward reads them
 once and writes them once. Both are bandwidth bound on a GPU (one exp per element): BLOCK_V = 4096
-with 8 warps gives 16 elements per thread, i.e. 16-byte vectorised bf16 loads when the row stride
-is 1 (Triton specialises stride arguments equal to 1).
+with 8 warps gives 16 elements per thread. Rows are split into an unaligned head and tail (< 8 elements
+each, one small masked access) and a 16-byte-aligned body (`kernels/_rows.py`), so every vocabulary
+size gets 16-byte vector loads and stores (V = 50257 or 32001 fell back to 2-byte accesses before);
+the column stride must be 1 (the op makes other layouts contiguous). dlogits share the logits' strides.
 Limits: the grid puts rows on axis 0 (up to 2^31 - 1 rows) and vocab blocks on axis 1 (V / 4096, far
 below 65535); offsets are int64. A row of only -inf logits has no distribution: logp is NaN there,
 as in the reference.
@@ -46,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rows import base_shift, online_softmax_step, row_edges, row_split, vec_elems
+
 BLOCK_V_FWD = 4096
 BLOCK_V_BWD = 4096
 NUM_WARPS = 8
@@ -54,47 +58,39 @@ NUM_WARPS = 8
 @triton.jit
 def _logprobs_fwd_kernel(
     p_x, p_y, p_logp, p_ent, p_lse,
-    inv_t, ignore_index,
+    inv_t, ignore_index, base_shift,
     # shapes
     L, V,
-    # strides
-    s_xb, s_xl, s_xv,
-    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
+    # strides (the column stride is 1)
+    s_xb, s_xl,
+    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, VEC: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     y = tl.load(p_y + i_n).to(tl.int64)
     valid = y != ignore_index
     # an id outside [0, V) is never read: its row is skipped and its logp / H are NaN (the op's check names it)
     bad = valid & ((y < 0) | (y >= V))
-    p_row = p_x + (i_n // L) * s_xb + (i_n % L) * s_xl
+    off = base_shift + (i_n // L) * s_xb + (i_n % L) * s_xl
+    p_row = p_x + (off - base_shift)
+    head, n_body = row_split(off, tl.where(valid & ~bad, V, 0), VEC)
+    p_body = p_x + (tl.multiple_of(off + head, VEC) - base_shift)
+    n_vec = n_body // VEC
+    # head and tail (< VEC elements each) first, then the 16-byte-aligned body
+    o_e, m_e = row_edges(head, n_body, V, VEC)
+    b_e = tl.load(p_row + o_e, mask=m_e, other=float("-inf")).to(tl.float32) * inv_t
+    m, s, t = online_softmax_step(float("-inf"), 0.0, 0.0, b_e, HAS_ENT)
     o_v = tl.arange(0, BLOCK_V)
-    v_end = tl.where(valid & ~bad, V, 0)
-    m = float("-inf")
-    s = 0.0
-    t = 0.0
     # register double buffer: the next slice's load is issued before this slice's reductions
-    b_next = tl.load(p_row + o_v.to(tl.int64) * s_xv, mask=o_v < v_end, other=float("-inf"))
-    for v0 in range(0, v_end, BLOCK_V):
+    b_next = tl.load(p_body + o_v, mask=o_v // VEC < n_vec, other=float("-inf"))
+    for v0 in range(0, n_body, BLOCK_V):
         b_z = b_next.to(tl.float32) * inv_t
         o = v0 + BLOCK_V + o_v
-        b_next = tl.load(p_row + o.to(tl.int64) * s_xv, mask=o < V, other=float("-inf"))
-        # [BLOCK_V] -> scalar
-        m_new = tl.maximum(m, tl.max(b_z, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        b_p = tl.exp(b_z - m_safe)
-        if HAS_ENT:
-            shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
-            b_d = tl.where(b_p > 0.0, b_z - m_safe, 0.0)
-            # [BLOCK_V] -> scalar
-            t = alpha * (t + s * shift) + tl.sum(b_p * b_d, 0)
-        # [BLOCK_V] -> scalar
-        s = s * alpha + tl.sum(b_p, 0)
-        m = m_new
+        b_next = tl.load(p_body + o, mask=o // VEC < n_vec, other=float("-inf"))
+        m, s, t = online_softmax_step(m, s, t, b_z, HAS_ENT)
     log_s = tl.log(s)
     lse = m + log_s
     y_safe = tl.where(valid & ~bad, y, 0)
-    z_y = tl.load(p_row + y_safe * s_xv).to(tl.float32) * inv_t
+    z_y = tl.load(p_row + y_safe).to(tl.float32) * inv_t
     # (z_y - m) - log s, not z_y - lse: lse rounded to fp32 loses ~1e-3 absolute on rows near -2e4
     tl.store(p_logp + i_n, tl.where(bad, float("nan"), tl.where(valid, (z_y - m) - log_s, 0.0)))
     tl.store(p_lse + i_n, lse)
@@ -103,14 +99,36 @@ def _logprobs_fwd_kernel(
 
 
 @triton.jit
+def _dlogits(b_x, cols, y, g, gh, lse, ent, inv_t, valid, HAS_ENT: tl.constexpr):
+    """dlogit of logits b_x at global column ids `cols` for a row with target y (FORMULAS.md section 1)."""
+    b_z = b_x.to(tl.float32) * inv_t
+    b_p = tl.exp(b_z - lse)
+    b_dz = tl.where(cols == y, g, 0.0) - g * b_p
+    if HAS_ENT:
+        b_dz -= gh * tl.where(b_p > 0.0, b_p * (b_z - lse + ent), 0.0)
+    return tl.where(valid, b_dz * inv_t, 0.0)
+
+
+@triton.jit
+def _store_dx(p_out, b_dz, mask, BF16_RNE_BITS: tl.constexpr):
+    if BF16_RNE_BITS:
+        # The interpreter truncates fp32 -> bf16; round to nearest even by hand (what the GPU's cvt.rn does).
+        bits = b_dz.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(p_out, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(p_out, b_dz.to(p_out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _logprobs_bwd_kernel(
     p_x, p_dx, p_y, p_lse, p_ent, p_g, p_gh,
-    inv_t, ignore_index, col0,
+    inv_t, ignore_index, col0, base_shift,
     # shapes
     L, V,
-    # strides
-    s_xb, s_xl, s_xv, s_db, s_dl, s_dv,
-    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, BF16_RNE_BITS: tl.constexpr,
+    # strides (x and dx share them; the column stride is 1)
+    s_xb, s_xl,
+    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, BF16_RNE_BITS: tl.constexpr, VEC: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
@@ -118,26 +136,26 @@ def _logprobs_bwd_kernel(
     valid = y != ignore_index
     lse = tl.load(p_lse + i_n)
     g = tl.load(p_g + i_n)
-    o = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    m_v = o < V
-    o64 = o.to(tl.int64)
-    i_b, i_l = i_n // L, i_n % L
-    b_z = tl.load(p_x + i_b * s_xb + i_l * s_xl + o64 * s_xv, mask=m_v, other=float("-inf")).to(tl.float32) * inv_t
-    b_p = tl.exp(b_z - lse)
-    b_dz = tl.where(o64 + col0 == y, g, 0.0) - g * b_p
+    ent = 0.0
+    gh = 0.0
     if HAS_ENT:
         ent = tl.load(p_ent + i_n)
         gh = tl.load(p_gh + i_n)
-        b_dz -= gh * tl.where(b_p > 0.0, b_p * (b_z - lse + ent), 0.0)
-    b_dz = tl.where(valid, b_dz * inv_t, 0.0)
-    p_out = p_dx + i_b * s_db + i_l * s_dl + o64 * s_dv
-    if BF16_RNE_BITS:
-        # The interpreter truncates fp32 -> bf16; round to nearest even by hand (what the GPU's cvt.rn does).
-        bits = b_dz.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(p_out, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=m_v)
-    else:
-        tl.store(p_out, b_dz.to(p_dx.dtype.element_ty), mask=m_v)
+    off = base_shift + (i_n // L) * s_xb + (i_n % L) * s_xl
+    head, n_body = row_split(off, V, VEC)
+    start = tl.multiple_of(off + head, VEC) - base_shift
+    # program i_v: body columns [i_v BLOCK_V, (i_v + 1) BLOCK_V) (16-byte aligned), program 0 also the edges
+    o = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_v = o // VEC < n_body // VEC
+    b_x = tl.load(p_x + start + o, mask=m_v, other=float("-inf"))
+    b_dz = _dlogits(b_x, (head + o).to(tl.int64) + col0, y, g, gh, lse, ent, inv_t, valid, HAS_ENT)
+    _store_dx(p_dx + start + o, b_dz, m_v, BF16_RNE_BITS)
+    if i_v == 0:
+        o_e, m_e = row_edges(head, n_body, V, VEC)
+        p_row = off - base_shift
+        b_e = tl.load(p_x + p_row + o_e, mask=m_e, other=float("-inf"))
+        b_de = _dlogits(b_e, o_e.to(tl.int64) + col0, y, g, gh, lse, ent, inv_t, valid, HAS_ENT)
+        _store_dx(p_dx + p_row + o_e, b_de, m_e, BF16_RNE_BITS)
 
 
 def _as3d(x):
@@ -146,7 +164,7 @@ def _as3d(x):
 
 
 def logprobs_fwd(x, y, temperature, ignore_index, return_entropy):
-    """x [N, V] or [B, L, V] (N = B L), any float dtype and strides; y [N] int, contiguous
+    """x [N, V] or [B, L, V] (N = B L), any float dtype, any row strides, column stride 1; y [N] int, contiguous
     -> (logp [N], ent [N] (zeros unless return_entropy), lse [N]), all fp32."""
     x = _as3d(x)
     _, L, V = x.shape
@@ -156,12 +174,13 @@ def logprobs_fwd(x, y, temperature, ignore_index, return_entropy):
     lse = torch.empty_like(logp)
     if N == 0:
         return logp, ent, lse
+    _check_unit_columns(x)
     _logprobs_fwd_kernel[(N,)](
         x, y, logp, ent, lse,
-        1.0 / temperature, ignore_index,
+        1.0 / temperature, ignore_index, base_shift(x),
         L, V,
-        x.stride(0), x.stride(1), x.stride(2),
-        BLOCK_V=BLOCK_V_FWD, HAS_ENT=return_entropy, num_warps=NUM_WARPS,
+        x.stride(0), x.stride(1),
+        BLOCK_V=BLOCK_V_FWD, HAS_ENT=return_entropy, VEC=vec_elems(x), num_warps=NUM_WARPS,
     )
     return logp, ent, lse
 
@@ -170,23 +189,31 @@ def logprobs_bwd(x, y, lse, ent, g, gh, temperature, ignore_index, has_ent, *, o
     """dlogits shaped like x ([N, V] or [B, L, V]) in x.dtype for upstream g (d/dlogp) and gh (d/dH),
     both fp32 [N].
 
-    out: where to write (defaults to a new tensor); pass `x` itself for the in-place variant.
-    col0: id of x's first column when x is a vocab slice of a larger head.
+    out: where to write (default: a new tensor with x's strides, so both share one row layout); pass `x`
+    itself for the in-place variant. col0: id of x's first column when x is a vocab slice of a larger head.
     """
     if out is None:
-        out = torch.empty_like(x)
+        out = torch.empty_strided(x.shape, x.stride(), device=x.device, dtype=x.dtype)
+    if out.stride() != x.stride():
+        raise ValueError(f"out must have x's strides {x.stride()}, got {out.stride()}")
     x3, o3 = _as3d(x), _as3d(out)
     _, L, V = x3.shape
     N = y.numel()
     if N == 0 or V == 0:
         return out
+    _check_unit_columns(x3)
     grid = (N, triton.cdiv(V, BLOCK_V_BWD))
     _logprobs_bwd_kernel[grid](
         x3, o3, y, lse, ent, g, gh,
-        1.0 / temperature, ignore_index, col0,
+        1.0 / temperature, ignore_index, col0, base_shift(x3),
         L, V,
-        x3.stride(0), x3.stride(1), x3.stride(2), o3.stride(0), o3.stride(1), o3.stride(2),
-        BLOCK_V=BLOCK_V_BWD, HAS_ENT=has_ent, num_warps=NUM_WARPS,
+        x3.stride(0), x3.stride(1),
+        BLOCK_V=BLOCK_V_BWD, HAS_ENT=has_ent, VEC=vec_elems(x3), num_warps=NUM_WARPS,
         BF16_RNE_BITS=out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
     )
     return out
+
+
+def _check_unit_columns(x):
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(f"logits need a unit column stride (got strides {x.stride()}); pass .contiguous()")

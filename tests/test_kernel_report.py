@@ -46,11 +46,14 @@ def test_every_op_compiles_without_spills(report_rows):
     assert len({r["config"] for r in gemm}) >= 3 and all(r["wgmma"] == "yes" for r in gemm)
 
 
-def test_row_kernels_prefetch(report_rows):
+def test_row_kernels_prefetch_and_vectorise_any_vocab(report_rows):
     for kernel in ("_logprobs_fwd_kernel", "_flpl_chunk_kernel"):
-        for r in _rows(report_rows, kernel, shape="qwen"):
-            assert r["prefetch"] == "reg", r
-            assert r["ld"].startswith("16B"), r  # 16-byte vector loads of the bf16 logits
+        for shape in ("qwen", "odd-V50257"):
+            for r in _rows(report_rows, kernel, shape=shape):
+                assert r["prefetch"] == "reg", r
+                assert r["ld"].startswith("16B"), r  # 16-byte vector loads of the bf16 logits
+    for r in _rows(report_rows, "_logprobs_bwd_kernel", shape="odd-V50257"):
+        assert r["ld"].startswith("16B") and r["st"].startswith("16B"), r
 
 
 def test_dual_quantizer_keeps_32_warps_resident(report_rows):

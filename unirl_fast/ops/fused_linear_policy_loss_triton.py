@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from ..kernels import fused_linear_policy_loss as K
+from ..kernels._rows import aligned_rows
 from ..kernels.fused_linear_logprobs import _fp32_accumulate_ok
 from ._dispatch import register_triton
 from .policy_loss_triton import METRIC_NAMES, metrics_dict, row_weights, run_policy_kernel
@@ -81,7 +82,7 @@ def _head_pass(h2, W, b, tgt, vec, opts, *, mode, need_dh, need_dw, need_db, acc
     if grads and need_dw:
         dW = torch.zeros(V, H, **f32) if acc32 else (torch.zeros_like(W) if N == 0 else torch.empty_like(W))
     db = torch.zeros(V, **f32) if grads and need_db else None
-    zbuf = torch.empty(rows, V, dtype=W.dtype, device=h2.device)
+    zbuf = aligned_rows(rows, V, W.dtype, h2.device)  # each row on a 16-byte boundary: same rounding at any row
     Wt = W.t()
     for i, s in enumerate(range(0, N, rows)):
         e = min(N, s + rows)

@@ -57,7 +57,7 @@ def _logprobs_bwd_op(logits: Tensor, targets: Tensor, lse: Tensor, ent: Tensor, 
 
 @_logprobs_bwd_op.register_fake
 def _(logits, targets, lse, ent, g, gh, temperature, ignore_index, has_ent):
-    return torch.empty_like(logits)
+    return torch.empty_strided(logits.shape, logits.stride(), device=logits.device, dtype=logits.dtype)
 
 
 @torch.library.custom_op("unirl_fast::logprobs_bwd_", mutates_args=("logits",))
@@ -113,6 +113,8 @@ def logprobs_from_logits_triton(logits, targets, *, temperature=1.0, ignore_inde
                                 inplace_backward=False):
     """Triton path of `unirl_fast.logprobs_from_logits` (inputs already validated)."""
     V = logits.shape[-1]
+    if logits.stride(-1) != 1:  # the kernels read rows with a unit column stride (16-byte vectors)
+        logits = logits.contiguous()
     # Rows are addressed through (B, L) strides, so logits[:, :-1] and other sliced views run without a copy.
     x = logits.flatten(0, -3) if logits.ndim >= 3 else logits.reshape(-1, V)
     y = targets.reshape(-1).contiguous()
