@@ -24,7 +24,7 @@ PY="${PYTHON:-python}"
 if [ "$SMOKE" = "--smoke" ]; then
   LIMITS=(120 300 300 600 600)   # CPU: the interpreter is slow, nothing here is a measurement
 else
-  LIMITS=(60 90 60 240 120)      # 570 s in all: inside the 8 minutes a device call may take, with room to spare
+  LIMITS=(30 90 45 210 90)       # 465 s in all: the whole suite stays inside 8 minutes
 fi
 echo "step,rc,seconds" > "$OUT/steps.csv"
 
