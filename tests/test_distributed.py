@@ -165,8 +165,12 @@ def test_two_ranks_train_and_resume(stage, tmp_path, capsys):
     assert _close(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_reward"],
                   lines[3]["eval_reward"])
     cfg = TrainConfig(**{**json.loads((a / "config.json").read_text()), "zero_stage": None, "steps": 3})
-    with pytest.raises(ValueError, match="written under DeepSpeed"):
-        Trainer(cfg, log=lambda *_: None).train()
+    with pytest.raises(ValueError, match=f"zero_stage {stage} -> None"):  # refused before any work
+        Trainer(cfg, log=lambda *_: None)
+    saved = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**saved, "zero_stage": None}))  # edited by hand: the checkpoint
+    with pytest.raises(ValueError, match="written under DeepSpeed"):  # itself still cannot train on one process
+        Trainer(dataclasses.replace(cfg, steps=saved["steps"] + 1), log=lambda *_: None).train()
 
 
 def test_single_process_path_never_imports_deepspeed():

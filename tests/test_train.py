@@ -29,8 +29,8 @@ def test_every_scenario_runs_a_few_steps(scenario, tmp_path):
         assert r["samples_per_s"] > 0 and "phase/reward_ms" in r
     assert out["base_eval_reward"] is not None and out["final_eval_reward"] is not None
     assert (tmp_path / "config.json").is_file() and (tmp_path / "rewards.png").is_file()
-    if scenario not in ("understand",):
-        assert (tmp_path / "samples_before.png").is_file() and (tmp_path / "samples_after.png").is_file()
+    for name in ("samples_before.png", "samples_after.png", "samples.png"):  # understand too (its scenes)
+        assert (tmp_path / name).is_file(), name
 
 
 def test_cps_window_replays_its_own_logprobs(tmp_path):
@@ -73,7 +73,7 @@ def test_eval_samples_average_each_task_over_its_draws(tmp_path, monkeypatch):
     out = t.evaluate()
     assert out["_rewards"].tolist() == [5.0, 6.0, 7.0]  # (i + 0 + i + 10) / 2
     assert out["eval_reward"] == pytest.approx(6.0)
-    assert out["_images"].shape[0] == 3
+    assert [s["prompt"] for s in out["_samples"]] == [t.prompt for t in t_eval]  # the first pass, once each
     monkeypatch.setattr(trainer_mod, "score", real_score)
     one = Trainer(dataclasses.replace(cfg, eval_samples=1), log=lambda *_: None).evaluate()
     assert one["_rewards"].shape == (3,)
@@ -145,9 +145,13 @@ def test_ema_weights_average_updates_are_evaluated_and_resume(tmp_path):
     assert _records(tmp_path / "a", "eval")[-1]["eval_reward"] == _records(tmp_path / "b", "eval")[-1]["eval_reward"]
     Trainer(dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path / "c"), steps=1),
             log=lambda *_: None).train()
-    with pytest.raises(ValueError, match="no EMA weights"):  # a checkpoint written without EMA
-        Trainer(dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path / "c"), steps=2,
-                                    ema_decay=0.5), log=lambda *_: None)
+    c2 = dataclasses.replace(SMOKE, scenario="generate", run_dir=str(tmp_path / "c"), steps=2, ema_decay=0.5)
+    with pytest.raises(ValueError, match=r"other settings \(ema_decay 0.0 -> 0.5\)"):  # a run created without EMA
+        Trainer(c2, log=lambda *_: None)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**config, "ema_decay": 0.5}))  # config edited by hand
+    with pytest.raises(ValueError, match="no EMA weights"):  # the checkpoint itself still has none
+        Trainer(c2, log=lambda *_: None)
 
 
 def test_checkpoint_crash_mid_save_keeps_last_good(tmp_path, monkeypatch):
@@ -170,7 +174,9 @@ def test_checkpoint_crash_mid_save_keeps_last_good(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("over,needle", [
-    (dict(scenario="dance"), "unknown scenario"),
+    (dict(scenario="dance"), "scenario must be one of"),
+    (dict(loss_type="foo"), "loss_type must be one of"),
+    (dict(preset="huge"), "preset must be one of"),
     (dict(group_size=1), "group_size"),
     (dict(cycle_back="source"), "cycle_back"),
     (dict(prompts_per_step=3, group_size=4, micro_batch=8), "not divisible"),
@@ -286,3 +292,34 @@ def test_group_noise_shares_the_initial_latent_within_groups(group_noise, tmp_pa
     assert not torch.equal(x0[0], x0[3])  # groups differ
     ev = rollout(t.model, t.scenario, cfg, tasks, gid, t.gen, eval_mode=True).traj.samples[0]
     assert not torch.equal(ev[0], ev[1])  # evaluation draws one latent per sample either way
+
+
+def test_sample_sheet_is_readable_and_labelled(tmp_path):
+    """The sheet's size follows its layout (images upscaled to 128 px cells) and every row's text band holds
+    text: dark pixels on the white background where the prompt and rewards are written."""
+    import numpy as np
+    from PIL import Image
+
+    from unirl_fast.train.plots import CELL, HEAD, PAD, save_samples, sheet_size
+    from unirl_fast.world import Obj, Scene, render_scene
+
+    img = render_scene(Scene((Obj("red", "circle", "left"),)), 32)
+
+    def rec(reward, text="", right=None, source=None):
+        return {"prompt": "draw a red circle on the left", "text": text, "right": right, "image": img,
+                "source": source, "reward": reward, "parts": {"image": reward, "total": reward}}
+    columns = {"base": [rec(0.1), rec(0.2), rec(0.3)], "step 40": [rec(0.5), rec(0.6), rec(0.7)]}
+    path = save_samples(columns, tmp_path / "s.png", "generate: held-out tasks")
+    sheet = np.asarray(Image.open(path).convert("L"))
+    assert (sheet.shape[1], sheet.shape[0]) == sheet_size(3, 2)
+    text_x0 = PAD + 2 * (CELL + PAD)
+    for row in range(3):
+        y0 = HEAD + row * (CELL + PAD)
+        band = sheet[y0:y0 + CELL, text_x0:]
+        assert (band < 128).sum() > 200, f"row {row}: no text in the label band"
+        cell = sheet[y0:y0 + CELL, PAD:PAD + CELL]
+        assert cell.std() > 10  # the upscaled image, not an empty cell
+    understand = {"base": [rec(0.0, "red", False, img)], "step 40": [rec(1.0, "blue", True, img)]}
+    path = save_samples(understand, tmp_path / "u.png", "understand")
+    sheet = np.asarray(Image.open(path).convert("L"))
+    assert (sheet.shape[1], sheet.shape[0]) == sheet_size(1, 3)  # the scene and both (here given) images

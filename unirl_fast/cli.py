@@ -16,14 +16,20 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .train import Trainer
+    from .train import Trainer, preflight
     from .train.config import config_from_args
 
-    try:
+    try:  # every check that needs no model, before any work: one line and exit 2, nothing written
         cfg = config_from_args(args)
-    except ValueError as e:
+        info = preflight(cfg)
+    except (ValueError, FileNotFoundError) as e:
         print(f"unirl-fast train: {e}", file=sys.stderr)
         return 2
+    done = info["checkpoint_step"]
+    if done is not None and done >= cfg.steps:
+        print(f"run {cfg.run_dir} is already complete at step {done} of {cfg.steps}: nothing to do (--steps N with "
+              f"N > {done} trains on; `unirl-fast eval {cfg.run_dir}` evaluates it)")
+        return 0
     trainer = Trainer(cfg)
     result = trainer.train()
     if trainer.dist is None or trainer.dist.is_main:
@@ -48,8 +54,14 @@ def _cmd_eval(args) -> int:
     except ValueError as e:
         print(f"unirl-fast eval: {e}", file=sys.stderr)
         return 2
-    res = Trainer(cfg).evaluate()
-    print(json.dumps({k: v for k, v in res.items() if not k.startswith("_")}))
+    trainer = Trainer(cfg, readonly=True)  # reads the run; writes only its result line
+    res = {k: v for k, v in trainer.evaluate().items() if not k.startswith("_")}
+    from .train.rundir import append_eval
+
+    out = append_eval(args.run_dir, {"step": trainer.step, "eval_prompts": cfg.eval_prompts,
+                                     "eval_samples": cfg.eval_samples, **res})
+    print(json.dumps(res))
+    print(f"appended to {out}", file=sys.stderr)
     return 0
 
 
@@ -195,7 +207,32 @@ def _add_profile_parser(sub) -> None:
     prof.set_defaults(config=None, func=_cmd_profile)
 
 
-def build_parser() -> argparse.ArgumentParser:
+TRAIN_EPILOG = """\
+--config picks the trainer's defaults (tiny: the default run, with each scenario's measured defaults on top;
+smoke: a seconds-long run; bench: the profiling batch); --preset picks the model. Flags override both, and the
+defaults shown above are the effective ones for the --config and --scenario on this command line.
+
+Resuming: rerun with the same --run-dir. Training continues from the latest checkpoint; the run's config.json is
+compared first, and a change to what the run is (scenario, model, batch, optimizer, sampler, seed...) is refused
+before any work. --steps (to train on), the evaluation and checkpoint cadence, --device and --impl may change;
+the change is recorded in resumes.jsonl. A run already at --steps reports that it is complete.
+"""
+
+
+def _effective_defaults(argv):
+    """The TrainConfig that --config / --scenario on this command line give, for the help's defaults."""
+    from .train.config import PRESETS, SCENARIOS, train_preset
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="tiny")
+    pre.add_argument("--scenario", default=None)
+    known, _ = pre.parse_known_args(argv or [])
+    config = known.config if known.config in PRESETS else "tiny"
+    scenario = known.scenario if known.scenario in SCENARIOS else None
+    return train_preset(config, scenario)
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unirl-fast", description="Fused ops and a lean trainer for unified-model RL")
     # `deepspeed --module unirl_fast.cli` puts --local_rank=N before the sub-command
     p.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
@@ -206,8 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     from .train.config import add_config_args
 
-    train = sub.add_parser("train", help="RL on a unified model (default: reason-generate on the synthetic world)")
-    add_config_args(train)
+    train = sub.add_parser("train", help="RL on a unified model (default: reason-generate on the synthetic world)",
+                           description="RL on a unified model: pretrain (or load) the base model, evaluate it, run "
+                                       "RL, evaluate again; outputs in --run-dir.",
+                           epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(train, defaults=_effective_defaults(argv))
     train.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                        help="set by the deepspeed launcher (data parallel under DeepSpeed ZeRO; see --zero-stage)")
     train.set_defaults(func=_cmd_train)
@@ -223,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report an unknown flag with the subcommand's own usage, not the top-level one
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subs.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     for rank in (getattr(args, "launcher_local_rank", None), getattr(args, "local_rank", None)):
         if rank is not None:  # the deepspeed launcher passes --local_rank=N (and also sets LOCAL_RANK)
             os.environ.setdefault("LOCAL_RANK", str(rank))

@@ -12,7 +12,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..models.config import PRESETS as _MODEL_PRESETS
+from ..ops.policy_loss import LOSS_TYPES
+
 SCENARIOS = ("understand", "generate", "reason-generate", "refine-prompt", "edit", "reason-edit")
+MODEL_PRESETS = ("tiny-fp8", *sorted(_MODEL_PRESETS))  # tiny-fp8: train.pretrain's FP8-eligible tiny world model
+
+
+def _f(default, help: str, choices=None):
+    """A TrainConfig field with its --help text (and choices): documented once, here."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
 
 
 @dataclass(frozen=True)
@@ -30,57 +40,68 @@ class TrainConfig:
       (0.207 -> 0.281 / 0.182 -> 0.282 / 0.200 -> 0.312 over 3 RL seeds). Those give reason-generate 0.193 ->
       0.376, below 0.414, so they are generate's own defaults (SCENARIO_DEFAULTS below)."""
 
-    scenario: str = "reason-generate"
-    preset: str = "tiny"  # model preset; `tiny` is adapted to the 32 px synthetic world (see train.pretrain)
-    model_path: str | None = None  # a saved UnifiedModel directory: skips the pretrain stage
-    run_dir: str = "runs/default"
-    seed: int = 0
-    steps: int = 40
-    prompts_per_step: int = 8
-    group_size: int = 8
-    micro_batch: int = 16
-    lr_lm: float = 5e-5
-    lr_dit: float = 3e-4
-    lr_connector: float = 3e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.0  # > 0: evaluate an exponential moving average of the trained weights (Flow-GRPO's EMA),
-    # e <- d e + (1 - d) w after each update with d = min(ema_decay, (1 + n) / (10 + n)); 0: the raw weights
-    grad_clip: float = 1.0
-    loss_type: str = "grpo"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    beta: float = 0.0  # text KL to the frozen reference (k3)
-    flow_clip_range: float = 1e-3
-    beta_velocity: float = 0.005  # UniGRPO velocity-MSE to the frozen reference (see the tuning note above)
-    tis_cap: float = 2.0  # truncated importance sampling cap (rollout vs training log-probs)
-    temperature: float = 1.0
-    max_new_tokens: int = 40
-    image_steps: int = 8
-    image_shift: float = 1.0
-    noise_level: float = 1.0
-    sde_type: str = "sde"  # training sampler in the window: "sde" (Flow-GRPO) or "cps" (marginal-preserving)
-    sde_window: int = 2  # Flow-GRPO-Fast: stochastic (trained) steps in a window at the start
-    group_noise: bool = False  # one initial latent per group (DanceGRPO): in-group reward differences then come
-    # from the trained window's noise only (rollouts only; evaluation draws one latent per sample)
-    cycle_back: str = "policy"  # edits: who makes the inverse edit of the cycle reward: "policy" or "reference"
-    # (the frozen reference: a fixed reward that does not move with the policy it scores)
-    guidance_scale: float = 1.0  # 1.0 = CFG-free (UniGRPO)
-    format_weight: float = 0.2
-    impl: str = "auto"  # "reference" runs every op in eager PyTorch
-    fp8: bool = False
-    device: str = "auto"  # auto: cuda when available, else cpu; fp32 weights (the tiny world needs no bf16)
-    pretrain_dit_steps: int = 600
-    pretrain_lm_steps: int = 300
-    pretrain_batch: int = 32
-    pretrain_lr: float = 2e-3
-    eval_every: int = 20
-    eval_prompts: int = 48
-    eval_samples: int = 1  # images per held-out task, each from its own fixed noise (GenEval draws 4 per prompt);
-    # a task's reward is the mean over its samples (text is greedy, so only image rewards vary between samples)
-    save_every: int = 20
-    keep_checkpoints: int = 2
-    zero_stage: int | None = None  # DeepSpeed ZeRO stage (2 or 3); None: single process unless launched distributed
-    deepspeed_config: str | None = None  # a DeepSpeed JSON merged over the generated one (see train.distributed)
+    scenario: str = _f("reason-generate", "what is trained: understand (GRPO on the LM, exact-answer reward), generate "
+                       "(Flow-GRPO on the DiT and connector), reason-generate (LM and DiT with one shared advantage), "
+                       "refine-prompt (the LM rewrites for a frozen DiT), edit (Flow-GRPO on editing), reason-edit "
+                       "(the LM decides the edit, both trained)", SCENARIOS)
+    preset: str = _f("tiny", "MODEL preset (the network's size): tiny (the synthetic world's 32 px model), tiny-fp8 "
+                     "(the same at width 128, so --fp8 has layers to convert), or a unirl_fast.models preset; not "
+                     "the same thing as --config, which picks the trainer's defaults", MODEL_PRESETS)
+    model_path: str | None = _f(None, "a saved UnifiedModel directory to train instead of pretraining --preset")
+    run_dir: str = _f("runs/default", "run directory (config, metrics, checkpoints, plots); rerunning the same "
+                      "command with it resumes from its latest checkpoint")
+    seed: int = _f(0, "seed of the pretraining, the task draws and the rollouts")
+    steps: int = _f(40, "RL steps in all (a resume may raise it to train on)")
+    prompts_per_step: int = _f(8, "prompts per RL step")
+    group_size: int = _f(8, "samples per prompt (the GRPO group)")
+    micro_batch: int = _f(16, "samples per forward/backward (gradient accumulation over the step's batch)")
+    lr_lm: float = _f(5e-5, "AdamW learning rate of the LM")
+    lr_dit: float = _f(3e-4, "AdamW learning rate of the DiT")
+    lr_connector: float = _f(3e-4, "AdamW learning rate of the query connector")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    ema_decay: float = _f(0.0, "> 0: evaluate (and checkpoint) an exponential moving average of the trained weights, "
+                          "e <- d e + (1 - d) w with d = min(ema_decay, (1 + n) / (10 + n)) (Flow-GRPO); 0: off")
+    grad_clip: float = _f(1.0, "gradient-norm clip")
+    loss_type: str = _f("grpo", "text loss aggregation: grpo (seq-mean-token-mean), bnpo / dapo (token mean), "
+                        "dr_grpo (sum / (B x max length)), seq_sum", LOSS_TYPES)
+    eps_low: float = _f(0.2, "PPO clip range below 1 (text)")
+    eps_high: float = _f(0.28, "PPO clip range above 1 (text; DAPO's clip-higher)")
+    beta: float = _f(0.0, "weight of the k3 KL of the text policy to the frozen reference (0: no reference pass)")
+    flow_clip_range: float = _f(1e-3, "PPO clip range of the Flow-GRPO step ratio")
+    beta_velocity: float = _f(0.005, "UniGRPO velocity-MSE weight to the frozen reference DiT (0: off)")
+    tis_cap: float = _f(2.0, "truncated importance sampling cap on the rollout / training log-prob ratio")
+    temperature: float = _f(1.0, "sampling temperature of the text rollouts (and of the scored log-probs)")
+    max_new_tokens: int = _f(40, "longest completion")
+    image_steps: int = _f(8, "sampler steps per image")
+    image_shift: float = _f(1.0, "time shift of the sigma schedule (SD3 / SANA; 1 = linear)")
+    noise_level: float = _f(1.0, "noise level a of the stochastic sampler steps")
+    sde_type: str = _f("sde", "sampler of the trained steps: sde (Flow-GRPO) or cps (coefficients-preserving)",
+                       ("sde", "cps"))
+    sde_window: int = _f(2, "stochastic (trained) steps, a window at the start of sampling (Flow-GRPO-Fast)")
+    group_noise: bool = _f(False, "one initial latent per group (DanceGRPO): in-group differences come from the "
+                           "trained window only")
+    cycle_back: str = _f("policy", "edit scenarios: who makes the inverse edit of the cycle reward, the policy or the "
+                         "frozen reference (a fixed reward)", ("policy", "reference"))
+    guidance_scale: float = _f(1.0, "classifier-free guidance scale (1 = CFG-free, UniGRPO)")
+    format_weight: float = _f(0.2, "weight of the format part of the reward")
+    impl: str = _f("auto", "op backend: auto (Triton kernels on CUDA, PyTorch elsewhere), triton (never falls back; "
+                   "needs CUDA), reference (eager PyTorch everywhere)", ("auto", "triton", "reference"))
+    fp8: bool = _f(False, "FP8 unified precision flow: eligible Linear layers run in FP8 in rollout and training "
+                   "(needs a preset with 128-divisible widths, e.g. tiny-fp8)")
+    device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    pretrain_dit_steps: int = _f(600, "flow-matching warm-up steps of the DiT and connector (cached per settings)")
+    pretrain_lm_steps: int = _f(300, "supervised warm-up steps of the LM")
+    pretrain_batch: int = _f(32, "warm-up batch")
+    pretrain_lr: float = _f(2e-3, "warm-up learning rate")
+    eval_every: int = _f(20, "RL steps between held-out evaluations")
+    eval_prompts: int = _f(48, "held-out tasks per evaluation")
+    eval_samples: int = _f(1, "images per held-out task, each from its own fixed noise (GenEval draws 4); a task "
+                           "scores the mean")
+    save_every: int = _f(20, "RL steps between checkpoints")
+    keep_checkpoints: int = _f(2, "checkpoints kept")
+    zero_stage: int | None = _f(None, "DeepSpeed ZeRO stage (2 or 3); default: single process unless launched "
+                                "distributed")
+    deepspeed_config: str | None = _f(None, "a DeepSpeed JSON merged over the generated one")
 
     @property
     def batch_size(self) -> int:
@@ -90,8 +111,6 @@ class TrainConfig:
         def bad(msg):
             raise ValueError(f"bad config: {msg}")
 
-        if self.scenario not in SCENARIOS:
-            bad(f"unknown scenario {self.scenario!r}; choose one of {SCENARIOS}")
         if self.group_size < 2:
             bad(f"group_size must be >= 2 (group advantages of one sample are 0), got {self.group_size}")
         if self.prompts_per_step < 1:
@@ -109,10 +128,10 @@ class TrainConfig:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.sde_window <= self.image_steps:
             bad(f"sde_window must be in [1, image_steps={self.image_steps}], got {self.sde_window}")
-        for name, options in (("sde_type", ("sde", "cps")), ("cycle_back", ("policy", "reference")),
-                              ("impl", ("auto", "triton", "reference"))):
-            if getattr(self, name) not in options:
-                bad(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            options = f.metadata.get("choices")
+            if options and getattr(self, f.name) not in options:
+                bad(f"{f.name} must be one of {options}, got {getattr(self, f.name)!r}")
         if self.model_path is not None and not (Path(self.model_path) / "unified_config.json").is_file():
             bad(f"model_path {self.model_path!r} is not a saved UnifiedModel directory (no unified_config.json)")
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
@@ -130,6 +149,13 @@ class TrainConfig:
             bad(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.temperature <= 0:
             bad(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if self.impl == "triton":
+            from ..ops._dispatch import choose
+
+            try:  # the same rule every op applies: explicit Triton needs CUDA (or the interpreter), never falls back
+                choose("fused_linear_logprobs", "triton", resolve_device(self))
+            except (ValueError, RuntimeError, NotImplementedError) as e:
+                bad(str(e))
         return self
 
     def save(self, path) -> None:
@@ -180,18 +206,27 @@ def train_preset(name: str, scenario: str | None = None) -> TrainConfig:
     return dataclasses.replace(base, scenario=scenario, **extra)
 
 
-def add_config_args(parser: argparse.ArgumentParser, exclude=()) -> None:
-    """One flag per TrainConfig field (except those in `exclude`, which the caller defines its own way)."""
-    parser.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="named trainer defaults")
+def add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults: TrainConfig | None = None) -> None:
+    """One flag per TrainConfig field (except those in `exclude`, which the caller defines its own way), with the
+    field's help text and choices; `defaults` (the effective config for the chosen --config / --scenario) is what
+    the help shows as each flag's default (flags left out keep it)."""
+    defaults = defaults or TrainConfig()
+    parser.add_argument("--config", default="tiny", choices=sorted(PRESETS),
+                        help="TRAINER defaults (batch, steps, lengths...): tiny (the default run; each scenario adds "
+                             "its measured defaults), smoke (a seconds-long run), bench (the profiling batch). Not "
+                             "the model: that is --preset. Flags given on the command line override it")
     for f in dataclasses.fields(TrainConfig):
         if f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})".replace("%", "%%")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=f"default: {f.default}")
+            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=text,
+                                choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else
+                                f.name.upper())
 
 
 def config_from_args(args) -> TrainConfig:

@@ -230,15 +230,15 @@ class DeepSpeedRuntime:
         return out
 
     def evaluate(self, run_eval):
-        """Rank 0 evaluates with the full weights; the numbers (not the images) are broadcast to every rank."""
+        """Rank 0 evaluates with the full weights; the numbers (not the sample-sheet images) reach every rank."""
         with self.full_weights():
             res = [run_eval() if self.is_main else None]
             dist.barrier()
         if self.is_main:
-            imgs = res[0].pop("_images")
+            samples = res[0].pop("_samples")
         dist.broadcast_object_list(res, src=0)
         res = res[0]
-        res["_images"] = imgs if self.is_main else None
+        res["_samples"] = samples if self.is_main else None
         return res
 
     def barrier(self):

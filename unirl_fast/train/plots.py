@@ -1,26 +1,72 @@
-"""PNG outputs of a run: reward curves (train per step, held-out per evaluation) and sample grids."""
+"""PNG outputs of a run: reward curves (train per step, held-out per evaluation) and labelled sample sheets."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import torch
 
+N_SHOW = 8  # tasks shown on a sample sheet
+CELL, PAD, TEXT_W, HEAD = 128, 8, 560, 44  # pixels: an image cell (images upscaled nearest-neighbour), gap, text
 
-def save_grid(images: torch.Tensor, path, ncol: int = 8) -> Path:
-    """images [N, 3, H, W] in [-1, 1] -> one PNG grid."""
+
+def _pixels(img: torch.Tensor):
+    """[3, h, w] in [-1, 1] -> [h, w, 3] in [0, 1] (numpy)."""
+    return ((img.detach().float().cpu() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def sheet_size(n_rows: int, n_image_cols: int) -> tuple:
+    """(width, height) in pixels of a sample sheet."""
+    return (PAD + n_image_cols * (CELL + PAD) + TEXT_W, HEAD + n_rows * (CELL + PAD) + PAD)
+
+
+def _cell_text(task, columns, i) -> str:
+    lines = textwrap.wrap(f"prompt: {task['prompt']}", 70)
+    for name, samples in columns.items():
+        s = samples[i]
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in s["parts"].items() if k != "total")
+        if s.get("text") or s.get("right") is not None:
+            verdict = "" if s.get("right") is None else ("  RIGHT" if s["right"] else "  WRONG")
+            lines += textwrap.wrap(f"{name}: {s['text']!r}{verdict}", 70)
+        lines.append(f"{name}: reward {s['reward']:.3f}" + (f" ({parts})" if parts else ""))
+    return "\n".join(lines)
+
+
+def save_samples(columns: dict, path, title: str) -> Path:
+    """A sample sheet: one row per task (the same tasks in every column), left to right the task's source image
+    (edits, understanding), each column's image (e.g. before and after RL; upscaled 4x, nearest-neighbour), then
+    the prompt and each column's completion (if any) and reward with its parts. columns: label -> list of
+    {"prompt", "text", "right", "image", "source", "reward", "parts"} (image / source [3, h, w] in [-1, 1] or None)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n, _, h, w = images.shape
-    rows = (n + ncol - 1) // ncol
-    grid = torch.ones(3, rows * (h + 2), ncol * (w + 2))
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = (img.float() + 1) / 2
-    plt.imsave(str(path), grid.clamp(0, 1).permute(1, 2, 0).numpy())
+    names = list(columns)
+    first = columns[names[0]][:N_SHOW]
+    has_src = any(s["source"] is not None for s in first)
+    img_cols = [n for n in names if any(s["image"] is not None for s in columns[n][:N_SHOW])]
+    headers = (["source"] if has_src else []) + img_cols
+    W, H = sheet_size(len(first), len(headers))
+    fig = plt.figure(figsize=(W / 100, H / 100), dpi=100)
+    fig.text(PAD / W, 1 - 6 / H, title, fontsize=10, va="top", weight="bold")
+    for j, name in enumerate(headers):
+        fig.text((PAD + j * (CELL + PAD)) / W, 1 - (HEAD - 4) / H, name, fontsize=8, va="bottom")
+    for i in range(len(first)):
+        y = 1 - (HEAD + i * (CELL + PAD) + CELL) / H
+        imgs = ([first[i]["source"]] if has_src else []) + [columns[n][i]["image"] for n in img_cols]
+        for j, img in enumerate(imgs):
+            ax = fig.add_axes([(PAD + j * (CELL + PAD)) / W, y, CELL / W, CELL / H])
+            ax.axis("off")
+            if img is not None:
+                ax.imshow(_pixels(img), interpolation="nearest")
+        ax = fig.add_axes([(PAD + len(imgs) * (CELL + PAD)) / W, y, (TEXT_W - PAD) / W, CELL / H])
+        ax.axis("off")
+        ax.text(0, 1, _cell_text(first[i], {n: columns[n] for n in names}, i), va="top", fontsize=7,
+                family="monospace", transform=ax.transAxes)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return Path(path)
 
 

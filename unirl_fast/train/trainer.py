@@ -28,15 +28,20 @@ from ..profiling.step_flops import step_flops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import resolve_device
 from .distributed import requested as _distributed_requested
-from .pretrain import pretrain
+from .plots import N_SHOW
+from .pretrain import pretrain, world_model_config
 from .rl import image_loss, reference_outputs, rollout, score, text_loss
+from .rundir import check_run_dir, create_or_resume, trim_metrics
 from .scenarios import get_scenario
 
 
 class Trainer:
-    def __init__(self, cfg, log=print, model=None):
+    def __init__(self, cfg, log=print, model=None, readonly=False):
         """model: an already built UnifiedModel to train instead of the pretrained world model (the profiler passes
-        a random-init preset model); None pretrains (or loads cfg.model_path)."""
+        a random-init preset model); None pretrains (or loads cfg.model_path). readonly: evaluate an existing run
+        without writing to its directory (`unirl-fast eval`): no config check against config.json either."""
+        self.readonly = readonly
+        run_info = None if readonly else preflight(cfg)  # before any model is built or file written
         self.cfg = cfg.validate()
         self.dist = None  # the DeepSpeed runtime (train.distributed); None: single process, deepspeed never imported
         if _distributed_requested(cfg):
@@ -48,9 +53,8 @@ class Trainer:
         self.log = log
         self.scenario = get_scenario(cfg.scenario)
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            cfg.save(self.run_dir / "config.json")
+        if self.is_main and not readonly:
+            create_or_resume(cfg, run_info)
         torch.manual_seed(cfg.seed)
         if self.dist is not None:
             self.dist.main_first_enter()  # rank 0 builds and caches the base model, then the others read it
@@ -136,6 +140,11 @@ class Trainer:
             st = ck["state"]
             self._load_ema(ck.get("ema"), path)
         self.step, self.history = st["step"], st["history"]
+        if self.is_main and not self.readonly:
+            dropped = trim_metrics(self.run_dir / "metrics.jsonl", self.step)
+            if dropped:
+                self.log(f"metrics.jsonl: {dropped} records after step {self.step} (written before the checkpoint "
+                         "was resumed) removed; they are recomputed")
         self.rng.setstate(st["py_rng"])
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["torch_rng"])
@@ -214,8 +223,8 @@ class Trainer:
         check_pending()  # the step's deferred value checks (NaN/inf, ids, masks), read once: one host sync
         times = timer.finish_step()
         self.step += 1
-        rec = {"step": self.step, "reward": b.rewards.mean().item(), "grad_norm": float(gnorm), **metrics,
-               **_reward_parts(b.reward_parts), **times}
+        rec = {"step": self.step, "reward": b.rewards.mean().item(), "adv_std": adv.float().std().item(),
+               "grad_norm": float(gnorm), **metrics, **_reward_parts(b.reward_parts), **times}
         rec.update(self._throughput(b, n_local, rec["step_ms"] / 1e3))
         rec.update(self._nvml_record(t0, time.time()))
         if self.dist is not None:
@@ -266,7 +275,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Mean held-out reward: greedy text, ODE images from fixed noise (the same every evaluation).
         With eval_samples K > 1 every task is drawn K times (pass k over all tasks uses the k-th noise draws)
-        and a task's reward is the mean of its K; `_rewards` holds one value per task, `_images` the first pass.
+        and a task's reward is the mean of its K; `_rewards` holds one value per task, `_samples` the sample-sheet
+        records of the first N_SHOW tasks (first pass).
         With ema_decay > 0 the averaged weights are evaluated (swapped in, then the trained ones put back)."""
         if self.dist is not None and not getattr(self, "_in_eval", False):
             self._in_eval = True  # rank 0 evaluates (full weights), every rank gets the numbers
@@ -281,19 +291,19 @@ class Trainer:
         c, m = self.cfg, self.model
         m.eval()
         gen = torch.Generator(device=m.device).manual_seed(c.seed + 4242)
-        rewards, parts, images = [], [], []
+        rewards, parts, samples = [], [], []
         tasks_all = self.eval_tasks * c.eval_samples
+        n_show = min(N_SHOW, len(self.eval_tasks))  # the first tasks of the first pass go on the sample sheets
         for start in range(0, len(tasks_all), c.micro_batch):
             tasks = tasks_all[start:start + c.micro_batch]
             b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True)
             score(m, self.scenario, c, b, gen, inverse_model=self._cycle_model())
             rewards.append(b.rewards)
             parts += b.reward_parts
-            if b.images is not None and start < len(self.eval_tasks):
-                images.append(b.images[:len(self.eval_tasks) - start].cpu())
+            samples += _samples(b, range(min(len(tasks), max(0, n_show - start))))
         per_task = torch.cat(rewards).view(c.eval_samples, len(self.eval_tasks)).mean(0)
         out = {"eval_reward": per_task.mean().item(), **_reward_parts(parts, prefix="eval_")}
-        out["_images"] = torch.cat(images) if images else None
+        out["_samples"] = samples
         out["_rewards"] = per_task  # per held-out task, in order (paired comparisons across evaluations)
         return out
 
@@ -306,10 +316,14 @@ class Trainer:
             raise ValueError(f"checkpoint {self._no_optim_state} was written under DeepSpeed (partitioned optimizer "
                              "state): continue it under the same launcher and world size")
         metrics_path = self.run_dir / "metrics.jsonl"
+        if self.step >= c.steps and self.step > 0:
+            self.log(f"run {self.run_dir} is already complete at step {self.step} of {c.steps}: nothing to do "
+                     f"(--steps N with N > {self.step} trains on)")
+            return _read_evals(metrics_path)
         if self.step == 0:
             base = self.evaluate()
             self._write(metrics_path, {"step": 0, "phase": "eval", **_public(base)})
-            self._save_grid(base["_images"], "samples_before.png")
+            self._save_samples({"base": base["_samples"]}, "samples_before.png", before=True)
             self.log(f"base model held-out reward {base['eval_reward']:.3f}")
         bar = tqdm(total=c.steps, initial=self.step, desc=c.scenario,
                    disable=None if self.is_main else True)
@@ -318,14 +332,14 @@ class Trainer:
             self.history.append(rec)
             self._write(metrics_path, {"phase": "train", **rec})
             bar.update(1)
-            self.log(_log_line(rec))
+            self.log(_log_line(rec, kl_used=c.beta > 0))
             if self.step % c.eval_every == 0 or self.step == c.steps:
                 ev = self.evaluate()
                 self.history.append({"step": self.step, "phase": "eval", **_public(ev)})
                 self._write(metrics_path, {"step": self.step, "phase": "eval", **_public(ev)})
                 self.log(f"step {self.step} held-out reward {ev['eval_reward']:.3f}")
                 if self.step == c.steps:
-                    self._save_grid(ev["_images"], "samples_after.png")
+                    self._save_samples({f"step {self.step}": ev["_samples"]}, "samples_after.png")
             if self.step % c.save_every == 0 or self.step == c.steps:
                 self.save()
         bar.close()
@@ -346,13 +360,21 @@ class Trainer:
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def _save_grid(self, images, name):
-        from .plots import save_grid
+    def _save_samples(self, columns, name, before=False):
+        """A labelled sample sheet; at the end of the run also samples.png, the base and the final model side by
+        side (the base's samples are kept in samples_before.pt for that, so a resumed run can draw it too)."""
+        from .plots import save_samples
 
         if not self.is_main:
             return
-        if images is not None:
-            save_grid(images[:16], self.run_dir / name)
+        title = f"{self.cfg.scenario}: held-out tasks, {', '.join(columns)}"
+        save_samples(columns, self.run_dir / name, title)
+        if before:
+            torch.save(columns, self.run_dir / "samples_before.pt")
+        elif (self.run_dir / "samples_before.pt").is_file():
+            both = {**torch.load(self.run_dir / "samples_before.pt", weights_only=False), **columns}
+            save_samples(both, self.run_dir / "samples.png", f"{self.cfg.scenario}: held-out tasks before and "
+                                                             "after RL")
 
     def _plot(self, metrics_path):
         from .plots import plot_rewards
@@ -360,6 +382,27 @@ class Trainer:
         if not self.is_main:
             return
         plot_rewards(metrics_path, self.run_dir / "rewards.png")
+
+
+def preflight(cfg) -> dict:
+    """Every check that needs no model and writes nothing, run before any work (the CLI calls it too, to fail in a
+    second with one line): the config, the run directory (usable; a resume only changes what may change) and, with
+    --fp8, that the preset has FP8-eligible layers (found on a meta-device build: no memory, no weights).
+    Returns check_run_dir's answer."""
+    cfg.validate()
+    info = check_run_dir(cfg)
+    if cfg.fp8 and cfg.model_path is None:
+        from ..fp8 import convert_to_fp8
+        from ..models import UnifiedModel
+
+        with torch.device("meta"):
+            model = UnifiedModel(world_model_config(cfg.preset, get_scenario(cfg.scenario).edit))
+        eligible = []
+        convert_to_fp8(model, lambda name, mod: eligible.append(name) and False)
+        if not eligible:
+            raise ValueError(f"--fp8 was requested but no Linear of preset {cfg.preset!r} is eligible (in/out features "
+                             "divisible by 128): nothing would run in FP8; use --preset tiny-fp8")
+    return info
 
 
 class ParamEMA:
@@ -435,17 +478,48 @@ def _reward_parts(parts, prefix=""):
     return {f"{prefix}reward_{k}": sum(p[k] for p in parts) / len(parts) for k in keys}
 
 
+def _samples(b, rows) -> list:
+    """Sample-sheet records of a scored batch's rows: prompt, completion, right / wrong (exact-answer tasks), image,
+    source image (edits; the scene asked about for understanding), reward and its parts. All on the CPU."""
+    out = []
+    for i in rows:
+        t, part = b.tasks[i], b.reward_parts[i]
+        src = b.sources[i].cpu() if b.sources is not None else None
+        if src is None and t.source is not None:
+            from ..world import render_scene
+
+            src = render_scene(t.source, b.images.shape[-1] if b.images is not None else 32)
+        out.append({"prompt": t.prompt, "text": b.completions[i] if b.completions else "",
+                    "right": bool(part["answer"]) if "answer" in part else None,
+                    "image": b.images[i].cpu() if b.images is not None else None, "source": src,
+                    "reward": float(part["total"]), "parts": {k: float(v) for k, v in part.items()}})
+    return out
+
+
 def _public(d):
     return {k: v for k, v in d.items() if not k.startswith("_")}
 
 
-def _log_line(r):
-    kl = r.get("text_kl_mean", r.get("image_approx_kl", 0.0))
-    clip = r.get("text_clip_frac_high", 0.0) + r.get("text_clip_frac_low", 0.0) + r.get("image_clip_frac", 0.0)
-    loss = r.get("text_loss", 0.0) + r.get("image_loss", 0.0)
-    mem = max([v for k, v in r.items() if k.endswith("peak_mem_MiB")] or [0.0])
-    return (f"step {r['step']:4d}  loss {loss:+.4f}  reward {r['reward']:.3f}  kl {kl:.2e}  clip {clip:.3f}  "
-            f"{r['samples_per_s']:.2f} samples/s  mem {mem:.0f} MiB")
+def _log_line(r, kl_used=False):
+    """What moves in a step: the reward and its parts, the advantage spread, the policy ratio and clipping (which an
+    on-policy single update keeps at 1 and 0: they matter once rollouts go stale), the entropy, KL only when a KL
+    term is in the loss, the step time and throughput. The losses are in metrics.jsonl."""
+    parts = " ".join(f"{k[len('reward_'):]} {v:.3f}" for k, v in r.items() if k.startswith("reward_"))
+    out = [f"step {r['step']:4d}", f"reward {r['reward']:.3f}" + (f" ({parts})" if parts else ""),
+           f"adv std {r['adv_std']:.2f}"]
+    for side in ("text", "image"):
+        if f"{side}_ratio_mean" in r:
+            clip = r.get(f"{side}_clip_frac_low", 0.0) + r.get(f"{side}_clip_frac_high", 0.0) + \
+                r.get(f"{side}_clip_frac", 0.0)
+            out.append(f"{side} ratio {r[f'{side}_ratio_mean']:.3f} clip {clip:.2f}")
+    if "text_entropy_mean" in r:
+        out.append(f"entropy {r['text_entropy_mean']:.2f}")
+    if kl_used and "text_kl_mean" in r:
+        out.append(f"kl {r['text_kl_mean']:.2e}")
+    if "image_velocity_mse" in r:
+        out.append(f"v-mse {r['image_velocity_mse']:.1e}")
+    out.append(f"{r['step_ms'] / 1e3:.1f} s/step {r['samples_per_s']:.1f} samples/s")
+    return "  ".join(out)
 
 
 def _read_evals(path):

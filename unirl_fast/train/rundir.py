@@ -1,0 +1,105 @@
+"""The run directory, kept true: what it says is what ran.
+
+    <run_dir>/config.json     the resolved config the run was created with; written once, never rewritten
+    <run_dir>/resumes.jsonl   one line per resume that changed a field allowed to change: {"time", "step", "changes"}
+    <run_dir>/metrics.jsonl   one record per step and per evaluation; a resume trims it back to the checkpoint's step
+                              first (a run killed at step 13 and resumed from step 10 does not log 11-13 twice)
+    <run_dir>/evals.jsonl     `unirl-fast eval` results (evaluation never writes config.json)
+
+A resume compares its resolved config with config.json before any work (no model built, no data touched): a change
+to what the run is (scenario, model, batch shape, optimizer, sampler, seed, ...) is refused with one line naming
+the fields; RESUMABLE fields may change (more steps, evaluation and checkpoint cadence, device, op backend, the
+directory's own path after a move or copy) and are recorded in resumes.jsonl.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from pathlib import Path
+
+from .checkpoint import latest_checkpoint
+
+RESUMABLE = ("steps", "eval_every", "eval_prompts", "eval_samples", "save_every", "keep_checkpoints", "device",
+             "impl", "run_dir")  # run_dir: a run directory may be moved or copied
+
+
+def _writable_parent(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def check_run_dir(cfg) -> dict:
+    """Read-only check that cfg can use cfg.run_dir: {"new": bool, "changes": {field: (saved, now)},
+    "checkpoint_step": int | None}. Raises ValueError (one line) when it cannot."""
+    path = Path(cfg.run_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"run_dir {cfg.run_dir!r} exists and is not a directory")
+    base = _writable_parent(path)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"run_dir {cfg.run_dir!r} cannot be created or written ({base} is not a writable directory)")
+    saved_path = path / "config.json"
+    ckpt = latest_checkpoint(path) if path.is_dir() else None
+    step = int(ckpt.name.split("-")[-1]) if ckpt is not None else None
+    if not saved_path.is_file():
+        if ckpt is not None:
+            raise ValueError(f"run_dir {cfg.run_dir!r} has checkpoints but no config.json: it is not a run directory "
+                             "this trainer wrote; pick another --run-dir")
+        return {"new": True, "changes": {}, "checkpoint_step": None}
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{saved_path} is not valid JSON ({e}); pick another --run-dir") from None
+    now = dataclasses.asdict(cfg)
+    changes = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
+    blocked = {k: c for k, c in changes.items() if k not in RESUMABLE}
+    if blocked:
+        diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in blocked.items())
+        raise ValueError(f"run_dir {cfg.run_dir!r} holds a run with other settings ({diff}); resume it with its "
+                         f"own settings (only {', '.join(RESUMABLE)} may change) or pick another --run-dir")
+    return {"new": False, "changes": changes, "checkpoint_step": step}
+
+
+def create_or_resume(cfg, info: dict) -> None:
+    """Write config.json for a new run, or record a resume's allowed changes (the main process only)."""
+    path = Path(cfg.run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    if info["new"]:
+        tmp = path / "config.json.tmp"
+        cfg.save(tmp)
+        os.replace(tmp, path / "config.json")
+    elif info["changes"]:
+        rec = {"time": _now(), "step": info["checkpoint_step"],
+               "changes": {k: list(v) for k, v in info["changes"].items()}}
+        with open(path / "resumes.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def trim_metrics(path, step: int) -> int:
+    """Keep only records up to `step` (a resume from that checkpoint writes the later ones again); returns how many
+    were dropped. Atomic: written to a temporary file and renamed."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
+def append_eval(run_dir, record: dict) -> Path:
+    path = Path(run_dir) / "evals.jsonl"
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": _now(), **record}) + "\n")
+    return path
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
