@@ -101,8 +101,20 @@ def test_report_prints_table_and_writes_plots(smoke_run, capsys):
     assert "held-out reward: base" in out
     step_ms = float(out.split("mean step time: ")[1].split(" ms")[0])
     assert step_ms == pytest.approx(recs[1]["step_ms"], abs=0.1)
-    for name in ("phases.png", "throughput.png", "memory_power.png"):
+    for name in ("phases.png", "throughput.png", "memory.png"):  # no NVML on a CPU: no (empty) power panel
         assert (d / name).stat().st_size > 1000
+    assert not (d / "memory_power.png").exists()
+
+
+def test_throughput_panels_merge_equal_series_and_drop_empty_ones():
+    from unirl_fast.profiling.report import _lines
+
+    recs = [{"samples_per_s": 2.0, "images_per_s": 2.0, "gen_tokens_per_s": 50.0, "trained_tokens_per_s": 0.0},
+            {"samples_per_s": 3.0, "images_per_s": 3.0, "gen_tokens_per_s": 70.0, "trained_tokens_per_s": 0.0}]
+    assert _lines(recs, ("samples_per_s", "samples/s"), ("images_per_s", "images/s")) == [
+        ("samples/s = images/s", [2.0, 3.0])]
+    assert _lines(recs, ("gen_tokens_per_s", "gen"), ("trained_tokens_per_s", "trained")) == [("gen", [50.0, 70.0])]
+    assert _lines(recs, ("missing", "m")) == []
 
 
 def test_report_with_gpu_style_records(tmp_path, capsys):
@@ -148,6 +160,8 @@ def test_profile_compare_tiny(tmp_path, capsys):
     sps = next(line for line in text.splitlines() if line.startswith("samples/s")).split()
     assert float(sps[1]) > 0 and float(sps[2]) > 0 and float(sps[3]) > 0
     assert "losses equal within tolerance: PASS" in text
+    if not torch.cuda.is_available():  # both sides ran the reference ops: no speed-up is claimed
+        assert "no speed-up claimed" in text and "speed-up (" not in text
     res = json.loads((out / "profile.json").read_text())
     assert res["passed"] is True and {r["key"] for r in res["losses"]} >= {"text_loss", "image_loss", "reward"}
     assert res["summaries"]["fast"]["measured_steps"] == 2 and res["summaries"]["fast"]["warmup_excluded"] == 1

@@ -19,6 +19,8 @@ def _version(dist: str):
 
 
 def _importable(module: str):
+    if module == "deepspeed" and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no "Setting accelerator to CPU" warning on a CPU machine
     try:
         with contextlib.redirect_stdout(sys.stderr):  # deepspeed logs to stdout on import; `info --json` is stdout
             importlib.import_module(module)

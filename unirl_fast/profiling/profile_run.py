@@ -141,7 +141,9 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def format_table(summaries: dict, loss_rows=(), passed=None, tol=None) -> str:
+def format_table(summaries: dict, loss_rows=(), passed=None, tol=None, same_ops=False) -> str:
+    """same_ops: both sides ran the same ops (impl "auto" resolves to the reference ops off CUDA), so the step-time
+    ratio is run-to-run noise and no speed-up is claimed."""
     impls = list(summaries)
     compare = impls == ["fast", "reference"]
     head = f"{'metric':<20}" + "".join(f"{i:>12}" for i in impls) + (f"{'fast/ref':>10}" if compare else "")
@@ -151,7 +153,10 @@ def format_table(summaries: dict, loss_rows=(), passed=None, tol=None) -> str:
         if compare:
             line += f"{_fmt(_ratio(vals)):>10}"
         lines.append(line)
-    if compare:
+    if compare and same_ops:
+        lines.append("no speed-up claimed: off CUDA both sides run the same (reference) ops, so fast/ref is "
+                     "run-to-run noise; the fused kernels run on a GPU")
+    elif compare:
         f, r = summaries["fast"], summaries["reference"]
         lines.append(f"speed-up (reference step time / fast step time): {r['step_ms'] / f['step_ms']:.3f}x")
     if loss_rows:
@@ -190,7 +195,7 @@ def profile(cfg, impl: str = "fast", *, steps: int, warmup: int = 1, compare: bo
     summaries = {i: summarize(r, warmup) for i, r in records.items()}
     loss_rows, passed = check_losses(records["fast"], records["reference"], check_steps, dtype) if compare \
         else ([], None)
-    table = format_table(summaries, loss_rows, passed, TOLERANCE[dtype])
+    table = format_table(summaries, loss_rows, passed, TOLERANCE[dtype], same_ops=device.type != "cuda")
     result = {"config": dataclasses.asdict(cfg), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "dtype": str(dtype), "warmup": warmup, "steps": steps, "summaries": summaries,
               "losses": [dict(zip(("step", "key", "fast", "reference", "abs_diff", "bound", "ok"), r))

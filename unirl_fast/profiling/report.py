@@ -124,56 +124,72 @@ def _plt():
     return plt
 
 
-def plot_run(train: list, run_dir) -> list:
-    """phases.png, throughput.png, memory_power.png in run_dir; returns their paths."""
+def plot_run(train: list, run_dir, warmup: int = 0) -> list:
+    """phases.png, throughput.png, memory_power.png (memory.png without NVML data) in run_dir; returns their paths.
+    The first `warmup` steps are left out (a warm-up step's compile and allocation would set the scale)."""
     plt, d = _plt(), Path(run_dir)
-    steps = [r["step"] for r in train]
+    shown = train[warmup:] or train
+    steps = [r["step"] for r in shown]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    bottom = [0.0] * len(train)
+    bottom = [0.0] * len(shown)
     for p in PHASES:
-        vals = [r.get(f"phase/{p}_ms", 0.0) for r in train]
+        vals = [r.get(f"phase/{p}_ms", 0.0) for r in shown]
         if any(vals):
             ax.bar(steps, vals, bottom=bottom, label=p)
             bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.plot(steps, [r["step_ms"] for r in train], "k.", label="step_ms")
-    ax.set(xlabel="step", ylabel="ms", title="phase breakdown")
+    ax.plot(steps, [r["step_ms"] for r in shown], "k.", label="step_ms")
+    left_out = f" (first {len(train) - len(shown)} warm-up step(s) left out)" if len(shown) < len(train) else ""
+    ax.set(xlabel="step", ylabel="ms", title="phase breakdown" + left_out)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     if len(steps) <= 20:
         ax.set_xticks(steps)
     paths = [_save(fig, d / "phases.png")]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a1.plot(steps, [r.get("samples_per_s", 0.0) for r in train], "o-", label="samples/s")
-    a1.plot(steps, [r.get("images_per_s", 0.0) for r in train], "s--", label="images/s")
-    a2.plot(steps, [r.get("gen_tokens_per_s", 0.0) for r in train], "o-", label="generated tokens/s")
-    a2.plot(steps, [r.get("trained_tokens_per_s", 0.0) for r in train], "s--", label="trained tokens/s")
-    for a in (a1, a2):
+    panels = [p for p in (_lines(shown, ("samples_per_s", "samples/s"), ("images_per_s", "images/s")),
+                          _lines(shown, ("gen_tokens_per_s", "generated tokens/s"),
+                                 ("trained_tokens_per_s", "trained tokens/s"))) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for a, lines in zip(axes[0], panels):
+        for (label, vals), style in zip(lines, ("o-", "s--")):
+            a.plot(steps, vals, style, label=label)
         a.set_xlabel("step")
         a.legend(fontsize=7)
     fig.suptitle("throughput")
     paths.append(_save(fig, d / "throughput.png"))
-    paths.append(_plot_memory_power(plt, train, d / "memory_power.png"))
+    paths.append(_plot_memory_power(plt, shown, d))
     return paths
 
 
-def _plot_memory_power(plt, train, path):
+def _lines(train, *series):
+    """[(label, values)] of the series that have data; a series equal to the one before it is merged into its
+    label (samples/s = images/s when every sample is an image) instead of drawn twice."""
+    out = []
+    for key, label in series:
+        vals = [r.get(key, 0.0) or 0.0 for r in train]
+        if not any(vals):
+            continue
+        if out and out[-1][1] == vals:
+            out[-1] = (f"{out[-1][0]} = {label}", vals)
+        else:
+            out.append((label, vals))
+    return out
+
+
+def _plot_memory_power(plt, train, d):
+    """memory_power.png with NVML power samples; memory.png (one panel) without: no empty panel."""
     t, acc = [], 0.0
     for r in train:
         acc += r["step_ms"] / 1e3
         t.append(acc)
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    mem = [max([v for k, v in r.items() if k.endswith("_peak_mem_MiB")] or [0.0]) for r in train]
-    a1.plot(t, mem, "o-")
-    a1.set(ylabel="peak MiB (step)", title="memory and power")
     power = [(x, r["nvml/power_W_mean"]) for x, r in zip(t, train) if "nvml/power_W_mean" in r]
+    fig, axes = plt.subplots(2 if power else 1, 1, figsize=(7, 5 if power else 3), sharex=True, squeeze=False)
+    mem = [max([v for k, v in r.items() if k.endswith("_peak_mem_MiB")] or [0.0]) for r in train]
+    axes[0][0].plot(t, mem, "o-")
+    axes[0][0].set(ylabel="peak MiB (step)", title="memory and power" if power else "memory (no power samples)")
     if power:
-        a2.plot([p[0] for p in power], [p[1] for p in power], "o-", color="tab:red")
-        a2.set_ylabel("mean power W (step)")
-    else:
-        note = next((r["nvml"] for r in train if isinstance(r.get("nvml"), str)), "no NVML samples")
-        a2.text(0.5, 0.5, f"power: {note}", ha="center", va="center", transform=a2.transAxes)
-        a2.set_yticks([])
-    a2.set_xlabel("run time (s, sum of step times)")
-    return _save(fig, path)
+        axes[1][0].plot([p[0] for p in power], [p[1] for p in power], "o-", color="tab:red")
+        axes[1][0].set_ylabel("mean power W (step)")
+    axes[-1][0].set_xlabel("run time (s, sum of step times)")
+    return _save(fig, d / ("memory_power.png" if power else "memory.png"))
 
 
 def _save(fig, path):
@@ -191,4 +207,4 @@ def report(run_dir, warmup: int | None = None, plots: bool = True) -> tuple:
         warmup = sum(bool(r.get("warmup")) for r in train) if any("warmup" in r for r in train) else 1
     s = summarize(train, warmup)
     text = format_summary(s, cfg, evals, title=f"run {run_dir}")
-    return text, s, plot_run(train, run_dir) if plots else []
+    return text, s, plot_run(train, run_dir, warmup) if plots else []

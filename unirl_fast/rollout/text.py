@@ -25,6 +25,7 @@ Limits: no speculative decoding, no paged attention, one prompt length per batch
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -150,13 +151,15 @@ class TextEngine:
         if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket <= 0:
             raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
         self.prompt_bucket = bucket
+        # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` warns, then goes away)
+        self._cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self._cache = None
         self._cache_key = None
         self._decode = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if self.compile \
             else self._forward
 
     def _forward(self, ids, pos, cache_pos, mask, cache):
-        out = self.lm(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
+        out = self.lm(input_ids=ids, position_ids=pos, attention_mask=mask, **{self._cache_arg: cache},
                       cache_position=cache_pos, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
