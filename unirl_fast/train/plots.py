@@ -26,7 +26,7 @@ def _cell_text(task, columns, i) -> str:
     for name, samples in columns.items():
         s = samples[i]
         parts = ", ".join(f"{k} {v:.2f}" for k, v in s["parts"].items() if k != "total")
-        if s.get("text") or s.get("right") is not None:
+        if s.get("text") is not None:  # the LM's completion (None: no text rollout in this scenario)
             verdict = "" if s.get("right") is None else ("  RIGHT" if s["right"] else "  WRONG")
             lines += textwrap.wrap(f"{name}: {s['text']!r}{verdict}", 70)
         lines.append(f"{name}: reward {s['reward']:.3f}" + (f" ({parts})" if parts else ""))
@@ -37,7 +37,8 @@ def save_samples(columns: dict, path, title: str) -> Path:
     """A sample sheet: one row per task (the same tasks in every column), left to right the task's source image
     (edits, understanding), each column's image (e.g. before and after RL; upscaled 4x, nearest-neighbour), then
     the prompt and each column's completion (if any) and reward with its parts. columns: label -> list of
-    {"prompt", "text", "right", "image", "source", "reward", "parts"} (image / source [3, h, w] in [-1, 1] or None)."""
+    {"prompt", "text" (None: no completion), "right" (None: no exact answer), "image", "source", "reward", "parts"}
+    (image / source [3, h, w] in [-1, 1] or None)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -489,7 +489,7 @@ def _samples(b, rows) -> list:
             from ..world import render_scene
 
             src = render_scene(t.source, b.images.shape[-1] if b.images is not None else 32)
-        out.append({"prompt": t.prompt, "text": b.completions[i] if b.completions else "",
+        out.append({"prompt": t.prompt, "text": b.completions[i] if b.completions else None,
                     "right": bool(part["answer"]) if "answer" in part else None,
                     "image": b.images[i].cpu() if b.images is not None else None, "source": src,
                     "reward": float(part["total"]), "parts": {k: float(v) for k, v in part.items()}})
