@@ -91,18 +91,22 @@ def _close(a, b, tol=1e-5):
 STAGES = [2, pytest.param(3, marks=pytest.mark.slow)]
 
 
+def _script_results(script, tmp_path, stage, *args) -> list:
+    """Launch tests/<script> on 2 ranks (ZeRO-3 with every parameter partitioned); each rank's RESULT line."""
+    argv = [str(ROOT / "tests" / script), str(tmp_path), str(stage), *args]
+    if stage == 3:
+        (tmp_path / "z3.json").write_text(json.dumps(Z3_JSON))
+        argv.append(str(tmp_path / "z3.json"))
+    rcs, outs = _env_launch(argv, script=True)
+    assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    return [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]) for out in outs]
+
+
 @pytest.mark.parametrize("stage,loss_type", [(2, "dapo"), pytest.param(3, "grpo", marks=pytest.mark.slow)],
                          ids=["zero2-dapo", "zero3-grpo"])
 def test_two_rank_step_matches_the_single_process_trainer(stage, loss_type, tmp_path):
     """Same weights, same global rollout (each rank trains on its rows of it): gradients and update as one process."""
-    args = [str(ROOT / "tests" / "ds_one_step.py"), str(tmp_path), str(stage), loss_type]
-    if stage == 3:
-        (tmp_path / "z3.json").write_text(json.dumps(Z3_JSON))
-        args.append(str(tmp_path / "z3.json"))
-    rcs, outs = _env_launch(args, script=True)
-    assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    for out in outs:
-        res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    for res in _script_results("ds_one_step.py", tmp_path, stage, loss_type):
         assert res["n_params"] > 50 and res["moved"] > 0  # the LM, DiT and connector all train; the step moved them
         assert res["grad_rel"] < 1e-4, res  # accumulated, rank-averaged gradients = the single-process ones
         assert res["update_rel"] < 1e-2, res  # AdamW through ZeRO with the per-expert learning rates
@@ -113,14 +117,7 @@ def test_two_rank_step_matches_the_single_process_trainer(stage, loss_type, tmp_
 @pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
 def test_fp8_forward_follows_deepspeed_updates(stage, tmp_path):
     """--fp8 under ZeRO-2 / ZeRO-3: after every step the FP8 forward equals the emulation of the current weights."""
-    args = [str(ROOT / "tests" / "ds_fp8_step.py"), str(tmp_path), str(stage)]
-    if stage == 3:
-        (tmp_path / "z3.json").write_text(json.dumps(Z3_JSON))
-        args.append(str(tmp_path / "z3.json"))
-    rcs, outs = _env_launch(args, script=True)
-    assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    for out in outs:
-        res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    for res in _script_results("ds_fp8_step.py", tmp_path, stage):
         assert res["layers"] > 4 and res["moved"] > 0, res  # FP8 layers in the LM and DiT, and the steps moved them
         assert res["diffs"] == [0.0] * 3, res  # exact: same quantizer and GEMM on the current weights
 
