@@ -90,7 +90,7 @@ def full_checks_enabled() -> bool:
 
 
 class _Pending:
-    """One deferred flag: [any, first index] on its way to pinned host memory, and the event that says it arrived."""
+    """One deferred flag: [any, a bad index] on its way to pinned host memory, and the event that says it arrived."""
 
     def __init__(self, host, event, shape, message):
         self.host, self.event, self.shape, self.message = host, event, shape, message
@@ -101,10 +101,10 @@ class _Pending:
     def error(self):
         if self.event is not None:
             self.event.synchronize()
-        bad, first = (int(v) for v in self.host.tolist())
+        bad, where = (int(v) for v in self.host.tolist())
         if not bad:
             return None
-        return ValueError(self.message(_unravel(first, self.shape)))
+        return ValueError(self.message(_unravel(where, self.shape)))
 
 
 _pending: list = []
@@ -138,7 +138,7 @@ def flag(bad: torch.Tensor, message: Callable[[tuple], str]) -> None:
             raise ValueError(message(_unravel(first, bad.shape)))
         return
     poll()
-    any_bad, where = bad.reshape(-1).max(0)  # one reduction: whether any, and a bad index
+    any_bad, where = bad.reshape(-1).to(torch.uint8).max(0)  # one reduction: whether any, and a bad index
     packed = torch.stack([any_bad.to(torch.int64), where])
     if bad.device.type == "cuda":
         host = torch.empty(2, dtype=torch.int64, pin_memory=True)
