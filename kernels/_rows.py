@@ -33,7 +33,7 @@ def aligned_rows(rows: int, n: int, dtype, device):
     batch (the fused head ops' logits chunks; a rollout and a training pass of the same tokens agree bitwise)."""
     import torch
 
-    vec = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    vec = max(1, 16 // dtype.itemsize)
     return torch.empty(rows, -(-n // vec) * vec, dtype=dtype, device=device)[:, :n]
 
 

@@ -41,8 +41,8 @@ class Trainer:
         a random-init preset model); None pretrains (or loads cfg.model_path). readonly: evaluate an existing run
         without writing to its directory (`unirl-fast eval`): no config check against config.json either."""
         self.readonly = readonly
-        run_info = None if readonly else preflight(cfg)  # before any model is built or file written
-        self.cfg = cfg.validate()
+        run_info = None if readonly else preflight(cfg)  # before any model is built or file written (validates cfg)
+        self.cfg = cfg.validate() if readonly else cfg
         self.dist = None  # the DeepSpeed runtime (train.distributed); None: single process, deepspeed never imported
         if _distributed_requested(cfg):
             from .distributed import DeepSpeedRuntime
