@@ -10,8 +10,9 @@ Step math (per sample n, fp32 whatever the input dtype), mean = c_x x + c_v v:
     cps: s = sigma_next sin(a pi / 2), k = sqrt(sigma_next^2 - s^2),
          c_x = (1 - sigma_next) + k, c_v = -sigma (1 - sigma_next) + (1 - sigma) k
     ode: c_x = 1, c_v = dt, s = 0
-    logp_n = -sum_d (x_next - mean)^2 / (2 s^2 D) - log s - log(2 pi) / 2
-    dlogp_n / dv = c_v (x_next - mean) / (s^2 D)
+    logp_n = -q sum_d (x_next - mean)^2 / D + k,   dlogp_n / dv = 2 q c_v (x_next - mean) / D
+    Gaussian:                    q = 1 / (2 s^2), k = -log s - log(2 pi) / 2
+    Flow-GRPO's cps (SQ_ERR=1):  q = 1,           k = 0           (a runtime scalar: no second compile)
 
 Grid: one flat axis of P = N * C programs (never a y/z axis over samples, so no 65535 limit). Program p owns
 chunk p % C of sample p // C: it computes the sample's coefficients once (a handful of scalar loads), then loops
@@ -82,6 +83,15 @@ def _step_coeffs(p_sig, p_nxt, p_smax, i_n, stride_sig, stride_nxt, stride_smax,
 
 
 @triton.jit
+def _logp_terms(s, sq_err):
+    """(q, k) of logp = -q mean_d (x_next - mean)^2 + k: the Gaussian, or Flow-GRPO's cps score when sq_err."""
+    gauss = sq_err == 0.0
+    q = tl.where(gauss, 1.0 / (2.0 * s * s), 1.0)
+    k = tl.where(gauss, -tl.log(s) - _HALF_LOG_2PI, 0.0)
+    return q, k
+
+
+@triton.jit
 def _finish_sample(p_part, p_cnt, p_logp, part, i_n, i_p, n_chunks, CMAX: tl.constexpr):
     """Deterministic per-sample sum of the C chunk partials inside the same launch: each program stores its partial,
     then counts itself in (acq_rel atomic); the program that arrives last sums the sample's C partials in a fixed
@@ -103,7 +113,7 @@ def _finish_sample(p_part, p_cnt, p_logp, part, i_n, i_p, n_chunks, CMAX: tl.con
 @triton.jit
 def _flow_sde_step_fwd_kernel(
     p_v, p_x, p_eps, p_sig, p_nxt, p_smax, p_mean, p_next, p_std, p_part, p_cnt, p_logp,
-    a, sin_a,
+    a, sin_a, sq_err,
     # shapes
     D, n_chunks, chunk_len,
     # strides
@@ -139,15 +149,16 @@ def _flow_sde_step_fwd_kernel(
         tl.store(p_std + i_n, s)
     if KIND != 2:
         # [BLOCK] -> scalar
-        part = -tl.sum(acc, axis=0) / (2.0 * s * s * D)
-        part += tl.where(i_c == 0, -tl.log(s) - _HALF_LOG_2PI, 0.0)
+        q, k = _logp_terms(s, sq_err)
+        part = -tl.sum(acc, axis=0) * q / D
+        part += tl.where(i_c == 0, k, 0.0)
         _finish_sample(p_part, p_cnt, p_logp, part, i_n, i_p, n_chunks, CMAX)
 
 
 @triton.jit
 def _flow_step_logprob_fwd_kernel(
     p_v, p_x, p_xn, p_sig, p_nxt, p_smax, p_part, p_cnt, p_logp,
-    a, sin_a,
+    a, sin_a, sq_err,
     # shapes
     D, n_chunks, chunk_len,
     # strides
@@ -173,15 +184,16 @@ def _flow_step_logprob_fwd_kernel(
         b_d = b_xn - (c_x * b_x + c_v * b_v)
         acc += tl.where(m_d, b_d * b_d, 0.0)
     # [BLOCK] -> scalar
-    part = -tl.sum(acc, axis=0) / (2.0 * s * s * D)
-    part += tl.where(i_c == 0, -tl.log(s) - _HALF_LOG_2PI, 0.0)
+    q, k = _logp_terms(s, sq_err)
+    part = -tl.sum(acc, axis=0) * q / D
+    part += tl.where(i_c == 0, k, 0.0)
     _finish_sample(p_part, p_cnt, p_logp, part, i_n, i_p, n_chunks, CMAX)
 
 
 @triton.jit
 def _flow_step_logprob_bwd_kernel(
     p_g, p_v, p_x, p_xn, p_sig, p_nxt, p_smax, p_dv,
-    a, sin_a,
+    a, sin_a, sq_err,
     # shapes
     D, n_chunks, chunk_len,
     # strides
@@ -194,7 +206,8 @@ def _flow_step_logprob_bwd_kernel(
     c_x, c_v, s = _step_coeffs(p_sig, p_nxt, p_smax, i_n, stride_sig, stride_nxt, stride_smax, a, sin_a,
                                KIND, HAS_SMAX)
     g = tl.load(p_g + i_n * stride_g).to(tl.float32)
-    coef = g * c_v / (s * s * D)
+    q, _ = _logp_terms(s, sq_err)
+    coef = 2.0 * q * g * c_v / D
     i_n64 = i_n.to(tl.int64)
     p_v += i_n64 * stride_v
     p_x += i_n64 * stride_x
@@ -269,15 +282,15 @@ def per_sample(t, N):
     return t, (1 if t.numel() > 1 else 0)
 
 
-def _coeff_args(sig, nxt, smax, noise_level, kind, N):
+def _coeff_args(sig, nxt, smax, noise_level, kind, N, sq_err=False):
     sig, s_sig = per_sample(sig, N)
     nxt, s_nxt = per_sample(nxt, N)
     smax, s_smax = per_sample(smax, N) if smax is not None else (sig, 0)
     sin_a = math.sin(noise_level * math.pi / 2.0) if kind == KIND_CPS else 0.0
-    return (sig, nxt, smax), (float(noise_level), sin_a), (s_sig, s_nxt, s_smax)
+    return (sig, nxt, smax), (float(noise_level), sin_a, 1.0 if sq_err else 0.0), (s_sig, s_nxt, s_smax)
 
 
-def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N):
+def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N, sq_err=False):
     """-> (mean [N, D] fp32, next [N, D] fp32 | None for ode, std [N] fp32, logp [N] fp32 | None for ode)."""
     v, x = rows(v, N), rows(x, N)
     D = x.shape[1]
@@ -289,7 +302,7 @@ def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N):
     block, n_chunks, chunk_len, warps = plan(N, D, x.device, resident=RESIDENT["step"])
     part = torch.empty((N, n_chunks), dtype=torch.float32, device=x.device)
     logp = torch.empty(N, dtype=torch.float32, device=x.device)
-    sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N)
+    sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N, sq_err)
     _flow_sde_step_fwd_kernel[(N * n_chunks,)](
         v, x, eps, *sigs, mean, nxt_out, std, part, counters(x.device, N), logp, *scal,
         D, n_chunks, chunk_len,
@@ -300,14 +313,14 @@ def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N):
     return mean, nxt_out, std, logp
 
 
-def flow_step_logprob_fwd(v, x, xn, sig, nxt, smax, noise_level, kind, N):
+def flow_step_logprob_fwd(v, x, xn, sig, nxt, smax, noise_level, kind, N, sq_err=False):
     """-> logp [N] fp32 of the stored transitions x -> xn under velocity v."""
     v, x, xn = rows(v, N), rows(x, N), rows(xn, N)
     D = x.shape[1]
     block, n_chunks, chunk_len, warps = plan(N, D, x.device, resident=RESIDENT["logprob"])
     part = torch.empty((N, n_chunks), dtype=torch.float32, device=x.device)
     logp = torch.empty(N, dtype=torch.float32, device=x.device)
-    sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N)
+    sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N, sq_err)
     _flow_step_logprob_fwd_kernel[(N * n_chunks,)](
         v, x, xn, *sigs, part, counters(x.device, N), logp, *scal,
         D, n_chunks, chunk_len,
@@ -316,14 +329,14 @@ def flow_step_logprob_fwd(v, x, xn, sig, nxt, smax, noise_level, kind, N):
     return logp
 
 
-def flow_step_logprob_bwd(g, v, x, xn, sig, nxt, smax, noise_level, kind, N):
+def flow_step_logprob_bwd(g, v, x, xn, sig, nxt, smax, noise_level, kind, N, sq_err=False):
     """g [N] upstream dL/dlogp -> dv [N, D] in v's dtype."""
     v, x, xn = rows(v, N), rows(x, N), rows(xn, N)
     g = g.reshape(N)
     D = x.shape[1]
     dv = torch.empty((N, D), dtype=v.dtype, device=v.device)
     block, n_chunks, chunk_len, warps = plan(N, D, x.device, resident=RESIDENT["logprob"])
-    sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N)
+    sigs, scal, strides = _coeff_args(sig, nxt, smax, noise_level, kind, N, sq_err)
     _flow_step_logprob_bwd_kernel[(N * n_chunks,)](
         g, v, x, xn, *sigs, dv, *scal,
         D, n_chunks, chunk_len,

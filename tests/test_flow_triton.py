@@ -273,9 +273,10 @@ def test_custom_ops_opcheck(device):
     vv = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
     ops = torch.ops.unirl_fast
     cases = [
-        (ops.flow_sde_step.default, (v.detach(), x, noise, sig, sig - 0.2, smax, 0.7, 0, 1)),
-        (ops.flow_sde_step.default, (v.detach(), x, None, sig, sig - 0.2, None, 0.0, 2, 1)),
-        (ops.flow_step_logprob.default, (v, x, x + 0.1 * noise, sig, sig - 0.2, None, 0.7, 1, 1)),
+        (ops.flow_sde_step.default, (v.detach(), x, noise, sig, sig - 0.2, smax, 0.7, 0, 1, False)),
+        (ops.flow_sde_step.default, (v.detach(), x, None, sig, sig - 0.2, None, 0.0, 2, 1, False)),
+        (ops.flow_step_logprob.default, (v, x, x + 0.1 * noise, sig, sig - 0.2, None, 0.7, 1, 1, False)),
+        (ops.flow_step_logprob.default, (v, x, x + 0.1 * noise, sig, sig - 0.2, None, 0.7, 1, 1, True)),
         (ops.flow_policy_loss.default, (lp, lp.detach() + 1e-4, torch.randn(3, device=device), vv,
                                         vv.detach() * 0.5, vv, vv.detach() * 0.9, torch.rand(2, 3, device=device) + 0.1,
                                         1e-4, 0.1, 0.2)),
@@ -314,7 +315,7 @@ from triton.compiler import ASTSource
 from unirl_fast.kernels import flow as K, flow_loss as KL
 
 BF16 = ("p_v", "p_x", "p_eps", "p_dv", "p_vref", "p_mean", "p_mref", "p_dmean")
-FP = {"a", "sin_a", "clip", "beta_v", "beta_kl", "inv_numel_v", "inv_numel_k", "scale_v", "scale_k"}
+FP = {"a", "sin_a", "sq_err", "clip", "beta_v", "beta_kl", "inv_numel_v", "inv_numel_k", "scale_v", "scale_k"}
 DIV16 = ("D", "chunk_len", "D_v", "D_k", "chunk_v", "chunk_k")
 jobs = [(K._flow_sde_step_fwd_kernel, dict(KIND=k, HAS_SMAX=True, BLOCK=2048), 3 if k < 2 else 2) for k in (0, 1, 2)]
 jobs += [(K._flow_step_logprob_fwd_kernel, dict(KIND=k, HAS_SMAX=False, BLOCK=2048), 3) for k in (0, 1)]

@@ -14,6 +14,7 @@ from ..reference.flow import flow_policy_loss_ref, flow_sde_step_ref, flow_step_
 from ._dispatch import choose, triton_impl
 
 SDE_KINDS = ("sde", "cps", "ode")
+LOGPROB_KINDS = ("gaussian", "flow_grpo")
 
 
 def _sigma_values(name, value, sample):
@@ -111,19 +112,22 @@ def _check_logp(name, logp, inputs):
 
 
 def flow_sde_step(velocity, sample, sigma, sigma_next, *, noise=None, generator=None, noise_level=0.7, sde="sde",
-                  sigma_max=None, impl="auto"):
+                  sigma_max=None, impl="auto", logprob="gaussian"):
     """One Flow-GRPO sampler step from sigma to sigma_next with the transition's log-prob.
 
     Args:
         velocity, sample: [*S, ...] any float dtype (S = [B] or [T, B]). noise: optional, same shape
         (standard normal); otherwise drawn with `generator`. sde: sde | cps | ode. noise_level: a.
         sigma_max: the schedule's second-largest sigma, needed by "sde" where sigma == 1.
+        logprob: "gaussian" (the step's Gaussian log-density, default) or "flow_grpo" (Flow-GRPO's score: for
+        sde="cps" the mean of -(x_next - mean)^2 without 1 / (2 s^2) or constants; for "sde" the Gaussian).
     Returns:
         (next_sample fp32, logp [S] fp32 (None for "ode"), mean fp32, std [S] fp32 = the step's Gaussian std)
     Example:
         >>> x = torch.randn(2, 4, 8, 8); v = torch.randn_like(x)
         >>> nxt, logp, mean, std = flow_sde_step(v, x, 0.8, 0.6)
     """
+    C.check_option("logprob", logprob, LOGPROB_KINDS)
     sig, nxt, smax, nd = _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max)
     if noise is not None:
         if generator is not None:
@@ -139,7 +143,7 @@ def flow_sde_step(velocity, sample, sigma, sigma_next, *, noise=None, generator=
         empty = torch.empty(sample.shape, **f32)
         return empty, (None if sde == "ode" else torch.empty(S, **f32)), empty.clone(), torch.empty(S, **f32)
     kw = dict(noise=noise, generator=generator, noise_level=float(noise_level), sde=sde, sigma_max=smax,
-              batch_ndim=nd)
+              batch_ndim=nd, logprob=logprob)
     fn = triton_impl("flow_sde_step") if choose("flow_sde_step", impl, sample.device) == "triton" else flow_sde_step_ref
     out = fn(velocity, sample, sig, nxt, **kw)
     _check_logp("flow_sde_step", out[1], "velocity, sample or noise")
@@ -147,10 +151,12 @@ def flow_sde_step(velocity, sample, sigma, sigma_next, *, noise=None, generator=
 
 
 def flow_step_logprob(velocity, sample, next_sample, sigma, sigma_next, *, noise_level=0.7, sde="sde", sigma_max=None,
-                      impl="auto"):
+                      impl="auto", logprob="gaussian"):
     """Training-time log-prob [S] (fp32) of stored transitions sample -> next_sample under the current velocity.
 
     Differentiable in `velocity` only (sample and next_sample are data). sde: sde | cps ("ode" has no density).
+    logprob: "gaussian" (default) | "flow_grpo" (Flow-GRPO's cps score, see `flow_sde_step`); score a replay
+    with the convention its rollout stored, or the log-ratio mixes the two.
     Example:
         >>> x = torch.randn(2, 4, 8, 8); v = torch.randn_like(x, requires_grad=True)
         >>> nxt, old, _, _ = flow_sde_step(v.detach(), x, 0.8, 0.6)
@@ -158,6 +164,7 @@ def flow_step_logprob(velocity, sample, next_sample, sigma, sigma_next, *, noise
     """
     if sde == "ode":
         raise ValueError("sde='ode' is deterministic and has no log-prob; use 'sde' or 'cps'")
+    C.check_option("logprob", logprob, LOGPROB_KINDS)
     sig, nxt, smax, nd = _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max)
     C.check_tensor("next_sample", next_sample, floating=True)
     C.check_same_shape("next_sample", next_sample, "sample", sample)
@@ -165,7 +172,7 @@ def flow_step_logprob(velocity, sample, next_sample, sigma, sigma_next, *, noise
         C.scan_finite(name, x.detach())
     if sample.numel() == 0:
         return velocity.sum(tuple(range(nd, velocity.ndim)), dtype=torch.float32)  # [S] empty, still in the graph
-    kw = dict(noise_level=float(noise_level), sde=sde, sigma_max=smax, batch_ndim=nd)
+    kw = dict(noise_level=float(noise_level), sde=sde, sigma_max=smax, batch_ndim=nd, logprob=logprob)
     if choose("flow_step_logprob", impl, sample.device) == "triton":
         out = triton_impl("flow_step_logprob")(velocity, sample, next_sample, sig, nxt, **kw)
     else:

@@ -37,18 +37,23 @@ def _on(t: Optional[Tensor], device) -> Optional[Tensor]:
     return None if t is None else t.to(device=device, dtype=torch.float32)
 
 
+def _sq_err(logprob, kind) -> bool:
+    """Flow-GRPO's cps score -(x_next - mean)^2 (FORMULAS.md 4); every other step is scored with the Gaussian."""
+    return logprob == "flow_grpo" and kind == K.KIND_CPS
+
+
 # ---------------------------------------------------------------------------------------------------- step
 
 
 @torch.library.custom_op("unirl_fast::flow_sde_step", mutates_args=())
 def _sde_step_op(velocity: Tensor, sample: Tensor, noise: Optional[Tensor], sigma: Tensor, sigma_next: Tensor,
-                 sigma_max: Optional[Tensor], noise_level: float, kind: int,
-                 batch_ndim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 sigma_max: Optional[Tensor], noise_level: float, kind: int, batch_ndim: int,
+                 sq_err: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (mean, next_sample (empty for ode), std [S], logp [S] (empty for ode)), all fp32."""
     S = sample.shape[:batch_ndim]
     N = _numel(S)
     mean, nxt, std, logp = K.flow_sde_step_fwd(velocity, sample, noise, sigma, sigma_next, sigma_max, noise_level,
-                                               kind, N)
+                                               kind, N, sq_err)
     if nxt is None:  # ode: two distinct empty outputs (custom-op outputs may not alias each other)
         return mean.reshape(sample.shape), sample.new_empty(0, dtype=torch.float32), std.reshape(S), \
             sample.new_empty(0, dtype=torch.float32)
@@ -56,7 +61,7 @@ def _sde_step_op(velocity: Tensor, sample: Tensor, noise: Optional[Tensor], sigm
 
 
 @_sde_step_op.register_fake
-def _(velocity, sample, noise, sigma, sigma_next, sigma_max, noise_level, kind, batch_ndim):
+def _(velocity, sample, noise, sigma, sigma_next, sigma_max, noise_level, kind, batch_ndim, sq_err):
     S = sample.shape[:batch_ndim]
     mean = sample.new_empty(sample.shape, dtype=torch.float32)
     ode = kind == K.KIND_ODE
@@ -67,7 +72,7 @@ def _(velocity, sample, noise, sigma, sigma_next, sigma_max, noise_level, kind, 
 
 @register_triton("flow_sde_step")
 def flow_sde_step_triton(velocity, sample, sigma, sigma_next, *, noise=None, generator=None, noise_level=0.7,
-                         sde="sde", sigma_max=None, batch_ndim=1):
+                         sde="sde", sigma_max=None, batch_ndim=1, logprob="gaussian"):
     """Same contract as `flow_sde_step_ref`; noise is drawn by torch (fp32) when not given, as the reference does."""
     kind = K.KINDS[sde]
     dev = sample.device
@@ -77,7 +82,7 @@ def flow_sde_step_triton(velocity, sample, sigma, sigma_next, *, noise=None, gen
         noise = None
     mean, nxt, std, logp = _sde_step_op(velocity.detach(), sample.detach(), noise, _on(sigma, dev),
                                         _on(sigma_next, dev), _on(sigma_max, dev), float(noise_level), kind,
-                                        batch_ndim)
+                                        batch_ndim, _sq_err(logprob, kind))
     if kind == K.KIND_ODE:
         return mean, None, mean, std
     return nxt, logp, mean, std
@@ -88,34 +93,35 @@ def flow_sde_step_triton(velocity, sample, sigma, sigma_next, *, noise=None, gen
 
 @torch.library.custom_op("unirl_fast::flow_step_logprob", mutates_args=())
 def _logprob_op(velocity: Tensor, sample: Tensor, next_sample: Tensor, sigma: Tensor, sigma_next: Tensor,
-                sigma_max: Optional[Tensor], noise_level: float, kind: int, batch_ndim: int) -> Tensor:
+                sigma_max: Optional[Tensor], noise_level: float, kind: int, batch_ndim: int, sq_err: bool) -> Tensor:
     S = sample.shape[:batch_ndim]
     return K.flow_step_logprob_fwd(velocity, sample, next_sample, sigma, sigma_next, sigma_max, noise_level, kind,
-                                   _numel(S)).reshape(S)
+                                   _numel(S), sq_err).reshape(S)
 
 
 @_logprob_op.register_fake
-def _(velocity, sample, next_sample, sigma, sigma_next, sigma_max, noise_level, kind, batch_ndim):
+def _(velocity, sample, next_sample, sigma, sigma_next, sigma_max, noise_level, kind, batch_ndim, sq_err):
     return sample.new_empty(sample.shape[:batch_ndim], dtype=torch.float32)
 
 
 @torch.library.custom_op("unirl_fast::flow_step_logprob_bwd", mutates_args=())
 def _logprob_bwd_op(grad: Tensor, velocity: Tensor, sample: Tensor, next_sample: Tensor, sigma: Tensor,
-                    sigma_next: Tensor, sigma_max: Optional[Tensor], noise_level: float, kind: int) -> Tensor:
+                    sigma_next: Tensor, sigma_max: Optional[Tensor], noise_level: float, kind: int,
+                    sq_err: bool) -> Tensor:
     N = grad.numel()
     return K.flow_step_logprob_bwd(grad.float(), velocity, sample, next_sample, sigma, sigma_next, sigma_max,
-                                   noise_level, kind, N).reshape(velocity.shape)
+                                   noise_level, kind, N, sq_err).reshape(velocity.shape)
 
 
 @_logprob_bwd_op.register_fake
-def _(grad, velocity, sample, next_sample, sigma, sigma_next, sigma_max, noise_level, kind):
+def _(grad, velocity, sample, next_sample, sigma, sigma_next, sigma_max, noise_level, kind, sq_err):
     return velocity.new_empty(velocity.shape)  # contiguous, as the kernel writes it (empty_like keeps strides)
 
 
 def _logprob_setup(ctx, inputs, output):
-    velocity, sample, next_sample, sigma, sigma_next, sigma_max, noise_level, kind, _ = inputs
+    velocity, sample, next_sample, sigma, sigma_next, sigma_max, noise_level, kind, _, sq_err = inputs
     ctx.save_for_backward(velocity, sample, next_sample, sigma, sigma_next, sigma_max)
-    ctx.noise_level, ctx.kind = noise_level, kind
+    ctx.noise_level, ctx.kind, ctx.sq_err = noise_level, kind, sq_err
 
 
 def _logprob_backward(ctx, grad):
@@ -123,8 +129,8 @@ def _logprob_backward(ctx, grad):
     dv = None
     if ctx.needs_input_grad[0]:
         dv = _logprob_bwd_op(grad.contiguous(), velocity, sample, next_sample, sigma, sigma_next, sigma_max,
-                             ctx.noise_level, ctx.kind)
-    return dv, None, None, None, None, None, None, None, None
+                             ctx.noise_level, ctx.kind, ctx.sq_err)
+    return dv, None, None, None, None, None, None, None, None, None
 
 
 _logprob_op.register_autograd(_logprob_backward, setup_context=_logprob_setup)
@@ -132,11 +138,12 @@ _logprob_op.register_autograd(_logprob_backward, setup_context=_logprob_setup)
 
 @register_triton("flow_step_logprob")
 def flow_step_logprob_triton(velocity, sample, next_sample, sigma, sigma_next, *, noise_level=0.7, sde="sde",
-                             sigma_max=None, batch_ndim=1):
+                             sigma_max=None, batch_ndim=1, logprob="gaussian"):
     """Same contract as `flow_step_logprob_ref`: logp [S] fp32, differentiable in velocity only."""
     dev = sample.device
+    kind = K.KINDS[sde]
     return _logprob_op(velocity, sample.detach(), next_sample.detach(), _on(sigma, dev), _on(sigma_next, dev),
-                       _on(sigma_max, dev), float(noise_level), K.KINDS[sde], batch_ndim)
+                       _on(sigma_max, dev), float(noise_level), kind, batch_ndim, _sq_err(logprob, kind))
 
 
 # ---------------------------------------------------------------------------------------------------- policy loss

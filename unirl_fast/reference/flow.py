@@ -10,7 +10,11 @@ of T steps. sigma / sigma_next are floats or tensors of shape S (per-sample or p
     cps : s = sigma_next sin(a pi / 2)
           mean = (x - sigma v)(1 - sigma_next) + (x + (1 - sigma) v) sqrt(sigma_next^2 - s^2)
     ode : mean = x + v dt, s = 0 (no density, so no log-prob)
-    logp = mean over latent dims of [-(x_next - mean)^2 / (2 s^2) - log s - log(2 pi) / 2]
+    logp = mean over latent dims of [-(x_next - mean)^2 / (2 s^2) - log s - log(2 pi) / 2]     logprob="gaussian"
+         = mean over latent dims of [-(x_next - mean)^2]                                     logprob="flow_grpo"
+The "flow_grpo" log-prob is what Flow-GRPO's released cps sampler scores a step with (its constants and the
+1 / (2 s^2) factor dropped); its log-ratio is the Gaussian one times 2 s^2, so one clip range means different
+things along a trajectory. For sde="sde" Flow-GRPO scores the full Gaussian, so there both conventions agree.
 
 Latent KL convention (`flow_policy_loss`): the exact Gaussian KL between two steps with the same std s,
 (mean - ref_mean)^2 / (2 s^2), averaged over latent elements. Flow-GRPO's released code divides by
@@ -56,16 +60,25 @@ def flow_step_coeffs_ref(sigma, sigma_next, batch_shape, device, *, noise_level=
     return c_x, c_v, std_t * torch.sqrt(-dt)
 
 
-def gaussian_logprob_ref(next_sample, mean, s):
-    """Mean over latent dims of the Gaussian log-density; s has the batch shape S."""
+def gaussian_logprob_ref(next_sample, mean, s, logprob="gaussian"):
+    """Mean over latent dims of the Gaussian log-density (or, logprob="flow_grpo" with sde="cps", of the
+    unscaled -(x_next - mean)^2); s has the batch shape S."""
     S = s.shape
+    sq = (next_sample.float() - mean) ** 2
+    if logprob == "flow_grpo":
+        return (-sq).reshape(*S, -1).mean(-1)
     sb = _bcast(s, mean.ndim)
-    lp = -((next_sample.float() - mean) ** 2) / (2.0 * sb * sb) - torch.log(sb) - _HALF_LOG_2PI
+    lp = -sq / (2.0 * sb * sb) - torch.log(sb) - _HALF_LOG_2PI
     return lp.reshape(*S, -1).mean(-1)
 
 
+def _logprob_kind(logprob, sde):
+    """The log-prob the step is scored with: Flow-GRPO's convention differs from the Gaussian only for cps."""
+    return "flow_grpo" if logprob == "flow_grpo" and sde == "cps" else "gaussian"
+
+
 def flow_sde_step_ref(velocity, sample, sigma, sigma_next, *, noise=None, generator=None, noise_level=0.7,
-                      sde="sde", sigma_max=None, batch_ndim=1):
+                      sde="sde", sigma_max=None, batch_ndim=1, logprob="gaussian"):
     """-> (next_sample fp32, logp [S] fp32 | None for "ode", mean fp32, std [S] fp32)."""
     S = sample.shape[:batch_ndim]
     v, x = velocity.float(), sample.float()
@@ -77,18 +90,18 @@ def flow_sde_step_ref(velocity, sample, sigma, sigma_next, *, noise=None, genera
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     next_sample = mean + _bcast(s, x.ndim) * noise.float()
-    return next_sample, gaussian_logprob_ref(next_sample, mean, s), mean, s
+    return next_sample, gaussian_logprob_ref(next_sample, mean, s, _logprob_kind(logprob, sde)), mean, s
 
 
 def flow_step_logprob_ref(velocity, sample, next_sample, sigma, sigma_next, *, noise_level=0.7, sde="sde",
-                          sigma_max=None, batch_ndim=1):
+                          sigma_max=None, batch_ndim=1, logprob="gaussian"):
     """Log-prob [S] of stored transitions; differentiable in velocity only (through the mean)."""
     S = sample.shape[:batch_ndim]
     x = sample.detach().float()
     c_x, c_v, s = flow_step_coeffs_ref(sigma, sigma_next, S, x.device, noise_level=noise_level, sde=sde,
                                        sigma_max=sigma_max)
     mean = _bcast(c_x, x.ndim) * x + _bcast(c_v, x.ndim) * velocity.float()
-    return gaussian_logprob_ref(next_sample.detach(), mean, s)
+    return gaussian_logprob_ref(next_sample.detach(), mean, s, _logprob_kind(logprob, sde))
 
 
 def flow_policy_loss_ref(logp, old_logp, advantages, *, clip_range=1e-4, velocity=None, ref_velocity=None,

@@ -30,6 +30,7 @@ from .. import _checks as C
 from ..fp8.linear import with_fp8_weight_cache
 from ..models.unified import Conditioning
 from ..ops import cfg_velocity, flow_sde_step, flow_step_logprob
+from ..ops.flow import LOGPROB_KINDS
 
 SDE_KINDS = ("sde", "cps", "ode")
 
@@ -44,6 +45,7 @@ class ImageSamplingParams:
     window_size: int | None = None
     guidance_scale: float = 1.0
     decode: bool = True
+    logprob: str = "gaussian"  # "flow_grpo": Flow-GRPO's cps step score -(x_next - mean)^2 (FORMULAS.md 4)
 
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps <= 0:
@@ -64,6 +66,7 @@ class ImageSamplingParams:
             raise ValueError(f"window_size={self.window_size} must be in [1, num_steps - window_start = "
                              f"{self.num_steps - self.window_start}]")
         C.check_finite_scalar("guidance_scale", self.guidance_scale)
+        C.check_option("logprob", self.logprob, LOGPROB_KINDS)
 
     @property
     def cfg(self) -> bool:
@@ -173,7 +176,7 @@ class ImageEngine:
             kind = params.sde if bool(on[i]) else "ode"
             nxt, lp, _, _ = flow_sde_step(v, x, s, s_next, generator=generator, noise_level=params.noise_level,
                                           sde=kind, sigma_max=sig[1] if kind == "sde" else None,
-                                          impl=self.impl)
+                                          impl=self.impl, logprob=params.logprob)
             samples[i], next_samples[i] = x, nxt
             if lp is not None:
                 logps[i] = lp
@@ -227,4 +230,4 @@ def replay_logprobs(model, traj: ImageTrajectory, *, conditioning: Conditioning 
     v, x = replay_velocity(model, traj, idx, conditioning=conditioning, uncond=uncond)
     return flow_step_logprob(v, x, traj.next_samples[idx], traj.sigmas[idx], traj.sigmas_next[idx],
                              noise_level=p.noise_level, sde=p.sde, sigma_max=traj.sigma_max if p.sde == "sde" else None,
-                             impl=impl)
+                             impl=impl, logprob=p.logprob)
