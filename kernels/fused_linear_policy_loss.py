@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._rows import base_shift, online_softmax_step, row_edges, row_split, vec_elems
-from .policy_loss import KL_CODES, _kl_terms, _pg_terms, _tis_weight
+from .policy_loss import _bounded_exp, _kl_terms, _pg_terms, _tis_weight, bounds, kl_code
 
 MODE_LOGP, MODE_TOKEN, MODE_GIVEN = 0, 1, 2
 
@@ -67,13 +67,13 @@ def _grad_slice(p, o, mask, cols, tgt, g, gh, m_safe, ez, inv_s, inv_temp, b_z):
 @triton.jit
 def _flpl_chunk_kernel(
     z_ptr, tgt_ptr, w_ptr, old_ptr, adv_ptr, roll_ptr, ref_ptr, g_ptr, gh_ptr, logp_ptr, ent_ptr,
-    inv_temp, eps_low, eps_high, dual_clip, tis_cap, beta, entropy_coef, base_shift,
+    inv_temp, eps_low, eps_high, dual_clip, tis_cap, beta, entropy_coef, lr_lo, lr_hi, kl_clamp, base_shift,
     # shapes
     V, row0,
     # strides (per-token vectors are contiguous [N]; the chunk logits have row stride stride_zc, column stride 1)
     stride_zc,
-    MODE: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_TIS: tl.constexpr, HAS_REF: tl.constexpr,
-    KL_KIND: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    MODE: tl.constexpr, HAS_DUAL: tl.constexpr, TIS_MODE: tl.constexpr, HAS_REF: tl.constexpr,
+    KL_KIND: tl.constexpr, KL_ST: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     i_c = tl.program_id(0).to(tl.int64)
     i_n = row0 + i_c  # global token index
@@ -107,13 +107,13 @@ def _flpl_chunk_kernel(
                 w = tl.load(w_ptr + i_n)
                 old = tl.load(old_ptr + i_n)
                 A = tl.load(adv_ptr + i_n)
-                r = tl.exp(logp - old)
-                tis_w = _tis_weight(old, tl.load(roll_ptr + i_n), tis_cap, HAS_TIS)
+                r, gate = _bounded_exp(logp - old, lr_lo, lr_hi)
+                tis_w = _tis_weight(old, tl.load(roll_ptr + i_n), tis_cap, TIS_MODE)
                 pg, d, clo, chi, dual = _pg_terms(r, A, eps_low, eps_high, dual_clip, tis_w, HAS_DUAL)
-                g = d * r
+                g = d * r * gate
                 if HAS_REF:
                     if beta != 0.0:
-                        _, dkl = _kl_terms(logp, tl.load(ref_ptr + i_n), KL_KIND)
+                        _, dkl = _kl_terms(logp, tl.load(ref_ptr + i_n), kl_clamp, KL_KIND, KL_ST)
                         g += beta * dkl
                 g = w * g
                 gh = -entropy_coef * w
@@ -135,11 +135,12 @@ def _flpl_chunk_kernel(
 
 def flpl_chunk(z, row0, tgt, logp, ent, *, mode, temperature, w=None, old=None, adv=None, roll=None, ref=None,
                g=None, gh=None, eps_low=0.2, eps_high=0.2, dual_clip=None, tis_cap=None, beta=0.0,
-               entropy_coef=0.0, kl="k3"):
+               entropy_coef=0.0, kl="k3", tis_mode=1, log_ratio_min=None, log_ratio_max=None, kl_clamp=None):
     """Run the row kernel over chunk logits z [C, V] (column stride 1) for global tokens row0 .. row0 + C.
 
     tgt [N] int32 (-1 = not a valid token); logp, ent [N] fp32 outputs; w, old, adv, roll, ref, g, gh [N]
-    fp32 contiguous inputs as the mode needs them. MODE_TOKEN / MODE_GIVEN overwrite z with dlogits.
+    fp32 contiguous inputs as the mode needs them (roll: the rollout log-prob, tis_mode 1, or a given TIS weight,
+    tis_mode 2). MODE_TOKEN / MODE_GIVEN overwrite z with dlogits.
     """
     C, V = z.shape
     if z.stride(1) != 1:
@@ -156,8 +157,9 @@ def flpl_chunk(z, row0, tgt, logp, ent, *, mode, temperature, w=None, old=None, 
     _flpl_chunk_kernel[(C,)](
         z, tgt, pick(w), pick(old), pick(adv), pick(roll), pick(ref), pick(g), pick(gh), logp, ent,
         1.0 / float(temperature), float(eps_low), float(eps_high), float(dual_clip or 0.0),
-        float("inf") if tis_cap is None else float(tis_cap), float(beta), float(entropy_coef), base_shift(z),
+        float("inf") if tis_cap is None else float(tis_cap), float(beta), float(entropy_coef),
+        *bounds(log_ratio_min, log_ratio_max, kl_clamp), base_shift(z),
         V, row0, z.stride(0),
-        MODE=mode, HAS_DUAL=dual_clip is not None, HAS_TIS=roll is not None, HAS_REF=ref is not None,
-        KL_KIND=KL_CODES[kl], BLOCK_V=block, VEC=vec_elems(z), num_warps=4,
+        MODE=mode, HAS_DUAL=dual_clip is not None, TIS_MODE=0 if roll is None else tis_mode, HAS_REF=ref is not None,
+        KL_KIND=kl_code(kl)[0], KL_ST=kl_code(kl)[1], BLOCK_V=block, VEC=vec_elems(z), num_warps=4,
     )

@@ -6,10 +6,13 @@ Per token t of sequence i (fp32), with the aggregation weight w_t = m_t * wrow_i
 (grpo 1/(B max(n_i,1)), bnpo/dapo 1/max(sum m,1) or 1/max(num_tokens,1), dr_grpo 1/(B Lmax), seq_sum 1/B):
 
     r      = exp(logp - old)                    | r_seq_i = exp(sum_t m (logp - old) / max(n_i, 1))
+             the exponent clamped to [lr_lo, lr_hi] (runtime, +-inf by default), no gradient outside
     u, c   = -A r, -A clip(r, 1-eps_low, 1+eps_high);  pg = max(u, c)
     dpg/dr = -A * (a_u + a_c [1-eps_low <= r <= 1+eps_high])     a_u, a_c: torch.maximum's split (1/0, 0/1, 1/2 on ties)
     dual   : A < 0 and pg > -c A  ->  pg = -c A, dpg/dr = 0
-    tis    : pg, dpg/dr *= min(exp(old - rollout), C)
+    tis    : pg, dpg/dr *= min(exp(old - rollout), C)  (TIS_MODE 1) | min(w, C) for a given weight w (TIS_MODE 2:
+             a sequence-level weight broadcast by the caller, or weights computed elsewhere)
+    kl     : k1 | k2 | k3 | abs, clamped to [-kl_clamp, kl_clamp] (no gradient outside); KL_ST: k2's gradient
     L_t    = pg + beta kl_t - entropy_coef H_t
     token IS    : dL/dlogp_t = w_t (dpg/dr r + beta dkl/dlogp)
     sequence IS : dL/dlogp_t = m_t / max(n_i,1) * r_seq_i * sum_s w_s dpg_s/dr  +  w_t beta dkl/dlogp
@@ -36,7 +39,12 @@ from ._device import sm_count
 # Columns of the per-sequence partial sums.
 P_LOSS, P_COUNT, P_CLIP_LO, P_CLIP_HI, P_RATIO, P_DUAL, P_KL, P_ENT, P_TIS, P_TIS_CAP = range(10)
 NPART = 10
-KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
+
+
+def kl_code(kind):
+    """(KL_KIND, KL_ST) constexprs of a KL estimator name; a trailing '+' is the straight-through k2 gradient."""
+    return KL_CODES[kind.rstrip("+")], kind.endswith("+")
 
 
 @triton.jit
@@ -62,8 +70,9 @@ def _pg_terms(r, A, eps_low, eps_high, dual_clip, tis_w, HAS_DUAL: tl.constexpr)
 
 
 @triton.jit
-def _kl_terms(logp, ref, KL_KIND: tl.constexpr):
-    """kl_t and dkl/dlogp for k1 / k2 / k3 (d = ref - logp)."""
+def _kl_terms(logp, ref, kl_clamp, KL_KIND: tl.constexpr, KL_ST: tl.constexpr):
+    """kl_t and dkl/dlogp for k1 / k2 / k3 / abs (d = ref - logp), the value clamped to +-kl_clamp (no gradient
+    outside, as torch.clamp); KL_ST replaces the gradient by k2's (straight through)."""
     d = ref - logp
     if KL_KIND == 1:
         kl = -d
@@ -71,18 +80,35 @@ def _kl_terms(logp, ref, KL_KIND: tl.constexpr):
     elif KL_KIND == 2:
         kl = 0.5 * d * d
         dkl = -d
+    elif KL_KIND == 4:
+        kl = tl.abs(d)
+        dkl = tl.where(d > 0, -1.0, tl.where(d < 0, 1.0, 0.0))
     else:
         e = tl.exp(d)
         kl = e - d - 1.0
         dkl = 1.0 - e
+    dkl = tl.where((kl >= -kl_clamp) & (kl <= kl_clamp), dkl, 0.0)
+    kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
+    if KL_ST:
+        dkl = -d
     return kl, dkl
 
 
 @triton.jit
-def _tis_weight(old, roll, tis_cap, HAS_TIS: tl.constexpr):
-    if HAS_TIS:
-        return tl.minimum(tl.exp(old - roll), tis_cap)
+def _tis_weight(old, x, tis_cap, TIS_MODE: tl.constexpr):
+    """Truncated-IS weight: from the rollout log-prob x (mode 1) or a given weight x (mode 2); 1 without TIS."""
+    if TIS_MODE == 1:
+        return tl.minimum(tl.exp(old - x), tis_cap)
+    if TIS_MODE == 2:
+        return tl.minimum(x, tis_cap)
     return old * 0.0 + 1.0
+
+
+@triton.jit
+def _bounded_exp(lr, lr_lo, lr_hi):
+    """(exp(clamp(lr, lr_lo, lr_hi)), 1 inside the bounds else 0): the ratio and its gradient gate."""
+    inside = (lr >= lr_lo) & (lr <= lr_hi)
+    return tl.exp(tl.minimum(tl.maximum(lr, lr_lo), lr_hi)), tl.where(inside, 1.0, 0.0)
 
 
 @triton.jit
@@ -95,13 +121,14 @@ def _load0(ptr, o, m):
 def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, roll_ptr, ent_ptr, wrow_ptr,
     dlogp_ptr, dent_ptr, part_ptr,
-    eps_low, eps_high, dual_clip, tis_cap, beta, entropy_coef,
+    eps_low, eps_high, dual_clip, tis_cap, beta, entropy_coef, lr_lo, lr_hi, kl_clamp,
     # shapes
     L, seg_len,
     # strides ([B, L] inputs share one layout; advantages has its own, stride_al = 0 for [B])
     stride_b, stride_l, stride_ab, stride_al,
-    SEQ_IS: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_TIS: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_L: tl.constexpr,
+    SEQ_IS: tl.constexpr, HAS_DUAL: tl.constexpr, TIS_MODE: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_ENT: tl.constexpr, KL_KIND: tl.constexpr, KL_ST: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
@@ -114,6 +141,7 @@ def _policy_loss_fwd_kernel(
     o_l = tl.arange(0, BLOCK_L)
     n_i = 0.0
     r_seq = 1.0
+    gate_seq = 1.0
     if SEQ_IS:
         s_lr = 0.0
         for l0 in range(0, L, BLOCK_L):
@@ -122,7 +150,7 @@ def _policy_loss_fwd_kernel(
             on = (tl.load(mask_ptr + o, mask=m_l, other=0) != 0) & m_l
             s_lr += tl.sum(_load0(logp_ptr, o, on) - _load0(old_ptr, o, on), 0)  # [BLOCK_L] -> scalar
             n_i += tl.sum(on.to(tl.float32), 0)
-        r_seq = tl.exp(s_lr / tl.maximum(n_i, 1.0))
+        r_seq, gate_seq = _bounded_exp(s_lr / tl.maximum(n_i, 1.0), lr_lo, lr_hi)
     s_loss = 0.0
     s_n = 0.0
     s_clo = 0.0
@@ -145,15 +173,16 @@ def _policy_loss_fwd_kernel(
         A = _load0(adv_ptr, arow + (l0 + o_l).to(tl.int64) * stride_al, on)
         if SEQ_IS:
             r = mf * 0.0 + r_seq
+            gate = mf * 0.0 + gate_seq
         else:
-            r = tl.exp(lp - old)
-        tis_w = _tis_weight(old, _load0(roll_ptr, o, on), tis_cap, HAS_TIS)
+            r, gate = _bounded_exp(lp - old, lr_lo, lr_hi)
+        tis_w = _tis_weight(old, _load0(roll_ptr, o, on), tis_cap, TIS_MODE)
         pg, d, clo, chi, dual = _pg_terms(r, A, eps_low, eps_high, dual_clip, tis_w, HAS_DUAL)
         per_tok = pg
-        g = d * r
+        g = d * r * gate
         kl = mf * 0.0
         if HAS_REF:
-            kl, dkl = _kl_terms(lp, _load0(ref_ptr, o, on), KL_KIND)
+            kl, dkl = _kl_terms(lp, _load0(ref_ptr, o, on), kl_clamp, KL_KIND, KL_ST)
             if beta != 0.0:
                 per_tok += beta * kl
                 g += beta * dkl
@@ -191,7 +220,7 @@ def _policy_loss_fwd_kernel(
     tl.store(p_row + 8, s_tis)
     tl.store(p_row + 9, s_cap)
     if SEQ_IS and WRITE_GRAD:
-        scale = r_seq * s_dpg / tl.maximum(n_i, 1.0)
+        scale = r_seq * gate_seq * s_dpg / tl.maximum(n_i, 1.0)
         for l0 in range(0, L, BLOCK_L):
             m_l = (l0 + o_l) < L
             o = row + (l0 + o_l).to(tl.int64) * stride_l
@@ -200,9 +229,16 @@ def _policy_loss_fwd_kernel(
             g = mf * scale
             if HAS_REF:
                 if beta != 0.0:
-                    _, dkl = _kl_terms(_load0(logp_ptr, o, on), _load0(ref_ptr, o, on), KL_KIND)
+                    _, dkl = _kl_terms(_load0(logp_ptr, o, on), _load0(ref_ptr, o, on), kl_clamp, KL_KIND, KL_ST)
                     g += mf * wrow * beta * dkl
             tl.store(dlogp_ptr + o, g, mask=m_l)
+
+
+def bounds(log_ratio_min, log_ratio_max, kl_clamp):
+    """Runtime fp32 (lr_lo, lr_hi, kl_clamp): an absent bound is +-inf (no clamp, no recompile)."""
+    inf = float("inf")
+    return (-inf if log_ratio_min is None else float(log_ratio_min), inf if log_ratio_max is None
+            else float(log_ratio_max), inf if kl_clamp is None else float(kl_clamp))
 
 
 MIN_SEGMENT = 128  # tokens: below this a program's fixed cost (scalars, 10 partial sums) outweighs its work
@@ -218,8 +254,10 @@ def segments(B, L, device, seq_is) -> int:
 
 
 def policy_loss_fwd(logp, old, adv, mask_u8, wrow, *, ref=None, roll=None, ent=None, eps_low, eps_high,
-                    dual_clip, tis_cap, beta, entropy_coef, kl, seq_is, write_grad):
+                    dual_clip, tis_cap, beta, entropy_coef, kl, seq_is, write_grad, tis_mode=1, log_ratio_min=None,
+                    log_ratio_max=None, kl_clamp=None):
     """Launch the policy kernel on fp32 [B, L] tensors sharing one layout (mask uint8, adv [B] or [B, L]).
+    roll is the rollout log-prob (tis_mode 1) or a given weight (tis_mode 2).
 
     Returns (partials [B, NPART] fp32 (columns P_*), dlogp [B, L] fp32 | None, dent [B, L] fp32 | None).
     """
@@ -245,9 +283,10 @@ def policy_loss_fwd(logp, old, adv, mask_u8, wrow, *, ref=None, roll=None, ent=N
         dummy if ent is None else ent, wrow, dummy if dlogp is None else dlogp, dummy if dent is None else dent,
         part, float(eps_low), float(eps_high), float(dual_clip or 0.0),
         float("inf") if tis_cap is None else float(tis_cap), float(beta), float(entropy_coef),
+        *bounds(log_ratio_min, log_ratio_max, kl_clamp),
         L, seg_len, logp.stride(0), logp.stride(1), sab, sal,
-        SEQ_IS=seq_is, HAS_DUAL=dual_clip is not None, HAS_TIS=roll is not None, HAS_REF=ref is not None,
-        HAS_ENT=ent is not None, KL_KIND=KL_CODES[kl], WRITE_GRAD=write_grad, BLOCK_L=block,
-        num_warps=4,
+        SEQ_IS=seq_is, HAS_DUAL=dual_clip is not None, TIS_MODE=0 if roll is None else tis_mode,
+        HAS_REF=ref is not None, HAS_ENT=ent is not None, KL_KIND=kl_code(kl)[0], KL_ST=kl_code(kl)[1],
+        WRITE_GRAD=write_grad, BLOCK_L=block, num_warps=4,
     )
     return part, dlogp, dent

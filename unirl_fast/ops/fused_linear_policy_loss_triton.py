@@ -42,7 +42,7 @@ from ..kernels import fused_linear_policy_loss as K
 from ..kernels._rows import aligned_rows
 from ..kernels.fused_linear_logprobs import _fp32_accumulate_ok
 from ._dispatch import register_triton
-from .policy_loss_triton import METRIC_NAMES, metrics_dict, row_weights, run_policy_kernel
+from .policy_loss_triton import METRIC_NAMES, _opt_float, metrics_dict, row_weights, run_policy_kernel, tis_input
 
 CHUNK_ELEMENTS = 1 << 28  # logits elements per chunk (tests lower it to exercise many chunks)
 
@@ -110,14 +110,15 @@ def _head_pass(h2, W, b, tgt, vec, opts, *, mode, need_dh, need_dw, need_db, acc
 
 
 def _token_vectors(targets, vocab, old_logp, advantages, mask, ref_logp, rollout_logp, ignore_index, loss_type,
-                   max_completion_length, num_tokens):
+                   max_completion_length, num_tokens, empty_seqs, dr_grpo_norm):
     """Per-token fp32 [N] inputs of the row kernel; tgt = -1 marks tokens outside the loss, tgt = V an
-    out-of-range id (never read by the kernel: NaN log-prob)."""
+    out-of-range id (never read by the kernel: NaN log-prob). rollout_logp is whatever `tis_input` made of it."""
     B, L = targets.shape
     valid = mask & (targets != ignore_index)
     ids = torch.where((targets >= 0) & (targets < vocab), targets, vocab)
     tgt = torch.where(valid, ids, -1).to(torch.int32).reshape(-1)
-    w = (valid.float() * row_weights(valid, loss_type, max_completion_length, num_tokens)[:, None]).reshape(-1)
+    wrow = row_weights(valid, loss_type, max_completion_length, num_tokens, empty_seqs, dr_grpo_norm)
+    w = (valid.float() * wrow[:, None]).reshape(-1)
 
     def flat(x):
         return None if x is None else torch.where(valid, x.detach().float(), 0.0).reshape(-1).contiguous()
@@ -135,18 +136,25 @@ def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
              ignore_index: int, loss_type: str, eps_low: float, eps_high: float, dual_clip: Optional[float],
              importance_sampling: str, beta: float, kl: str, tis_cap: Optional[float], entropy_coef: float,
              max_completion_length: Optional[int], num_tokens: Optional[float], need_dh: bool, need_dw: bool,
-             need_db: bool, accum_fp32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                       torch.Tensor]:
+             need_db: bool, accum_fp32: bool, empty_seqs: str, dr_grpo_norm: str, log_ratio_min: Optional[float],
+             log_ratio_max: Optional[float], kl_clamp: Optional[float], tis_level: str,
+             tis_weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
     with torch.autocast(hidden.device.type, enabled=False):
         B, L = targets.shape
         h2 = hidden.reshape(B * L, hidden.shape[-1])
+        valid = mask & (targets != ignore_index)
+        tis, tis_mode = tis_input(old_logp, rollout_logp, tis_weights, valid, tis_level)
         valid, tgt, vec = _token_vectors(targets, weight.shape[0], old_logp, advantages, mask, ref_logp,
-                                         rollout_logp, ignore_index, loss_type, max_completion_length, num_tokens)
+                                         tis, ignore_index, loss_type, max_completion_length, num_tokens,
+                                         empty_seqs, dr_grpo_norm)
+        bounds = dict(log_ratio_min=log_ratio_min, log_ratio_max=log_ratio_max, kl_clamp=kl_clamp)
         popts = dict(loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                      importance_sampling=importance_sampling, beta=beta, kl=kl, tis_cap=tis_cap,
-                     entropy_coef=entropy_coef, max_completion_length=max_completion_length, num_tokens=num_tokens)
+                     entropy_coef=entropy_coef, max_completion_length=max_completion_length, num_tokens=num_tokens,
+                     empty_seqs=empty_seqs, dr_grpo_norm=dr_grpo_norm, **bounds)
         kopts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                     tis_cap=tis_cap, beta=beta, entropy_coef=entropy_coef, kl=kl)
+                     tis_cap=tis_cap, beta=beta, entropy_coef=entropy_coef, kl=kl, tis_mode=tis_mode, **bounds)
         need = dict(need_dh=need_dh, need_dw=need_dw, need_db=need_db and bias is not None, accum_fp32=accum_fp32)
         grads = need_dh or need_dw or need["need_db"]
         seq = importance_sampling == "sequence"
@@ -154,7 +162,7 @@ def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         logp, ent, dh, dW, db = _head_pass(h2, weight, bias, tgt, vec, kopts, mode=first, **need)
         loss, metrics, dlogp, dent = run_policy_kernel(
             logp.view(B, L), old_logp, advantages, valid, ref_logp, rollout_logp, ent.view(B, L),
-            write_grad=grads and seq, **popts)
+            write_grad=grads and seq, tis_level=tis_level, tis_weights=tis_weights, **popts)
         if grads and seq:
             given = dict(vec, g=dlogp.reshape(-1), gh=dent.reshape(-1))
             _, _, dh, dW, db = _head_pass(h2, weight, bias, tgt, given, kopts, mode=K.MODE_GIVEN, **need)
@@ -168,7 +176,8 @@ def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 @_flpl_op.register_fake
 def _(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, rollout_logp, temperature,
       ignore_index, loss_type, eps_low, eps_high, dual_clip, importance_sampling, beta, kl, tis_cap, entropy_coef,
-      max_completion_length, num_tokens, need_dh, need_dw, need_db, accum_fp32):
+      max_completion_length, num_tokens, need_dh, need_dw, need_db, accum_fp32, empty_seqs, dr_grpo_norm,
+      log_ratio_min, log_ratio_max, kl_clamp, tis_level, tis_weights):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (torch.empty((), **f32), torch.empty(len(METRIC_NAMES), **f32),
             hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
@@ -193,12 +202,12 @@ def _backward(ctx, g_loss, g_metrics, g_dh, g_dw, g_db):
     dh, dW, db = ctx.saved_tensors
 
     if g_loss is None:  # the loss took no part in what was differentiated
-        return (None,) * 26
+        return (None,) * 33
 
     def scale(x):
         return None if x.numel() == 0 else x.mul_(g_loss)
     d_b = None if ctx.bias_dtype is None or db.numel() == 0 else (db * g_loss).to(ctx.bias_dtype)
-    return (scale(dh), scale(dW)) + (None,) * 4 + (d_b,) + (None,) * 19
+    return (scale(dh), scale(dW)) + (None,) * 4 + (d_b,) + (None,) * 26
 
 
 _flpl_op.register_autograd(_backward, setup_context=_setup)
@@ -218,7 +227,9 @@ def fused_linear_policy_loss_triton(hidden, weight, targets, old_logp, advantage
                                     temperature=1.0, ignore_index=-100, loss_type="grpo", eps_low=0.2,
                                     eps_high=0.2, dual_clip=None, importance_sampling="token", ref_logp=None,
                                     beta=0.0, kl="k3", rollout_logp=None, tis_cap=None, entropy_coef=0.0,
-                                    max_completion_length=None, num_tokens=None, accum_dtype=torch.float32):
+                                    max_completion_length=None, num_tokens=None, accum_dtype=torch.float32,
+                                    empty_seqs="count", dr_grpo_norm="batch_length", log_ratio_min=None,
+                                    log_ratio_max=None, kl_clamp=None, tis_level="token", tis_weights=None):
     """Triton `fused_linear_policy_loss`: same arguments and results as its reference. accum_dtype: fp32 sums the
     head gradient over token chunks in fp32; None in the head's dtype (one rounding per chunk)."""
     cdt = _compute_dtype(hidden, weight)
@@ -231,6 +242,7 @@ def fused_linear_policy_loss_triton(hidden, weight, targets, old_logp, advantage
         importance_sampling, float(beta), kl, None if tis_cap is None else float(tis_cap), float(entropy_coef),
         max_completion_length, None if num_tokens is None else float(num_tokens),
         on and h.requires_grad, on and W.requires_grad, on and b is not None and b.requires_grad,
-        accum_dtype is not None)
+        accum_dtype is not None, empty_seqs, dr_grpo_norm, _opt_float(log_ratio_min), _opt_float(log_ratio_max),
+        _opt_float(kl_clamp), tis_level, None if tis_weights is None else tis_weights.detach())
     return loss, metrics_dict(metrics, dual=dual_clip is not None, kl=ref_logp is not None, entropy=True,
-                              tis=rollout_logp is not None)
+                              tis=rollout_logp is not None or tis_weights is not None)

@@ -18,38 +18,58 @@ from typing import Optional
 import torch
 
 from ..kernels import policy_loss as K
+from ..reference.policy_loss import seq_clip_metrics
 from ._dispatch import register_triton
 
 METRIC_NAMES = ("clip_frac_low", "clip_frac_high", "ratio_mean", "dual_clip_frac", "kl_mean", "entropy_mean",
-                "tis_weight_mean", "tis_capped_frac")
+                "tis_weight_mean", "tis_capped_frac", "seq_clip_frac_low", "seq_clip_frac_high",
+                "seq_clip_frac_low_min", "seq_clip_frac_high_max")
 _METRIC_COLS = (K.P_CLIP_LO, K.P_CLIP_HI, K.P_RATIO, K.P_DUAL, K.P_KL, K.P_ENT, K.P_TIS, K.P_TIS_CAP)
 
 
-def row_weights(m, loss_type, max_completion_length, num_tokens):
-    """Per-sequence aggregation weight wrow [B] fp32; token weight w_t = m_t * wrow_i (FORMULAS.md table)."""
+def row_weights(m, loss_type, max_completion_length, num_tokens, empty_seqs="count", dr_grpo_norm="batch_length"):
+    """Per-sequence aggregation weight wrow [B] fp32; token weight w_t = m_t * wrow_i (FORMULAS.md table).
+    empty_seqs="skip" counts only the sequences with a valid token in the seq-mean denominators (verl);
+    dr_grpo_norm="length" divides dr_grpo's token sum by the length alone."""
     B, L = m.shape
     mf = m.float()
+    n = B if empty_seqs == "count" else (mf.sum(-1) > 0).float().sum().clamp(min=1.0)
     if loss_type == "grpo":
-        return 1.0 / (B * mf.sum(-1).clamp(min=1.0))
+        return 1.0 / (n * mf.sum(-1).clamp(min=1.0))
     if loss_type in ("bnpo", "dapo"):
         denom = mf.sum() if num_tokens is None else torch.full((), float(num_tokens), device=m.device)
         return (1.0 / denom.clamp(min=1.0)).expand(B).contiguous()
     if loss_type == "dr_grpo":
-        return torch.full((B,), 1.0 / (B * (L if max_completion_length is None else max_completion_length)),
-                          device=m.device)
-    return torch.full((B,), 1.0 / B, device=m.device)  # seq_sum
+        length = L if max_completion_length is None else max_completion_length
+        return torch.ones(B, device=m.device) / (length if dr_grpo_norm == "length" else n * length)
+    return torch.ones(B, device=m.device) / n  # seq_sum
 
 
-def reduce_parts(part):
-    """[B * S, NPART] partial sums (one row per sequence segment) -> (loss fp32 scalar, metrics [8] fp32)."""
+def tis_input(old, roll, weights, mask, tis_level):
+    """(x, tis_mode) for the kernels: the rollout log-probs as given (mode 1, token level), or a per-token weight
+    (mode 2): the given weights, or exp(sum_t m (old - rollout)) of each sequence broadcast over its tokens."""
+    if weights is not None:
+        return weights, 2
+    if roll is None or tis_level == "token":
+        return roll, 1
+    on = mask.bool()
+    lw = torch.where(on, old.detach().float() - roll.detach().float(), 0.0).sum(-1, keepdim=True)
+    return torch.exp(lw).expand(mask.shape).contiguous(), 2
+
+
+def reduce_parts(part, B):
+    """[B * S, NPART] partial sums (one row per sequence segment) -> (loss fp32 scalar, metrics [12] fp32)."""
     n = part[:, K.P_COUNT].sum().clamp(min=1.0)
-    return part[:, K.P_LOSS].sum(), part[:, list(_METRIC_COLS)].sum(0) / n
+    per_seq = part.view(B, part.shape[0] // max(B, 1), K.NPART).sum(1)  # [B, S, NPART] -> [B, NPART]
+    seq = seq_clip_metrics(per_seq[:, K.P_CLIP_LO], per_seq[:, K.P_CLIP_HI], per_seq[:, K.P_COUNT])
+    tok = part[:, list(_METRIC_COLS)].sum(0) / n
+    return part[:, K.P_LOSS].sum(), torch.cat([tok, torch.stack([seq[k] for k in METRIC_NAMES[8:]])])
 
 
 def metrics_dict(vec, *, dual, kl, entropy, tis):
     """Unpack the metrics vector into the reference's dict (same keys present, detached)."""
     vec = vec.detach()
-    present = (True, True, True, dual, kl, entropy, tis, tis)
+    present = (True, True, True, dual, kl, entropy, tis, tis) + (True,) * 4
     return {k: vec[i] for i, (k, p) in enumerate(zip(METRIC_NAMES, present)) if p}
 
 
@@ -60,11 +80,13 @@ def prep_bl(x, B, L):
 
 def run_policy_kernel(logp, old, adv, mask, ref, roll, ent, *, loss_type, eps_low, eps_high, dual_clip,
                       importance_sampling, beta, kl, tis_cap, entropy_coef, max_completion_length, num_tokens,
-                      write_grad):
-    """Shared by policy_loss and fused_linear_policy_loss: -> (loss, metrics [8], dlogp | None, dent | None)."""
+                      write_grad, empty_seqs="count", dr_grpo_norm="batch_length", log_ratio_min=None,
+                      log_ratio_max=None, kl_clamp=None, tis_level="token", tis_weights=None):
+    """Shared by policy_loss and fused_linear_policy_loss: -> (loss, metrics [12], dlogp | None, dent | None)."""
     B, L = mask.shape
     m = mask.contiguous()
-    wrow = row_weights(m, loss_type, max_completion_length, num_tokens)
+    wrow = row_weights(m, loss_type, max_completion_length, num_tokens, empty_seqs, dr_grpo_norm)
+    roll, tis_mode = tis_input(old, roll, tis_weights, m, tis_level)
     A = adv.detach().to(torch.float32)
     A = A.contiguous() if A.ndim == 1 else A.contiguous().view(B, L)
 
@@ -73,8 +95,9 @@ def run_policy_kernel(logp, old, adv, mask, ref, roll, ent, *, loss_type, eps_lo
     part, dlogp, dent = K.policy_loss_fwd(
         prep_bl(logp, B, L), prep_bl(old, B, L), A, m.view(torch.uint8), wrow, ref=opt(ref), roll=opt(roll),
         ent=opt(ent), eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, tis_cap=tis_cap, beta=beta,
-        entropy_coef=entropy_coef, kl=kl, seq_is=importance_sampling == "sequence", write_grad=write_grad)
-    loss, metrics = reduce_parts(part)
+        entropy_coef=entropy_coef, kl=kl, seq_is=importance_sampling == "sequence", write_grad=write_grad,
+        tis_mode=tis_mode, log_ratio_min=log_ratio_min, log_ratio_max=log_ratio_max, kl_clamp=kl_clamp)
+    loss, metrics = reduce_parts(part, B)
     return loss, metrics, dlogp, dent
 
 
@@ -84,13 +107,17 @@ def _policy_loss_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
                     entropy: Optional[torch.Tensor], loss_type: str, eps_low: float, eps_high: float,
                     dual_clip: Optional[float], importance_sampling: str, beta: float, kl: str,
                     tis_cap: Optional[float], entropy_coef: float, max_completion_length: Optional[int],
-                    num_tokens: Optional[float], write_grad: bool
+                    num_tokens: Optional[float], write_grad: bool, empty_seqs: str, dr_grpo_norm: str,
+                    log_ratio_min: Optional[float], log_ratio_max: Optional[float], kl_clamp: Optional[float],
+                    tis_level: str, tis_weights: Optional[torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, metrics, dlogp, dent = run_policy_kernel(
         logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, loss_type=loss_type, eps_low=eps_low,
         eps_high=eps_high, dual_clip=dual_clip, importance_sampling=importance_sampling, beta=beta, kl=kl,
         tis_cap=tis_cap, entropy_coef=entropy_coef, max_completion_length=max_completion_length,
-        num_tokens=num_tokens, write_grad=write_grad)
+        num_tokens=num_tokens, write_grad=write_grad, empty_seqs=empty_seqs, dr_grpo_norm=dr_grpo_norm,
+        log_ratio_min=log_ratio_min, log_ratio_max=log_ratio_max, kl_clamp=kl_clamp, tis_level=tis_level,
+        tis_weights=tis_weights)
     def empty(x):  # a distinct tensor per output (custom-op outputs may not alias each other)
         return logp.new_empty(0, dtype=torch.float32) if x is None else x
 
@@ -99,7 +126,8 @@ def _policy_loss_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
 
 @_policy_loss_op.register_fake
 def _(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, loss_type, eps_low, eps_high, dual_clip,
-      importance_sampling, beta, kl, tis_cap, entropy_coef, max_completion_length, num_tokens, write_grad):
+      importance_sampling, beta, kl, tis_cap, entropy_coef, max_completion_length, num_tokens, write_grad,
+      empty_seqs, dr_grpo_norm, log_ratio_min, log_ratio_max, kl_clamp, tis_level, tis_weights):
     f32 = dict(dtype=torch.float32, device=logp.device)
     grad_shape = tuple(logp.shape) if write_grad else (0,)
     ent_shape = tuple(logp.shape) if (write_grad and entropy is not None) else (0,)
@@ -118,7 +146,7 @@ def _backward(ctx, g_loss, g_metrics, g_dlogp, g_dent):
     dlogp, dent = ctx.saved_tensors
     d_lp = None if dlogp.numel() == 0 else (dlogp * g_loss).to(ctx.logp_dtype)
     d_ent = None if ctx.ent_dtype is None or dent.numel() == 0 else (dent * g_loss).to(ctx.ent_dtype)
-    return (d_lp, None, None, None, None, None, d_ent) + (None,) * 12
+    return (d_lp, None, None, None, None, None, d_ent) + (None,) * 19
 
 
 _policy_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -128,13 +156,20 @@ _policy_loss_op.register_autograd(_backward, setup_context=_setup)
 def policy_loss_triton(logp, old_logp, advantages, mask, *, loss_type="grpo", eps_low=0.2, eps_high=0.2,
                        dual_clip=None, importance_sampling="token", ref_logp=None, beta=0.0, kl="k3",
                        rollout_logp=None, tis_cap=None, entropy=None, entropy_coef=0.0,
-                       max_completion_length=None, num_tokens=None):
+                       max_completion_length=None, num_tokens=None, empty_seqs="count", dr_grpo_norm="batch_length",
+                       log_ratio_min=None, log_ratio_max=None, kl_clamp=None, tis_level="token", tis_weights=None):
     """Triton `policy_loss`: same arguments and results as `unirl_fast.reference.policy_loss.policy_loss_ref`."""
     write_grad = torch.is_grad_enabled() and (logp.requires_grad or (entropy is not None and entropy.requires_grad))
     loss, metrics, _, _ = _policy_loss_op(
         logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, loss_type, float(eps_low),
         float(eps_high), None if dual_clip is None else float(dual_clip), importance_sampling, float(beta), kl,
         None if tis_cap is None else float(tis_cap), float(entropy_coef), max_completion_length,
-        None if num_tokens is None else float(num_tokens), write_grad)
+        None if num_tokens is None else float(num_tokens), write_grad, empty_seqs, dr_grpo_norm,
+        _opt_float(log_ratio_min), _opt_float(log_ratio_max), _opt_float(kl_clamp), tis_level,
+        None if tis_weights is None else tis_weights.detach())
     return loss, metrics_dict(metrics, dual=dual_clip is not None, kl=ref_logp is not None,
-                              entropy=entropy is not None, tis=rollout_logp is not None)
+                              entropy=entropy is not None, tis=rollout_logp is not None or tis_weights is not None)
+
+
+def _opt_float(x):
+    return None if x is None else float(x)
