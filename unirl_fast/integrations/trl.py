@@ -26,9 +26,9 @@ How TRL's objective maps onto ours (FORMULAS.md section 2; TRL `_compute_loss`):
   `use_bias_correction_kl=True` multiplies the KL by the (differentiable) ratio, which changes the gradient
   even on-policy; we cannot express that, so beta != 0 requires use_bias_correction_kl=False.
 - Per-token multipliers of the policy term only (vLLM importance-sampling correction in every mode, the
-  top-entropy-quantile mask, the off-policy sequence mask) are nonnegative weights w on pg. Since
-  max(-A r, -A clip r) * w = max(-(A w) r, -(A w) clip r) and min(pg, -c A) * w = min(pg w, -c A w) for
-  w >= 0, they fold exactly into per-token advantages A_t = A w_t. The KL term is untouched, as in TRL.
+  top-entropy-quantile mask, the off-policy sequence mask) are nonnegative weights w on pg: their product goes
+  to the op as `tis_weights` (pg_t *= w_t after the clip and dual clip, as TRL multiplies them in), so the
+  advantages, and with them the clip-ratio metrics, stay TRL's. The KL term is untouched, as in TRL.
 - When TRL has no old log-probs (on-policy: it uses per_token_logps.detach()), and for the entropy and
   off-policy masks, which need the current log-probs before the loss, a no-grad fused_linear_logprobs
   pre-pass over the same hidden states supplies them (+2NHV FLOPs, no logits kept).
@@ -44,8 +44,11 @@ Precision: our head computes the logits in fp32 (FORMULAS.md section 1). Under T
 TRL's own head runs in bf16 unless cast_lm_head_to_fp32=True, so the two agree to bf16 rounding (measured on CPU:
 ~5e-3 relative on parameter gradients). With cast_lm_head_to_fp32=True the losses agree to fp32 rounding and the
 gradients to bf16 rounding of the hidden-state gradient (~1.5e-4 relative); with bf16=False, to fp32 rounding.
-Logged metrics (entropy, kl, clip_ratio/low_mean|high_mean|region_mean) are token-weighted means from the
-op; TRL's per-sequence clip_ratio/low_min and high_max are not logged.
+Logged metrics: every one TRL 1.16 logs from `_compute_loss`, by its definition: entropy, kl (token means),
+policy_loss (with an entropy bonus); clip_ratio/low_mean, high_mean, region_mean as token-weighted means at
+importance_sampling_level="token" and as means over all sequences at "sequence" (the op's seq_clip_frac_*);
+clip_ratio/low_min and high_max as the min / max over sequences of each one's clipped fraction (TRL gathers them
+across processes; here there is one), NaN when no sequence has a valid token, as TRL's nanmin / nanmax.
 """
 from __future__ import annotations
 
@@ -173,8 +176,9 @@ def _compute_loss(self, model, inputs):
             pre = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                         return_entropy=True, impl=impl)
         old = pre[0] if old is None else old
+    tis = None
     for w in _pg_weights(self, inputs, adv, mask, pre):
-        adv = adv * w
+        tis = w.expand(mask.shape) if tis is None else tis * w
     mode = "train" if self.model.training else "eval"
     num_tokens, factor = _normaliser(self, inputs, mode)
     loss, metrics = fused_linear_policy_loss(
@@ -183,23 +187,33 @@ def _compute_loss(self, model, inputs):
         eps_high=self.epsilon_high, dual_clip=self.args.delta, importance_sampling=self.importance_sampling_level,
         ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, beta=self.beta, kl="k3",
         entropy_coef=self.entropy_coef, max_completion_length=self.max_completion_length, num_tokens=num_tokens,
-        impl=impl)
-    _log_metrics(self, mode, loss, metrics)  # reads the metrics on the host: the step's sync point anyway
+        impl=impl, tis_weights=None if tis is None else tis.contiguous())
+    _log_metrics(self, mode, loss, metrics, mask)  # reads the metrics on the host: the step's sync point anyway
     check_pending()  # so the deferred value checks of this loss call raise here, at no extra sync
     return loss * factor
 
 
-def _log_metrics(self, mode, loss, metrics):
+def _log_metrics(self, mode, loss, metrics, mask):
     log = self._metrics[mode]
     if self.entropy_coef != 0.0:
         log["policy_loss"].append((loss + self.entropy_coef * metrics["entropy_mean"]).item())
     if self.beta != 0.0:
         log["kl"].append(metrics["kl_mean"].item())
     log["entropy"].append(metrics["entropy_mean"].item())
-    low, high = metrics["clip_frac_low"].item(), metrics["clip_frac_high"].item()
+    seq = self.importance_sampling_level == "sequence"
+    low, high = (metrics["seq_clip_frac_low" if seq else "clip_frac_low"].item(),
+                 metrics["seq_clip_frac_high" if seq else "clip_frac_high"].item())
     log["clip_ratio/low_mean"].append(low)
     log["clip_ratio/high_mean"].append(high)
-    log["clip_ratio/region_mean"].append(low + high)
+    log["clip_ratio/region_mean"].append(low + high)  # the two sides never clip the same token
+    n = mask.sum(-1)
+    low_min, high_max = metrics["seq_clip_frac_low_min"].item(), metrics["seq_clip_frac_high_max"].item()
+    if not bool((n > 0).any()):  # TRL: nanmin / nanmax of all-NaN per-sequence fractions
+        low_min = high_max = float("nan")
+    if seq and bool((n == 0).any()):  # at sequence level TRL scores an empty sequence (ratio 1) as unclipped: 0
+        low_min, high_max = (0.0, max(high_max, 0.0)) if low_min == low_min else (0.0, 0.0)
+    log["clip_ratio/low_min"].append(low_min)
+    log["clip_ratio/high_max"].append(high_max)
 
 
 def patch_grpo_trainer(trainer, *, impl="auto"):
