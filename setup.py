@@ -24,6 +24,8 @@ setup(
         "tqdm",
         "safetensors",
         "matplotlib",  # the trainer's reward curves and sample grids
+        "pillow",  # task images, PNGs of the reward-service protocol
+        "pyyaml",  # `unirl-fast train --config-file run.yaml`
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark", "hypothesis", "ruff"],
@@ -32,6 +34,8 @@ setup(
         "flash": ["flash-attn"],
         "bench": ["liger-kernel", "matplotlib"],
         "trl": ["trl==1.16.0"],  # the version the TRL integration is tested against
+        "data": ["datasets"],  # task sources from Hugging Face `datasets` directories (--tasks DIR)
+        "verl": ["verl==0.9.1"],  # the version the verl drop-in is tested against (install it in its own venv)
     },
     entry_points={"console_scripts": ["unirl-fast=unirl_fast.cli:main"]},
 )

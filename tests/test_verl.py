@@ -1,0 +1,183 @@
+"""The verl drop-in (unirl_fast.integrations.verl) against verl's own functions (verl 0.9.1, CPU).
+
+Skipped when verl is not importable (the main venv does not carry it: verl pins its own dependency set; CI runs
+these in a separate venv, see docs/conventions.md). verl's functions are the oracle here: the registry's policy
+losses before and after `patch()` on the same inputs, its kl_penalty + agg_loss against our KL options, and its
+actor loss path (`verl.workers.utils.losses.ppo_loss` fed by the engine's logprobs_from_logits /
+entropy_from_logits on a tiny model) over a few optimizer steps with and without the drop-in.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from tolerance import assert_close_rule
+
+pytest.importorskip("verl")
+pytest.importorskip("tensordict")
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+verl_F = pytest.importorskip("verl.utils.torch_functional")
+
+from verl.workers.config.actor import ActorConfig, PolicyLossConfig  # noqa: E402
+
+import unirl_fast as U  # noqa: E402
+import unirl_fast.integrations.verl as uf_verl  # noqa: E402
+
+B, L = 6, 7
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+@pytest.fixture
+def patched():
+    uf_verl.patch(impl="reference")
+    yield
+    uf_verl.unpatch()
+
+
+def _config(loss_mode, agg, **kw):
+    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                      clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=agg,
+                      policy_loss=PolicyLossConfig(loss_mode=loss_mode), **kw)
+    return cfg
+
+
+def _batch(seed, per_token_adv=True):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, L, generator=g) > 0.3
+    mask[1] = False  # an empty sequence
+    mask[0, 0] = True
+    logp = -torch.rand(B, L, generator=g) * 2
+    old = logp + 0.4 * torch.randn(B, L, generator=g) + 0.5 * torch.randn(B, 1, generator=g)
+    old[2, 3] = logp[2, 3] - 23.0  # beyond the +-20 token clamp
+    old[3] = logp[3] - 11.0  # sequence log-ratio above the GSPO cap
+    adv = torch.randn(B, generator=g)
+    adv[4] = 0.0  # a flat group
+    adv[3] = -0.5
+    adv = adv[:, None].expand(B, L).contiguous()
+    if per_token_adv:
+        adv = adv + 0.1 * torch.randn(B, L, generator=g)
+    return mask, logp, old, adv
+
+
+def _run(fn, logp, old, adv, mask, agg, cfg, w):
+    lp = logp.clone().requires_grad_()
+    loss, metrics = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask.float(), loss_agg_mode=agg,
+                       config=cfg, rollout_is_weights=w)
+    return loss, torch.autograd.grad(loss, lp)[0], metrics
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gspo"])
+@pytest.mark.parametrize("weights", [None, "is"], ids=["no_is", "rollout_is"])
+@pytest.mark.parametrize("global_info", [False, True], ids=["local", "global"])
+def test_registry_losses_match_verl(patched, loss_mode, agg, weights, global_info):
+    verl_fn = {"vanilla": core_algos.compute_policy_loss_vanilla, "gspo": core_algos.compute_policy_loss_gspo}
+    mask, logp, old, adv = _batch(0, per_token_adv=loss_mode == "vanilla")
+    w = None
+    if weights:  # verl's sequence-level rollout IS weights (what gspo accepts); vanilla gets per-token ones
+        g = torch.Generator().manual_seed(5)
+        w = (torch.rand(B, 1 if loss_mode == "gspo" else L, generator=g) * 2).expand(B, L) * mask
+    cfg = _config(loss_mode, agg)
+    if global_info:
+        cfg.global_batch_info.update(dp_size=2, batch_num_tokens=int(mask.sum()) * 3, global_batch_size=3 * B,
+                                     loss_scale_factor=11)
+    ours = core_algos.get_policy_loss_fn(loss_mode)
+    assert ours is not verl_fn[loss_mode]
+    want = _run(verl_fn[loss_mode], logp, old, adv, mask, agg, cfg, w)
+    got = _run(ours, logp, old, adv, mask, agg, cfg, w)
+    assert_close_rule(got[0].reshape(1), want[0].reshape(1), atol=1e-6, name="loss")
+    assert_close_rule(got[1], want[1], atol=1e-6, name="dlogp")
+    for k, v in want[2].items():
+        assert got[2][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+", "abs+", "k2+"])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_kl_types_match_verl(kl_type, impl):
+    mask, logp, _, _ = _batch(1)
+    ref = logp + 0.8 * torch.randn(B, L)
+    ref[0, 0] = logp[0, 0] + 13.0  # k3 above verl's clamp of 10
+    lp = logp.clone().requires_grad_()
+    want = core_algos.agg_loss(core_algos.kl_penalty(lp, ref, kl_type), mask.float(), "seq-mean-token-mean")
+    g_want = torch.autograd.grad(want, lp)[0]
+    lp = logp.clone().requires_grad_()
+    got, _ = U.policy_loss(lp, logp.detach(), torch.zeros(B), mask, ref_logp=ref, beta=1.0, loss_type="grpo",
+                           empty_seqs="skip", impl=impl, **uf_verl.kl_options(kl_type))
+    assert_close_rule(got.detach().reshape(1), want.detach().reshape(1), atol=1e-6, name="kl")
+    assert_close_rule(torch.autograd.grad(got, lp)[0], g_want, atol=1e-6, name="dkl")
+
+
+def _tiny_actor_data(seed):
+    """A padded batch in verl's actor layout (prompts / responses / attention_mask) and a packed token stream."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    g = torch.Generator().manual_seed(seed)
+    P, R, Vv = 3, 5, 17
+    resp_len = torch.tensor([5, 3, 1, 4])
+    n = len(resp_len)
+    prompts = torch.randint(0, Vv, (n, P), generator=g)
+    responses = torch.randint(0, Vv, (n, R), generator=g)
+    rmask = (torch.arange(R)[None] < resp_len[:, None]).long()
+    attn = torch.cat([torch.ones(n, P, dtype=torch.long), rmask], 1)
+    packed = torch.cat([torch.cat([prompts[i], responses[i, :resp_len[i]]]) for i in range(n)])
+    rolled = torch.roll(packed, -1)
+    old = -2.5 + 0.3 * torch.randn(n, R, generator=g)
+    adv = torch.randn(n, 1, generator=g).expand(n, R) * rmask
+    ref = old + 0.2 * torch.randn(n, R, generator=g)
+    data = TensorDict({"prompts": prompts, "responses": responses, "attention_mask": attn, "response_mask": rmask,
+                       "old_log_probs": old, "advantages": adv, "ref_log_prob": ref}, batch_size=[n])
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    return data, packed, rolled, Vv
+
+
+@pytest.mark.parametrize("loss_mode, agg, kl", [("vanilla", "token-mean", "low_var_kl"),
+                                                ("vanilla", "seq-mean-token-sum-norm", "k3+"),
+                                                ("gspo", "seq-mean-token-mean", "abs")])
+def test_actor_loss_path_steps_match_verl(loss_mode, agg, kl):
+    """verl's ppo_loss fed by the engine's log-prob / entropy functions, three SGD steps of a tiny model: the same
+    losses and gradients with and without the drop-in."""
+    from verl.workers.utils.losses import ppo_loss
+
+    def steps():
+        torch.manual_seed(0)
+        data, packed, rolled, Vv = _tiny_actor_data(3)
+        emb, head = torch.nn.Embedding(Vv, 8), torch.nn.Linear(8, Vv)
+        params = list(emb.parameters()) + list(head.parameters())
+        opt = torch.optim.SGD(params, lr=0.5)
+        cfg = _config(loss_mode, agg, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type=kl, entropy_coeff=0.01)
+        out = []
+        for _ in range(3):
+            logits = head(torch.tanh(emb(packed)))
+            lp = verl_F.logprobs_from_logits(logits, rolled, inplace_backward=False)
+            ent = verl_F.entropy_from_logits(logits)
+            loss, _ = ppo_loss(cfg, {"log_probs": lp, "entropy": ent}, data)
+            opt.zero_grad()
+            loss.backward()
+            out.append((loss.detach().clone(), [p.grad.clone() for p in params]))
+            opt.step()
+        return out
+
+    want = steps()
+    uf_verl.patch(impl="reference")
+    try:
+        assert verl_F.logprobs_from_logits is uf_verl.logprobs_from_logits
+        got = steps()
+    finally:
+        uf_verl.unpatch()
+    assert verl_F.logprobs_from_logits is not uf_verl.logprobs_from_logits
+    for (lw, gw), (lg, gg) in zip(want, got):
+        assert_close_rule(lg.reshape(1), lw.reshape(1), atol=2e-6, name="loss")
+        for a, b in zip(gg, gw):
+            assert_close_rule(a, b, atol=2e-5, name="grad")
+
+
+def test_unsupported_verl_options_raise(patched):
+    mask, logp, old, adv = _batch(2)
+    fn = core_algos.get_policy_loss_fn("vanilla")
+    with pytest.raises(ValueError, match="loss_agg_mode='token-sum'"):
+        fn(old, logp, adv, mask.float(), "token-sum", _config("vanilla", "token-mean"), None)
+    gspo = core_algos.get_policy_loss_fn("gspo")
+    with pytest.raises(ValueError, match="advantages"):
+        gspo(old, logp, adv, mask.float(), "seq-mean-token-mean", _config("gspo", "seq-mean-token-mean"), None)
+    with pytest.raises(ValueError, match="kl_loss_type='full'"):
+        uf_verl.kl_options("full")

@@ -1,0 +1,212 @@
+"""`patch()`: verl's actor computes its policy loss, log-probs and entropy through unirl_fast.
+
+Tested against verl==0.9.1 (torch 2.13, CPU). One call, before the trainer builds its workers:
+
+    import unirl_fast.integrations.verl as uf_verl
+    uf_verl.patch()           # impl="auto": Triton on CUDA tensors, the reference on CPU
+
+verl runs its actor inside Ray worker processes and the patch acts on the process that calls it, so it has to run
+there: Ray's `runtime_env={"worker_process_setup_hook": "unirl_fast.integrations.verl.patch"}` does that for every
+worker (not exercised by the tests here, which run verl's loss path in-process on a CPU).
+
+After it, in this process:
+- verl's policy-loss registry (`verl.trainer.ppo.core_algos.get_policy_loss_fn`) returns ours for
+  `policy_loss.loss_mode` "vanilla" (PPO/GRPO clip with dual clip) and "gspo"; every other loss mode stays verl's.
+  Ours is one `policy_loss` call (one fused kernel on CUDA) with the options that reproduce verl's conventions
+  (docs/conventions.md): the token log-ratio clamped to +-20 and the dual clip at clip_ratio_c (vanilla), the
+  sequence log-ratio capped at 10 (gspo), empty sequences left out of the seq-mean denominators, and the given
+  rollout_is_weights multiplied into the policy term.
+- `verl.utils.torch_functional.logprobs_from_logits` / `entropy_from_logits` (and the names the FSDP engine
+  imported) are our `logprobs_from_logits` op: the engine's per-token log-probs and entropies from its logits.
+  The engine still materialises the logits; computing them from the hidden states (fused_linear_*) would need
+  the engine's model forward replaced, which this patch does not do.
+
+verl's aggregation modes map onto ours as (the loss is then rescaled by local / global counts when verl passes
+global_batch_info: loss x n_local x dp_size / n_global, which is exactly verl's normaliser):
+
+    token-mean                bnpo                                        n = valid tokens
+    seq-mean-token-mean       grpo,    empty_seqs="skip"                  n = sequences with a valid token
+    seq-mean-token-sum        seq_sum, empty_seqs="skip"                  n = sequences with a valid token
+    seq-mean-token-sum-norm   dr_grpo, empty_seqs="skip", max_completion_length = loss_scale_factor or L
+
+Raises ValueError (never changes the objective silently) for: loss_agg_mode "token-sum", clip_ratio_c <= 1, and
+gspo with advantages or rollout_is_weights that vary along a sequence (verl's GSPO-token gradient, with a
+per-token ratio factor, then differs from the exact sequence-level gradient ours computes).
+Metrics are verl's keys and definitions: actor/pg_clipfrac, actor/ppo_kl, actor/pg_clipfrac_lower.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import logprobs_from_logits as _uf_logprobs
+from ..ops import policy_loss
+
+VERL_VERSION = "0.9.1"  # the release these mappings are checked against (tests/test_verl.py)
+LOSS_MODES = ("vanilla", "gspo")
+AGG_MODES = {
+    "token-mean": dict(loss_type="bnpo"),
+    "seq-mean-token-mean": dict(loss_type="grpo", empty_seqs="skip"),
+    "seq-mean-token-sum": dict(loss_type="seq_sum", empty_seqs="skip"),
+    "seq-mean-token-sum-norm": dict(loss_type="dr_grpo", empty_seqs="skip"),
+}
+VANILLA_LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi / pi_old) to +-20 before exp
+GSPO_LOG_RATIO_CAP = 10.0  # verl caps the sequence log-ratio at 10
+KL_TYPES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+K3_CLAMP = 10.0  # verl clamps its k3 estimate to +-10 (after clamping ref - logp to +-20, which never binds then)
+_STATE: dict = {}
+
+
+def _unsupported(option, value, why):
+    raise ValueError(f"unirl_fast verl drop-in: {option}={value!r} is not supported: {why}")
+
+
+def kl_options(kl_loss_type: str) -> dict:
+    """verl's `kl_loss_type` -> our (kl, kl_clamp); a trailing '+' is verl's straight-through k2 gradient."""
+    st = kl_loss_type.endswith("+")
+    base = kl_loss_type[:-1] if st else kl_loss_type
+    if base not in KL_TYPES:
+        _unsupported("kl_loss_type", kl_loss_type, f"supported are {sorted(KL_TYPES)} with an optional '+'")
+    kind = KL_TYPES[base]
+    if kind == "k2":
+        st = False  # verl: "k2+" / "mse+" are plain k2
+    return dict(kl=kind + ("+" if st else ""), kl_clamp=K3_CLAMP if kind == "k3" else None)
+
+
+def _global_factor(loss_agg_mode, mask, info):
+    """verl's global normaliser over ours (local counts): 1 without global_batch_info."""
+    dp = info.get("dp_size") or 1
+    if loss_agg_mode == "token-mean":
+        total = info.get("batch_num_tokens")
+        local = mask.sum()
+    else:
+        total = info.get("global_batch_size")
+        local = (mask.sum(-1) > 0).sum()
+    if total is None:
+        if dp > 1:
+            _unsupported("dp_size", dp, "verl needs the global batch counts with dp_size > 1 and none were given")
+        return None
+    return local.clamp(min=1).float() * dp / float(total)
+
+
+def _check_constant_along_sequences(name, x, mask):
+    if x is None or x.ndim == 1 or x.shape[-1] == 1:
+        return
+    big = torch.finfo(torch.float32).max
+    hi = torch.where(mask, x.float(), -big).amax(-1)
+    lo = torch.where(mask, x.float(), big).amin(-1)
+    if bool(((hi > lo) & mask.any(-1)).any()):
+        _unsupported(name, "per-token values", "with loss_mode='gspo' verl's GSPO-token gradient differs from the "
+                     "sequence-level one unless it is constant along each sequence")
+
+
+def _clip(config, key):
+    v = getattr(config, key, None)
+    return config.clip_ratio if v is None else v
+
+
+def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                 rollout_is_weights):
+    if loss_agg_mode not in AGG_MODES:
+        _unsupported("loss_agg_mode", loss_agg_mode, f"supported are {sorted(AGG_MODES)}")
+    mask = response_mask.bool()
+    info = dict(getattr(config, "global_batch_info", None) or {})
+    kw = dict(AGG_MODES[loss_agg_mode], eps_low=_clip(config, "clip_ratio_low"),
+              eps_high=_clip(config, "clip_ratio_high"), impl=_STATE.get("impl", "auto"))
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        lsf = info.get("loss_scale_factor")
+        kw["max_completion_length"] = int(lsf) if lsf is not None else mask.shape[-1]
+    if loss_mode == "gspo":
+        _check_constant_along_sequences("advantages", advantages, mask)
+        _check_constant_along_sequences("rollout_is_weights", rollout_is_weights, mask)
+        kw.update(importance_sampling="sequence", log_ratio_max=GSPO_LOG_RATIO_CAP)
+    else:
+        c = config.get("clip_ratio_c", 3.0) if hasattr(config, "get") else getattr(config, "clip_ratio_c", 3.0)
+        if not c > 1.0:
+            _unsupported("clip_ratio_c", c, "the dual-clip bound must be > 1 (verl asserts the same)")
+        kw.update(dual_clip=float(c), log_ratio_min=-VANILLA_LOG_RATIO_CLAMP, log_ratio_max=VANILLA_LOG_RATIO_CLAMP)
+    adv = advantages
+    if loss_mode == "gspo" and adv.ndim == 2:  # constant along each valid stretch (checked): one value per sequence
+        adv = torch.where(mask, adv, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
+    loss, m = policy_loss(log_prob, old_log_prob, adv, mask, tis_weights=rollout_is_weights, **kw)
+    factor = _global_factor(loss_agg_mode, mask, info)
+    if factor is not None:
+        loss = loss * factor
+    with torch.no_grad():
+        lr = (log_prob.detach() - old_log_prob).float()
+        if loss_mode != "gspo":
+            lr = lr.clamp(-VANILLA_LOG_RATIO_CLAMP, VANILLA_LOG_RATIO_CLAMP)
+        ppo_kl = -(torch.where(mask, lr, 0.0).sum() / mask.sum().clamp(min=1))
+        lower = m["dual_clip_frac"] if "dual_clip_frac" in m else torch.zeros(())
+        metrics = {"actor/pg_clipfrac": (m["clip_frac_low"] + m["clip_frac_high"]).item(),
+                   "actor/ppo_kl": ppo_kl.item(), "actor/pg_clipfrac_lower": lower.item()}
+    return loss, metrics
+
+
+def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                config=None, rollout_is_weights=None):
+    """verl's "vanilla" policy loss (same signature and metrics) through `policy_loss`."""
+    return _policy_loss("vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
+                             config=None, rollout_is_weights=None):
+    """verl's "gspo" policy loss (same signature and metrics) through `policy_loss` at sequence level."""
+    return _policy_loss("gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def logprobs_from_logits(logits, labels, inplace_backward=True):
+    """verl's `logprobs_from_logits` signature through our op (fp32 log-probs)."""
+    logp, _ = _uf_logprobs(logits, labels, impl=_STATE.get("impl", "auto"), inplace_backward=bool(inplace_backward))
+    return logp.to(logits.dtype) if logits.dtype == torch.float64 else logp
+
+
+def entropy_from_logits(logits):
+    """verl's `entropy_from_logits` through our op (one pass; the log-prob of a dummy target is discarded)."""
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    _, ent = _uf_logprobs(logits, targets, return_entropy=True, impl=_STATE.get("impl", "auto"))
+    return ent
+
+
+_LOGPROB_SITES = ("verl.utils.torch_functional", "verl.workers.engine.fsdp.transformer_impl",
+                  "verl.workers.engine.automodel.transformer_impl")
+
+
+def patch(*, impl="auto"):
+    """Switch verl (this process) to unirl_fast's policy losses, log-probs and entropy. Idempotent; `unpatch()`
+    restores verl's own functions. Raises ImportError without verl, ValueError for a bad impl."""
+    import importlib
+
+    from verl.trainer.ppo import core_algos
+
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    _STATE["impl"] = impl
+    if _STATE.get("patched"):
+        return
+    saved = _STATE["saved"] = []
+    ours = {"vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo}
+    for name in LOSS_MODES:
+        saved.append((core_algos.POLICY_LOSS_REGISTRY, name, core_algos.POLICY_LOSS_REGISTRY.get(name)))
+        core_algos.POLICY_LOSS_REGISTRY[name] = ours[name]
+    for mod_name in _LOGPROB_SITES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:  # an engine whose own dependencies are missing is not used in this process either
+            continue
+        for attr, fn in (("logprobs_from_logits", logprobs_from_logits), ("entropy_from_logits", entropy_from_logits)):
+            if hasattr(mod, attr):
+                saved.append((vars(mod), attr, getattr(mod, attr)))
+                setattr(mod, attr, fn)
+    _STATE["patched"] = True
+
+
+def unpatch():
+    """Undo `patch()`."""
+    for table, key, value in reversed(_STATE.pop("saved", [])):
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+    _STATE["patched"] = False
