@@ -317,8 +317,9 @@ from unirl_fast.kernels import flow as K, flow_loss as KL
 BF16 = ("p_v", "p_x", "p_eps", "p_dv", "p_vref", "p_mean", "p_mref", "p_dmean")
 FP = {"a", "sin_a", "sq_err", "clip", "beta_v", "beta_kl", "inv_numel_v", "inv_numel_k", "scale_v", "scale_k"}
 DIV16 = ("D", "chunk_len", "D_v", "D_k", "chunk_v", "chunk_k")
-jobs = [(K._flow_sde_step_fwd_kernel, dict(KIND=k, HAS_SMAX=True, BLOCK=2048), 3 if k < 2 else 2) for k in (0, 1, 2)]
-jobs += [(K._flow_step_logprob_fwd_kernel, dict(KIND=k, HAS_SMAX=False, BLOCK=2048), 3) for k in (0, 1)]
+jobs = [(K._flow_sde_step_fwd_kernel, dict(KIND=k, HAS_SMAX=True, BLOCK=2048, CMAX=4), 3 if k < 2 else 2)
+        for k in (0, 1, 2)]
+jobs += [(K._flow_step_logprob_fwd_kernel, dict(KIND=k, HAS_SMAX=False, BLOCK=2048, CMAX=4), 3) for k in (0, 1)]
 jobs += [(K._flow_step_logprob_bwd_kernel, dict(KIND=k, HAS_SMAX=False, BLOCK=2048), 3) for k in (0, 1)]
 jobs += [(KL._flow_policy_loss_fwd_kernel, dict(BLOCK=2048, BLOCK_M=512), 4),
          (KL._flow_policy_loss_combine_kernel, dict(BLOCK=128), 0),
