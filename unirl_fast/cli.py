@@ -21,6 +21,11 @@ def _cmd_train(args) -> int:
 
     try:  # every check that needs no model, before any work: one line and exit 2, nothing written
         cfg = config_from_args(args)
+        if args.print_config:  # the resolved config, as config.json would hold it (a valid --config-file)
+            import dataclasses
+
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
         info = preflight(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"unirl-fast train: {e}", file=sys.stderr)
@@ -30,8 +35,15 @@ def _cmd_train(args) -> int:
         print(f"run {cfg.run_dir} is already complete at step {done} of {cfg.steps}: nothing to do (--steps N with "
               f"N > {done} trains on; `unirl-fast eval {cfg.run_dir}` evaluates it)")
         return 0
+    from .rewards import RewardError
+
     trainer = Trainer(cfg)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except RewardError as e:  # no made-up reward, no checkpoint of the failed step: stop with the reason
+        print(f"unirl-fast train: stopped at step {trainer.step} (the checkpoints in {cfg.run_dir} hold no step "
+              f"after it; rerun the command to resume): {e}", file=sys.stderr)
+        return 1
     if trainer.dist is None or trainer.dist.is_main:
         print(json.dumps({"run_dir": cfg.run_dir, **result}))
     return 0
@@ -145,6 +157,53 @@ def _add_bench_parser(sub) -> None:
     b.set_defaults(func=_cmd_bench)
 
 
+def _cmd_serve_reward(args) -> int:
+    from .rewards import build_reward
+    from .rewards.http import make_server
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            print(f"unirl-fast serve-reward: --token-env {args.token_env}: that environment variable is not set",
+                  file=sys.stderr)
+            return 2
+    try:
+        reward = build_reward(args.reward, scenario=None, device=args.device)
+        server = make_server(reward, args.host, args.port, token=token, label=reward.describe(),
+                             log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+    except (ValueError, OSError) as e:
+        print(f"unirl-fast serve-reward: {e}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print(f"serving reward {reward.describe()} at http://{host}:{port}/ (POST; GET /health)"
+          + (" with a bearer token" if token else ""), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        reward.close()
+    return 0
+
+
+def _add_serve_reward_parser(sub) -> None:
+    sr = sub.add_parser("serve-reward", help="serve a reward over HTTP for `train --reward http://HOST:PORT/`",
+                        description="Serve a reward (the weighted sum of the given specs) with the protocol of "
+                                    "unirl_fast.rewards.http, for a trainer on another machine: --reward "
+                                    "http://HOST:PORT/")
+    sr.add_argument("reward", nargs="+", metavar="SPEC[=WEIGHT]",
+                    help="pkg.module:function, clip:DIR, pickscore:DIR, answer, format:REGEX")
+    sr.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sr.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed)")
+    sr.add_argument("--token-env", default=None, metavar="VAR",
+                    help="require `Authorization: Bearer $VAR` on every request")
+    sr.add_argument("--device", default=None, help="device of model-based rewards (CLIP): cpu, cuda, cuda:N")
+    sr.add_argument("--quiet", action="store_true", help="do not log each request")
+    sr.set_defaults(func=_cmd_serve_reward)
+
+
 def _cmd_report(args) -> int:
     from .profiling.report import report
 
@@ -248,6 +307,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                                        "RL, evaluate again; outputs in --run-dir.",
                            epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(train, defaults=_effective_defaults(argv))
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (preset, config file and flags) as JSON and exit")
     train.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                        help="set by the deepspeed launcher (data parallel under DeepSpeed ZeRO; see --zero-stage)")
     train.set_defaults(func=_cmd_train)
@@ -257,6 +318,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     ev.add_argument("--eval-samples", type=int, default=None, help="images per held-out task")
     ev.set_defaults(func=_cmd_eval)
     _add_bench_parser(sub)
+    _add_serve_reward_parser(sub)
     _add_report_parser(sub)
     _add_profile_parser(sub)
     return p

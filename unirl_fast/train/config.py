@@ -48,6 +48,22 @@ class TrainConfig:
                      "(the same at width 128, so --fp8 has layers to convert), or a unirl_fast.models preset; not "
                      "the same thing as --config, which picks the trainer's defaults", MODEL_PRESETS)
     model_path: str | None = _f(None, "a saved UnifiedModel directory to train instead of pretraining --preset")
+    tasks: str = _f("world", "the prompts: world (the embedded world's tasks and split), a .jsonl / .json / .csv file "
+                    "(image paths relative to it) or a Hugging Face datasets directory; see unirl_fast.tasks")
+    reward: tuple[str, ...] = _f(("world",), "reward SPEC[=WEIGHT], repeatable (the run's reward is the weighted sum): "
+                                 "world (the embedded world's verifier), format[:REGEX], answer (exact match), cycle "
+                                 "(edits), clip:DIR, pickscore:DIR, an http(s):// reward service, or "
+                                 "pkg.module:function; see unirl_fast.rewards")
+    eval_fraction: float = _f(0.2, "held-out share of a task file whose rows give no split (a seeded hash of the "
+                              "prompt decides)")
+    split_seed: int = _f(0, "seed of that derived split")
+    reward_timeout: float = _f(60.0, "reward services: seconds per request before it counts as failed")
+    reward_retries: int = _f(3, "reward services: retries of a failed request (exponential backoff) before the run "
+                             "stops")
+    reward_concurrency: int = _f(4, "reward services: requests in flight at once")
+    reward_batch_size: int = _f(32, "reward services: samples per request")
+    reward_token_env: str = _f("UNIRL_REWARD_TOKEN", "reward services: the environment variable holding a bearer "
+                               "token (sent when set)")
     run_dir: str = _f("runs/default", "run directory (config, metrics, checkpoints, plots); rerunning the same "
                       "command with it resumes from its latest checkpoint")
     seed: int = _f(0, "seed of the pretraining, the task draws and the rollouts")
@@ -103,6 +119,12 @@ class TrainConfig:
                                 "distributed")
     deepspeed_config: str | None = _f(None, "a DeepSpeed JSON merged over the generated one")
 
+    def __post_init__(self):
+        if isinstance(self.reward, str):  # one spec, e.g. from a config file
+            object.__setattr__(self, "reward", (self.reward,))
+        elif isinstance(self.reward, list):  # read back from JSON
+            object.__setattr__(self, "reward", tuple(self.reward))
+
     @property
     def batch_size(self) -> int:
         return self.prompts_per_step * self.group_size
@@ -147,6 +169,25 @@ class TrainConfig:
             bad(f"deepspeed_config {self.deepspeed_config!r} is not a file")
         if not 0.0 <= self.ema_decay < 1.0:
             bad(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.tasks != "world" and not Path(self.tasks).exists():
+            bad(f"tasks {self.tasks!r}: no such file or directory (give 'world', a .jsonl / .csv file or a datasets "
+                "directory)")
+        if not isinstance(self.reward, tuple) or not all(isinstance(r, str) for r in self.reward):
+            bad(f"reward must be a list of SPEC[=WEIGHT] strings, got {self.reward!r}")
+        from ..rewards import parse_spec
+
+        for r in self.reward:
+            try:
+                parse_spec(r)
+            except ValueError as e:
+                bad(str(e))
+        if not 0.0 < self.eval_fraction < 1.0:
+            bad(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not self.reward_timeout > 0:
+            bad(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
+        for name, lo in (("reward_retries", 0), ("reward_concurrency", 1), ("reward_batch_size", 1)):
+            if getattr(self, name) < lo:
+                bad(f"{name} must be >= {lo}, got {getattr(self, name)}")
         if self.temperature <= 0:
             bad(f"temperature must be > 0 for sampling, got {self.temperature}")
         if self.impl == "triton":
@@ -206,15 +247,54 @@ def train_preset(name: str, scenario: str | None = None) -> TrainConfig:
     return dataclasses.replace(base, scenario=scenario, **extra)
 
 
+def reward_specs(cfg) -> tuple:
+    """The run's reward specs (--reward, "world" by default)."""
+    if not cfg.reward:
+        raise ValueError("bad config: reward is empty: give at least one --reward SPEC[=WEIGHT]")
+    return cfg.reward
+
+
+def check_reward_specs(cfg, scenario) -> None:
+    """What can be checked of the reward before any model is built: each spec parses and names something that
+    exists (a module and callable, a CLIP directory, a URL), and the world's rewards only meet the world's tasks."""
+    from urllib.parse import urlparse
+
+    from ..rewards import _IMPORT_RE, load_callable, parse_spec
+
+    for text in reward_specs(cfg):
+        spec, _ = parse_spec(text)
+        name, _, arg = spec.partition(":")
+        if spec in ("world", "format") and cfg.tasks != "world":
+            hint = "give the form as format:REGEX" if spec == "format" else \
+                "give --reward (e.g. clip:DIR, answer, my_pkg.rewards:score or http://HOST:PORT/score)"
+            raise ValueError(f"bad config: reward {spec!r} is the embedded world's (it checks the world's tasks) and "
+                             f"--tasks is {cfg.tasks!r}: {hint}")
+        if spec == "cycle" and not scenario.edit:
+            raise ValueError(f"bad config: reward 'cycle' needs an edit scenario, not {scenario.name!r}")
+        if name in ("clip", "pickscore") and arg and not (Path(arg) / "config.json").is_file():
+            raise ValueError(f"bad config: reward {spec!r}: {arg!r} is not a transformers model directory "
+                             "(no config.json)")
+        if spec.startswith(("http://", "https://")) and not urlparse(spec).hostname:
+            raise ValueError(f"bad config: reward {spec!r}: no host in the URL")
+        if _IMPORT_RE.match(spec) and name not in ("clip", "pickscore", "format"):
+            load_callable(spec)
+        if name in ("clip", "pickscore") and not scenario.draws:
+            raise ValueError(f"bad config: reward {spec!r} scores images and scenario {scenario.name!r} draws none")
+
+
 def add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults: TrainConfig | None = None) -> None:
     """One flag per TrainConfig field (except those in `exclude`, which the caller defines its own way), with the
     field's help text and choices; `defaults` (the effective config for the chosen --config / --scenario) is what
     the help shows as each flag's default (flags left out keep it)."""
     defaults = defaults or TrainConfig()
-    parser.add_argument("--config", default="tiny", choices=sorted(PRESETS),
+    parser.add_argument("--config", default=None, choices=sorted(PRESETS),
                         help="TRAINER defaults (batch, steps, lengths...): tiny (the default run; each scenario adds "
                              "its measured defaults), smoke (a seconds-long run), bench (the profiling batch). Not "
-                             "the model: that is --preset. Flags given on the command line override it")
+                             "the model: that is --preset. Flags given on the command line override it (default: "
+                             "tiny, or the config file's `config`)")
+    parser.add_argument("--config-file", default=None, metavar="FILE",
+                        help="a YAML or JSON file of settings (every flag below as a key, e.g. `prompts_per_step: 4`, "
+                             "`reward: [clip:/models/clip, format:^.+$=0.2]`); flags on the command line win")
     for f in dataclasses.fields(TrainConfig):
         if f.name in exclude:
             continue
@@ -222,6 +302,9 @@ def add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults: Train
         text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})".replace("%", "%%")
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif str(f.type).startswith("tuple"):  # repeatable: --reward a --reward b
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=text,
+                                metavar=f.name.upper())
         else:
             typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
             parser.add_argument(flag, dest=f.name, type=typ, default=None, help=text,
@@ -229,11 +312,97 @@ def add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults: Train
                                 f.name.upper())
 
 
+def read_config_file(path) -> dict:
+    """A run's settings from a YAML (.yaml / .yml) or JSON file: {flag name: value} with every TrainConfig field as a
+    key (dashes or underscores), plus `config` (the trainer preset). Unknown keys and values of the wrong type are
+    errors naming the file and the key."""
+    import difflib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"config file {str(path)!r}: unknown type {path.suffix!r} (.yaml, .yml or .json)")
+    except (json.JSONDecodeError, ImportError) as e:
+        raise ValueError(f"config file {str(path)!r}: {e}") from None
+    except Exception as e:  # yaml.YAMLError
+        if type(e).__module__.startswith("yaml"):
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        raise
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name == "config":
+            if value not in PRESETS:
+                raise ValueError(f"config file {str(path)!r}: config {value!r} is not a trainer preset "
+                                 f"({', '.join(sorted(PRESETS))})")
+            out[name] = value
+            continue
+        if name not in fields:
+            near = difflib.get_close_matches(name, list(fields), n=1)
+            raise ValueError(f"config file {str(path)!r}: unknown setting {key!r}"
+                             + (f" (did you mean {near[0]!r}?)" if near else ""))
+        out[name] = _typed(fields[name], value, f"config file {str(path)!r}: {key!r}")
+    return out
+
+
+def _typed(field, value, where: str):
+    """A config file's value checked against the field's type (ints are fine for floats, and so is a string that
+    reads as a number: YAML takes `1e-4` for a string)."""
+    t = str(field.type)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ValueError(f"{where} may not be empty")
+    if t.startswith("tuple"):
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where} must be a string or a list of strings, got {value!r}")
+        return tuple(value)
+    if t.startswith("float") and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {"bool": lambda v: isinstance(v, bool),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(t.replace(" | None", ""),
+                                                                                         lambda v: isinstance(v, str))
+    if not ok(value):
+        raise ValueError(f"{where} must be a {t.replace(' | None', '')}, got {value!r}")
+    return float(value) if t.startswith("float") else value
+
+
 def config_from_args(args) -> TrainConfig:
-    base = train_preset(args.config, getattr(args, "scenario", None))
+    """The resolved config: the trainer preset (--config, else the file's `config`, else tiny) with the scenario's
+    defaults, then the --config-file's settings, then the flags given on the command line (which win)."""
+    from_file = read_config_file(args.config_file) if getattr(args, "config_file", None) else {}
+    preset = args.config or from_file.pop("config", None) or "tiny"
+    from_file.pop("config", None)
+    scenario = getattr(args, "scenario", None) or from_file.get("scenario")
+    base = train_preset(preset, scenario)
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
             if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(base, **over).validate()
+    if isinstance(over.get("reward"), list):
+        over["reward"] = tuple(over["reward"])
+    try:
+        cfg = dataclasses.replace(base, **{**from_file, **over})
+    except TypeError as e:
+        raise ValueError(f"bad config: {e}") from None
+    return cfg.validate()
 
 
 def _is_cuda_index(device: str) -> bool:

@@ -71,23 +71,41 @@ def save_samples(columns: dict, path, title: str) -> Path:
     return Path(path)
 
 
+def reward_series(recs) -> dict:
+    """label -> (steps, values) of what the reward plot draws: the train reward (batch mean), each of its parts
+    (the reward terms and their named parts), and the held-out reward."""
+    train = [r for r in recs if r.get("phase") == "train"]
+    evals = [r for r in recs if r.get("phase") == "eval"]
+    out = {}
+    if train:
+        out["train reward (batch mean)"] = ([r["step"] for r in train], [r["reward"] for r in train])
+        for k in [k for k in train[-1] if k.startswith("reward_")]:
+            pts = [(r["step"], r[k]) for r in train if k in r]
+            out[f"train {k[len('reward_'):]}"] = ([s for s, _ in pts], [v for _, v in pts])
+    if evals:
+        out["held-out reward"] = ([r["step"] for r in evals], [r["eval_reward"] for r in evals])
+    return out
+
+
 def plot_rewards(metrics_path, out_path) -> Path:
+    """Reward curves: the train reward and held-out reward (bold), the reward's parts (thin, dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = [json.loads(line) for line in open(metrics_path)]
-    train = [r for r in recs if r.get("phase") == "train"]
-    evals = [r for r in recs if r.get("phase") == "eval"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot([r["step"] for r in train], [r["reward"] for r in train], label="train reward (batch mean)", alpha=0.7)
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="held-out reward")
+    for label, (steps, values) in reward_series(recs).items():
+        if label == "held-out reward":
+            ax.plot(steps, values, "o-", label=label)
+        elif label == "train reward (batch mean)":
+            ax.plot(steps, values, label=label, alpha=0.7)
+        else:
+            ax.plot(steps, values, "--", label=label, alpha=0.6, linewidth=1)
     ax.set_xlabel("RL step")
     ax.set_ylabel("reward")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

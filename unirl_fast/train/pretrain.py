@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .. import world as W
 from ..models import Conditioning, UnifiedModel, preset_config
 from ..models.config import _sana
+from ..tasks.world import image_pretrain_tasks, sft_pairs
 from .config import resolve_device
 
 
@@ -96,8 +97,8 @@ def base_key(cfg, scenario) -> str:
                                          "pretrain_batch", "pretrain_lr")}
     keys["edit"] = scenario.edit
     keys["draws"] = scenario.draws
-    keys["lm_data"] = hashlib.sha1(json.dumps(scenario.sft_pairs("train")).encode()).hexdigest()
-    keys["image_data"] = hashlib.sha1(repr(scenario.image_pretrain_tasks("train")).encode()).hexdigest()
+    keys["lm_data"] = hashlib.sha1(json.dumps(sft_pairs(scenario, "train")).encode()).hexdigest()
+    keys["image_data"] = hashlib.sha1(repr(image_pretrain_tasks(scenario, "train")).encode()).hexdigest()
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -112,13 +113,13 @@ def pretrain(cfg, scenario, log=print) -> UnifiedModel:
     rng = random.Random(cfg.seed)
     model = UnifiedModel(world_model_config(cfg.preset, edit)).to(resolve_device(cfg))
     tok = model.tokenizer
-    pairs = scenario.sft_pairs("train")
+    pairs = sft_pairs(scenario, "train")
     opt = torch.optim.AdamW(model.lm.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     for i in range(cfg.pretrain_lm_steps):
         loss = lm_sft_step(model, tok, pairs, opt, cfg.pretrain_batch, rng)
         if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_lm_steps:
             log(f"pretrain lm  {i + 1:4d}/{cfg.pretrain_lm_steps}  ce {loss:.3f}")
-    tasks = scenario.image_pretrain_tasks("train")
+    tasks = image_pretrain_tasks(scenario, "train")
     if tasks:
         params = list(model.dit.parameters()) + list(model.connector.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)

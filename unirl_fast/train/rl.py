@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from .. import flow_policy_loss, flow_step_logprob, fused_linear_logprobs, fused_linear_policy_loss
-from .. import world as W
 from ..rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, replay_velocity
 
 
@@ -73,7 +72,7 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
             b.cond_ids, b.cond_mask = tok([scenario.dit_text(t, c) for t, c in
                                            zip(tasks, b.completions or [None] * len(tasks))], device=dev)
             if scenario.edit:
-                b.sources = torch.stack([W.render_scene(t.source, size) for t in tasks]).to(dev)
+                b.sources = torch.stack([t.source_image(size) for t in tasks]).to(dev)
             noise = None
             if cfg.group_noise and not eval_mode:  # one initial latent per group (DanceGRPO's shared noise)
                 _, which = torch.unique(group_ids, return_inverse=True)
@@ -87,26 +86,33 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
 
 
 @torch.no_grad()
-def score(model, scenario, cfg, b: Batch, generator, *, inverse_model=None) -> Batch:
-    """Rewards of a rolled-out batch. Edits are edited back with the inverse instruction (ODE, no gradient) by
-    `inverse_model` (default `model`; with cycle_back="reference" the trainer passes its frozen reference, so
-    that the cycle-consistency reward is a fixed function of the edited image: edited back by the policy itself,
-    every update also changes the inverse edit, which the policy gradient does not see)."""
-    cycled = [None] * len(b.tasks)
-    if scenario.edit:  # edit back with the inverse instruction (deterministic) and compare with the source
-        inv = model if inverse_model is None else inverse_model
-        ids, mask = inv.tokenizer([t.inverse for t in b.tasks], device=inv.device)
-        back = ImageEngine(inv, impl=cfg.impl).generate(ids, mask, image_params(cfg, eval_mode=True),
-                                                        source_images=b.images, generator=generator)
-        cycled = list(back.images)
-    parts = []
-    for i, t in enumerate(b.tasks):
-        img = b.images[i] if b.images is not None else None
-        src = b.sources[i] if b.sources is not None else None
-        parts.append(scenario.reward(t, b.completions[i] if b.completions else "", img, cycled[i], src,
-                                     cfg.format_weight))
-    b.reward_parts = parts
-    b.rewards = torch.tensor([p["total"] for p in parts], dtype=torch.float32)
+def score(model, scenario, cfg, b: Batch, generator, *, reward=None, inverse_model=None) -> Batch:
+    """Rewards of a rolled-out batch: `reward` (a unirl_fast.rewards reward; default the embedded world's) on the
+    batch's tasks, completions and images. Edits are first edited back with each task's inverse instruction (ODE,
+    no gradient; tasks without one get no cycled image) by `inverse_model` (default `model`; with
+    cycle_back="reference" the trainer passes its frozen reference, so that the cycle-consistency reward is a fixed
+    function of the edited image: edited back by the policy itself, every update also changes the inverse edit,
+    which the policy gradient does not see)."""
+    from ..rewards import RewardBatch, build_reward
+
+    cycled = None
+    if scenario.edit:
+        rows = [i for i, t in enumerate(b.tasks) if t.inverse]
+        cycled = [None] * len(b.tasks)
+        if rows:
+            inv = model if inverse_model is None else inverse_model
+            ids, mask = inv.tokenizer([b.tasks[i].inverse for i in rows], device=inv.device)
+            back = ImageEngine(inv, impl=cfg.impl).generate(ids, mask, image_params(cfg, eval_mode=True),
+                                                            source_images=b.images[rows], generator=generator)
+            for i, img in zip(rows, back.images):
+                cycled[i] = img
+    if reward is None:
+        reward = build_reward(["world"], scenario=scenario, format_weight=cfg.format_weight)
+    rb = RewardBatch(b.tasks, b.completions or [""] * len(b.tasks), b.images, cycled, b.sources)
+    res = reward(rb)
+    b.rewards = res.scores.float()
+    b.reward_parts = [{**{k: float(v[i]) for k, v in res.parts.items()}, "total": float(res.scores[i])}
+                      for i in range(len(b.tasks))]
     return b
 
 

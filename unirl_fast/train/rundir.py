@@ -1,6 +1,7 @@
 """The run directory, kept true: what it says is what ran.
 
     <run_dir>/config.json     the resolved config the run was created with; written once, never rewritten
+    <run_dir>/tasks.json      the data's fingerprint (source, counts, a hash of the tasks); a resume checks it
     <run_dir>/resumes.jsonl   one line per resume that changed a field allowed to change: {"time", "step", "changes"}
     <run_dir>/metrics.jsonl   one record per step and per evaluation; a resume trims it back to the checkpoint's step
                               first (a run killed at step 13 and resumed from step 10 does not log 11-13 twice)
@@ -22,7 +23,9 @@ from pathlib import Path
 from .checkpoint import latest_checkpoint
 
 RESUMABLE = ("steps", "eval_every", "eval_prompts", "eval_samples", "save_every", "keep_checkpoints", "device",
-             "impl", "run_dir")  # run_dir: a run directory may be moved or copied
+             "impl", "run_dir",  # run_dir: a run directory may be moved or copied
+             "reward_timeout", "reward_retries", "reward_concurrency", "reward_batch_size",
+             "reward_token_env")  # how a reward service is reached, not what it computes
 
 
 def _writable_parent(path: Path) -> Path:
@@ -53,7 +56,7 @@ def check_run_dir(cfg) -> dict:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{saved_path} is not valid JSON ({e}); pick another --run-dir") from None
-    now = dataclasses.asdict(cfg)
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds it (tuples are lists there)
     changes = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
     blocked = {k: c for k, c in changes.items() if k not in RESUMABLE}
     if blocked:
@@ -63,10 +66,26 @@ def check_run_dir(cfg) -> dict:
     return {"new": False, "changes": changes, "checkpoint_step": step}
 
 
+def check_tasks_unchanged(run_dir, taskset) -> None:
+    """A resumed run's data must be what it was created with: tasks.json's fingerprint against the source's now."""
+    saved = Path(run_dir) / "tasks.json"
+    if not saved.is_file():
+        return
+    before, now = json.loads(saved.read_text()), taskset.fingerprint()
+    if [before[k] for k in ("train", "eval", "sha1")] != [now[k] for k in ("train", "eval", "sha1")]:
+        raise ValueError(f"run_dir {str(run_dir)!r} was created with other tasks ({before['tasks']}: {before['train']} "
+                         f"train / {before['eval']} held-out, sha1 {before['sha1'][:12]}; now {now['tasks']}: "
+                         f"{now['train']} / {now['eval']}, sha1 {now['sha1'][:12]}): the file changed since; restore "
+                         "it or pick another --run-dir")
+
+
 def create_or_resume(cfg, info: dict) -> None:
-    """Write config.json for a new run, or record a resume's allowed changes (the main process only)."""
+    """Write config.json (and tasks.json, the data's fingerprint) for a new run, or record a resume's allowed changes
+    (the main process only)."""
     path = Path(cfg.run_dir)
     path.mkdir(parents=True, exist_ok=True)
+    if info.get("tasks") is not None and not (path / "tasks.json").is_file():
+        (path / "tasks.json").write_text(json.dumps(info["tasks"].fingerprint(), indent=2))
     if info["new"]:
         tmp = path / "config.json.tmp"
         cfg.save(tmp)

@@ -26,12 +26,12 @@ from ..fp8 import fp8_weight_cache
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import resolve_device
+from .config import check_reward_specs, resolve_device, reward_specs
 from .distributed import requested as _distributed_requested
 from .plots import N_SHOW
 from .pretrain import pretrain, world_model_config
 from .rl import image_loss, reference_outputs, rollout, score, text_loss
-from .rundir import check_run_dir, create_or_resume, trim_metrics
+from .rundir import check_run_dir, check_tasks_unchanged, create_or_resume, trim_metrics
 from .scenarios import get_scenario
 
 
@@ -84,8 +84,13 @@ class Trainer:
         self.opt = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator(device=self.model.device).manual_seed(cfg.seed)
-        self.train_tasks = self.scenario.tasks("train")
-        self.eval_tasks = self.scenario.tasks("eval")[: cfg.eval_prompts]
+        taskset = run_info["tasks"] if run_info is not None else load_run_tasks(cfg, self.scenario)
+        self.train_tasks = taskset.train
+        self.eval_tasks = taskset.eval[: cfg.eval_prompts]
+        self.reward = build_run_reward(cfg, self.scenario, resolve_device(cfg) if self.dist is None else
+                                       self.model.device)
+        log(f"tasks: {cfg.tasks} ({len(taskset.train)} train, {len(taskset.eval)} held-out); reward: "
+            f"{self.reward.describe()}")
         self.step = 0
         self.history = []
         self._init_profiling()
@@ -188,7 +193,7 @@ class Trainer:
         with self._full_weights():
             b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase)
         with timer.phase("reward"), self._full_weights():
-            score(m, s, c, b, self.gen, inverse_model=self._cycle_model())
+            score(m, s, c, b, self.gen, reward=self.reward, inverse_model=self._cycle_model())
             adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
         with timer.phase("ref"), fp8_weight_cache(self.ref):  # frozen: one FP8 quantization per layer and step
             reference_outputs(self.ref, s, c, b, c.micro_batch)
@@ -297,7 +302,7 @@ class Trainer:
         for start in range(0, len(tasks_all), c.micro_batch):
             tasks = tasks_all[start:start + c.micro_batch]
             b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True)
-            score(m, self.scenario, c, b, gen, inverse_model=self._cycle_model())
+            score(m, self.scenario, c, b, gen, reward=self.reward, inverse_model=self._cycle_model())
             rewards.append(b.rewards)
             parts += b.reward_parts
             samples += _samples(b, range(min(len(tasks), max(0, n_show - start))))
@@ -343,6 +348,7 @@ class Trainer:
             if self.step % c.save_every == 0 or self.step == c.steps:
                 self.save()
         bar.close()
+        self.reward.close()
         if self.nvml is not None:
             self.nvml.stop()
         if self.dist is not None:
@@ -391,18 +397,38 @@ def preflight(cfg) -> dict:
     Returns check_run_dir's answer."""
     cfg.validate()
     info = check_run_dir(cfg)
+    scenario = get_scenario(cfg.scenario)
+    info["tasks"] = load_run_tasks(cfg, scenario)  # a bad row or file fails here, with its file and line
+    check_tasks_unchanged(cfg.run_dir, info["tasks"])
+    check_reward_specs(cfg, scenario)  # imports a callable, looks for a CLIP directory: loads no model
     if cfg.fp8 and cfg.model_path is None:
         from ..fp8 import convert_to_fp8
         from ..models import UnifiedModel
 
         with torch.device("meta"):
-            model = UnifiedModel(world_model_config(cfg.preset, get_scenario(cfg.scenario).edit))
+            model = UnifiedModel(world_model_config(cfg.preset, scenario.edit))
         eligible = []
         convert_to_fp8(model, lambda name, mod: eligible.append(name) and False)
         if not eligible:
             raise ValueError(f"--fp8 was requested but no Linear of preset {cfg.preset!r} is eligible (in/out features "
                              "divisible by 128): nothing would run in FP8; use --preset tiny-fp8")
     return info
+
+
+def load_run_tasks(cfg, scenario):
+    from ..tasks import load_tasks
+
+    return load_tasks(cfg.tasks, scenario, eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed)
+
+
+def build_run_reward(cfg, scenario, device):
+    """The run's reward: the weighted sum of its --reward terms (the scenario's default when none is given)."""
+    from ..rewards import build_reward
+
+    http = dict(timeout=cfg.reward_timeout, retries=cfg.reward_retries, concurrency=cfg.reward_concurrency,
+                batch_size=cfg.reward_batch_size, token_env=cfg.reward_token_env)
+    return build_reward(reward_specs(cfg), scenario=scenario, format_weight=cfg.format_weight, device=device,
+                        http_options=http)
 
 
 class ParamEMA:
@@ -485,10 +511,8 @@ def _samples(b, rows) -> list:
     for i in rows:
         t, part = b.tasks[i], b.reward_parts[i]
         src = b.sources[i].cpu() if b.sources is not None else None
-        if src is None and t.source is not None:
-            from ..world import render_scene
-
-            src = render_scene(t.source, b.images.shape[-1] if b.images is not None else 32)
+        if src is None and t.image is not None:  # the image an understanding question is about
+            src = t.source_image(b.images.shape[-1] if b.images is not None else 32)
         out.append({"prompt": t.prompt, "text": b.completions[i] if b.completions else None,
                     "right": bool(part["answer"]) if "answer" in part else None,
                     "image": b.images[i].cpu() if b.images is not None else None, "source": src,

@@ -52,6 +52,31 @@ class Task:
     inverse: str = ""  # the inverse edit instruction (cycle consistency)
     inverse_spec: tuple = ()
 
+    # the attributes every task source offers (unirl_fast.tasks.Task), so the trainer reads this world like any data
+    @property
+    def context(self) -> str:
+        """What the LM reads about the scene an understanding question asks about (its plain description)."""
+        return self.canonical
+
+    @property
+    def image(self):
+        return self.source
+
+    @property
+    def meta(self) -> dict:
+        """For rewards: the spec the image must satisfy (`score_image`) and its plain description."""
+        return {"spec": self.spec, "canonical": self.canonical}
+
+    @property
+    def origin(self) -> str:
+        return f"world task {self.prompt!r}"
+
+    def source_image(self, size: int):
+        """The source scene rendered [3, size, size] in [-1, 1], or None."""
+        from .render import render_scene
+
+        return None if self.source is None else render_scene(self.source, size)
+
 
 def describe(spec) -> str:
     parts = []
