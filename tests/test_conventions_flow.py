@@ -91,3 +91,23 @@ def test_bad_logprob_option_is_named():
         U.flow_sde_step(v, x, sig, nxt, sde="cps", logprob="gauss")
     with pytest.raises(ValueError, match="logprob='x'"):
         ImageSamplingParams(sde="cps", logprob="x")
+
+
+def test_trainer_flag_trains_with_the_flow_grpo_score(tmp_path):
+    """--flow-logprob flow_grpo reaches the sampler and the replay: on-policy the step ratio is 1, and the stored
+    rollout scores are Flow-GRPO's (mean squared distance to the step mean, negated), not the Gaussian's."""
+    import dataclasses
+
+    from unirl_fast.train import PRESETS, Trainer
+    from unirl_fast.train.rl import rollout
+
+    cfg = dataclasses.replace(PRESETS["smoke"], scenario="generate", sde_type="cps", run_dir=str(tmp_path),
+                              flow_logprob="flow_grpo", steps=1)
+    t = Trainer(cfg, log=lambda *_: None)
+    rec = t.train_step()
+    assert rec["image_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    tasks, gid = t._sample_tasks()
+    traj = rollout(t.model, t.scenario, cfg, tasks, gid, t.gen).traj
+    assert traj.params.logprob == "flow_grpo"
+    lp = traj.log_probs[traj.trainable]
+    assert (lp <= 0).all() and lp.abs().max() < 1.0  # a mean squared distance, not a log-density over C x H x W

@@ -93,6 +93,9 @@ class TrainConfig:
     noise_level: float = _f(1.0, "noise level a of the stochastic sampler steps")
     sde_type: str = _f("sde", "sampler of the trained steps: sde (Flow-GRPO) or cps (coefficients-preserving)",
                        ("sde", "cps"))
+    flow_logprob: str = _f("gaussian", "score of a trained denoising step: gaussian (the step's exact log-density) or "
+                           "flow_grpo (Flow-GRPO's cps score -(x_next - mean)^2, its clip range's scale; same as "
+                           "gaussian for sde); docs/conventions.md", ("gaussian", "flow_grpo"))
     sde_window: int = _f(2, "stochastic (trained) steps, a window at the start of sampling (Flow-GRPO-Fast)")
     group_noise: bool = _f(False, "one initial latent per group (DanceGRPO): in-group differences come from the "
                            "trained window only")

@@ -48,7 +48,7 @@ def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
                                    guidance_scale=cfg.guidance_scale)
     return ImageSamplingParams(num_steps=cfg.image_steps, shift=cfg.image_shift, sde=cfg.sde_type,
                                noise_level=cfg.noise_level, window_start=0, window_size=cfg.sde_window,
-                               guidance_scale=cfg.guidance_scale)
+                               guidance_scale=cfg.guidance_scale, logprob=cfg.flow_logprob)
 
 
 @torch.no_grad()
@@ -187,7 +187,7 @@ def image_loss(model, cfg, b: Batch, idx, adv):
     p = traj.params
     logp = flow_step_logprob(v, x, traj.next_samples[steps][:, idx], traj.sigmas[steps][:, idx],
                              traj.sigmas_next[steps][:, idx], noise_level=p.noise_level, sde=p.sde,
-                             sigma_max=traj.sigma_max, impl=cfg.impl)
+                             sigma_max=traj.sigma_max, impl=cfg.impl, logprob=p.logprob)
     kw = {}
     if cfg.beta_velocity > 0:
         if b.ref_velocity is None:
