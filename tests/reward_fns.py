@@ -32,3 +32,17 @@ def not_finite(batch):
 
 
 NOT_CALLABLE = 3
+
+
+def varied(batch):
+    """Completion length / 12 plus image brightness, whichever the scenario has: a reward that differs within a
+    group from the first step, so every trained expert gets a gradient."""
+    n = len(batch)
+    text = torch.tensor([len(c) / 12 for c in batch.completions]) if batch.completions else torch.zeros(n)
+    image = brightness(batch)["scores"].cpu() if batch.images is not None else torch.zeros(n)
+    return text + image
+
+
+def completion_length(batch):
+    """A text reward that varies from the first step: the completion's length / 10."""
+    return [len(c) / 10 for c in batch.completions]

@@ -5,8 +5,9 @@ nothing is ever downloaded). diffusers is imported lazily: `unirl_fast.models` i
 first call that needs it raises an ImportError naming the `.[diffusion]` extra.
 
 What the unified model reads from each expert:
-- LM: `config.hidden_size` (connector input width), `get_input_embeddings()`, the base model's last
-  (final-normed) hidden state, `lm_head` for log-probs.
+- LM: `config.hidden_size` (connector input width; a VLM's text config), `get_input_embeddings()`, the base
+  model's last (final-normed) hidden state, `lm_head` for log-probs; a Qwen2-VL class LM also its vision tower
+  (`models.vlm`).
 - DiT: conditioning width (Sana `caption_channels`; SD3 `joint_attention_dim` and `pooled_projection_dim`),
   `in_channels` / `out_channels`, `patch_size`.
 - VAE: `latent_channels`, the spatial factor (KL: 2^(len(block_out_channels) - 1); DC: 2^(len(encoder
@@ -49,14 +50,25 @@ def check_local_dir(path, what: str, needed=("config.json",)) -> Path:
     return p
 
 
+def _lm_auto_class(model_type: str):
+    """AutoModelForImageTextToText for a vision-language LM (Qwen2-VL class: models.vlm), else AutoModelForCausalLM."""
+    import transformers
+
+    from .vlm import VLM_MODEL_TYPES
+
+    return transformers.AutoModelForImageTextToText if model_type in VLM_MODEL_TYPES else \
+        transformers.AutoModelForCausalLM
+
+
 def build_lm(config: dict | None, path: str | None, *, attn_implementation: str = "sdpa"):
-    """A transformers causal LM from a config dict (random init) or a local directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A transformers causal LM (or a Qwen2-VL class vision-language LM) from a config dict (random init) or a local
+    directory."""
+    from transformers import AutoConfig
 
     if path is not None:
         check_local_dir(path, "LM")
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                    attn_implementation=attn_implementation)
+        auto = _lm_auto_class(AutoConfig.from_pretrained(path, local_files_only=True).model_type)
+        return auto.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation)
     cfg = dict(config)
     model_type = cfg.pop("model_type")
     try:
@@ -64,7 +76,7 @@ def build_lm(config: dict | None, path: str | None, *, attn_implementation: str 
     except ValueError as e:
         raise ValueError(f"unknown LM model_type {model_type!r}: {e}") from None
     hf_cfg._attn_implementation = attn_implementation
-    return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)
+    return _lm_auto_class(model_type).from_config(hf_cfg, attn_implementation=attn_implementation)
 
 
 def build_dit(dit_type: str, config: dict | None, path: str | None):

@@ -63,12 +63,13 @@ class UnifiedModel(nn.Module):
         self.latent_channels, self.vae_factor = vae_geometry(config.vae_type, self.vae)
         cond_width, pooled_width = dit_widths(config.dit_type, self.dit)
         self._check_geometry()
-        self.connector = QueryConnector(self.lm.config.hidden_size, cond_width, num_queries=config.num_queries,
+        lm_text = self.lm.config.get_text_config()  # a VLM's text part; a text-only LM's own config
+        self.connector = QueryConnector(lm_text.hidden_size, cond_width, num_queries=config.num_queries,
                                         dim=config.connector_dim, layers=config.connector_layers,
                                         heads=config.connector_heads, pooled_width=pooled_width)
         self.tokenizer = CharTokenizer() if config.tokenizer == "char" else None
-        if self.tokenizer is not None and self.lm.config.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"LM vocab_size={self.lm.config.vocab_size} is smaller than the char tokenizer's "
+        if self.tokenizer is not None and lm_text.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"LM vocab_size={lm_text.vocab_size} is smaller than the char tokenizer's "
                              f"{self.tokenizer.vocab_size}")
 
     def _check_geometry(self):
@@ -152,11 +153,15 @@ class UnifiedModel(nn.Module):
         return self.connector.queries.dtype
 
     # LM side --------------------------------------------------------------------------------------------------
-    def query_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def query_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     images=None) -> torch.Tensor:
         """Left-padded prompts [B, L] (L may be 0) -> the queries' last LM hidden states [B, N, H_lm].
 
         The N queries go after the prompt; positions count only attended tokens, so left padding does not shift
         the queries' positions. Differentiable in the LM parameters and the queries.
+        images: for a vision-language LM (`models.vlm`), one image per row that the LM sees through its vision tower:
+        a `VisionInputs`, or images [B, 3, H, W] in [-1, 1]; the ids must then hold each row's image tokens (build
+        them with `models.vlm.encode_prompts`). Positions are then the model's M-RoPE ones.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
@@ -167,16 +172,23 @@ class UnifiedModel(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, L)}")
         emb = self.lm.get_input_embeddings()
         q = self.connector.queries.to(emb.weight.dtype).unsqueeze(0).expand(B, -1, -1)
+        if images is not None:
+            from . import vlm
+
+            vision = vlm.as_vision(self.lm, images)
+            return vlm.hidden_states(self.lm, input_ids, attention_mask, vision, extra_embeds=q)[:, L:]
         embeds = torch.cat([emb(input_ids), q], 1)
         mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, self.config.num_queries).long()], 1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
         return out.last_hidden_state[:, L:]
 
-    def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Conditioning:
+    def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  images=None) -> Conditioning:
         """Left-padded prompts [B, L] (L may be 0: the unconditional branch) -> Conditioning: `query_hidden`
-        through the connector. Differentiable in the LM and connector parameters."""
-        hidden = self.query_hidden(input_ids, attention_mask)
+        through the connector (with `images` the LM sees, for a vision-language LM). Differentiable in the LM and
+        connector parameters."""
+        hidden = self.query_hidden(input_ids, attention_mask, images)
         cond, pooled = self.connector(hidden.to(self.connector.proj_in.weight.dtype))
         return Conditioning(cond, pooled)
 

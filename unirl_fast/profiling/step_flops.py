@@ -26,7 +26,7 @@ from .flops import DiTShape, LMShape, dit_forward_flops, lm_decode_flops, lm_for
 
 def model_shapes(model):
     """(LMShape, DiTShape, image tokens per sample) of a UnifiedModel."""
-    lm = LMShape.from_hf_config(model.lm.config)
+    lm = LMShape.from_hf_config(model.lm.config.get_text_config())  # a VLM's decoder (its vision tower not counted)
     dc = model.dit.config
     hidden = dc.num_attention_heads * dc.attention_head_dim
     if model.config.dit_type == "sana":

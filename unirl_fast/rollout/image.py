@@ -136,10 +136,11 @@ class ImageEngine:
     @torch.no_grad()
     @with_fp8_weight_cache("model")  # one FP8 weight quantization per layer per call
     def generate(self, input_ids, attention_mask=None, params: ImageSamplingParams = ImageSamplingParams(), *,
-                 source_images=None, generator=None, noise=None) -> ImageTrajectory:
-        """Prompts [B, L] (left-padded) -> ImageTrajectory. noise: optional initial latents [B, C, h, w]."""
+                 source_images=None, generator=None, noise=None, vision=None) -> ImageTrajectory:
+        """Prompts [B, L] (left-padded) -> ImageTrajectory. noise: optional initial latents [B, C, h, w].
+        vision: the images a vision-language LM sees while conditioning (`UnifiedModel.condition`'s `images`)."""
         m = self.model
-        cond = m.condition(input_ids, attention_mask)
+        cond = m.condition(input_ids, attention_mask, vision)
         B = input_ids.shape[0]
         uncond = m.null_condition(B) if params.cfg else None
         src = m.encode_images(source_images) if source_images is not None else None

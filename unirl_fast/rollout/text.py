@@ -20,6 +20,14 @@ stop string). Done rows keep being fed a pad token (static shapes) but their out
 token = pad, logp = 0. Finished batches and stop strings are checked every `check_every` steps (one host sync
 each) so the loop does not sync per token.
 
+Vision-language LMs (Qwen2-VL class, `models.vlm`): `generate(..., vision=VisionInputs)` prefills once from the
+prompt embeddings with the image features scattered in and the model's M-RoPE positions (`get_rope_index`, padding
+masked), then decodes text at n_valid + rope_delta (+ t) on all three position rows, with the same static cache,
+sampler and stopping as text prompts. Extending this engine (rather than calling transformers' `generate` and scoring
+the completions afterwards) keeps one sampler for both kinds of LM: the recorded log-probs are those of the
+distribution that drew each token (what TIS needs), top-k / top-p / stop strings behave the same, and a VLM rollout
+costs no extra scoring forward.
+
 Memory: the cache holds 2 * layers * B * (P + T) * kv_heads * head_dim elements; the per-step logits [B, V] fp32.
 Limits: no speculative decoding, no paged attention, one prompt length per batch (left padding).
 """
@@ -64,13 +72,15 @@ class SamplingParams:
 @dataclass
 class TextRolloutOutput:
     """prompt_ids/prompt_mask [B, P] (left-padded), completion_ids [B, T] (pad after the end), logprobs [B, T]
-    fp32 (0 where masked), completion_mask [B, T] bool, texts (decoded completions, when a tokenizer was given)."""
+    fp32 (0 where masked), completion_mask [B, T] bool, texts (decoded completions, when a tokenizer was given),
+    vision (the prompts' images, `models.vlm.VisionInputs`, for a vision-language LM; else None)."""
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     completion_ids: torch.Tensor
     logprobs: torch.Tensor
     completion_mask: torch.Tensor
     texts: list | None = None
+    vision: object = None
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -114,7 +124,7 @@ def _eos_ids(lm, params):
         return tuple(int(i) for i in params.eos_token_ids)
     eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
     if eos is None:
-        eos = lm.config.eos_token_id
+        eos = getattr(lm.config.get_text_config(), "eos_token_id", None)  # a VLM keeps it in its text config
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
@@ -163,6 +173,19 @@ class TextEngine:
                       cache_position=cache_pos, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
+    def _prefill_with_images(self, ids, mask, vision, cache):
+        """A VLM's prefill: image features in the embeddings, M-RoPE positions. Returns (logits [B, V] fp32, the
+        first decode position [3, B, 1])."""
+        from ..models import vlm
+
+        vlm._require_vlm(self.lm, "a rollout with images")
+        embeds = vlm.embed_with_images(self.lm, ids, vision)
+        pos, delta = vlm.rope_positions(self.lm, ids, mask[:, :ids.shape[1]], vision)
+        out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, **{self._cache_arg: cache},
+                      cache_position=torch.arange(ids.shape[1], device=ids.device), use_cache=True, logits_to_keep=1)
+        next_pos = mask[:, :ids.shape[1]].sum(-1, keepdim=True) + delta.to(ids.device)
+        return out.logits[:, -1].float(), next_pos.unsqueeze(0).expand(3, -1, -1).contiguous()
+
     def _static_cache(self, B, max_len, device, dtype):
         from transformers import StaticCache
 
@@ -192,8 +215,10 @@ class TextEngine:
     @torch.no_grad()
     @with_fp8_weight_cache("lm")  # one FP8 weight quantization per layer per call
     def generate(self, input_ids, attention_mask=None, params: SamplingParams = SamplingParams(), *,
-                 generator=None) -> TextRolloutOutput:
-        """input_ids / attention_mask [B, P] left-padded -> TextRolloutOutput (see the class docstring)."""
+                 generator=None, vision=None) -> TextRolloutOutput:
+        """input_ids / attention_mask [B, P] left-padded -> TextRolloutOutput (see the class docstring).
+        vision: the prompts' images (`models.vlm.VisionInputs`, one per row) for a vision-language LM; the ids
+        then hold their image tokens (`models.vlm.encode_prompts`)."""
         orig_ids, mask = input_ids, self._check_inputs(input_ids, attention_mask)
         orig_mask = mask
         if params.stop_strings and self.tokenizer is None:
@@ -208,9 +233,12 @@ class TextEngine:
         eos = torch.tensor(_eos_ids(self.lm, params), dtype=torch.long, device=dev)
         full_mask = torch.cat([mask, mask.new_ones(B, T)], 1)
         cache = self._static_cache(B, P + T, dev, self.lm.dtype)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(input_ids, pos, torch.arange(P, device=dev), full_mask, cache)
-        next_pos = pos[:, -1:] + 1
+        if vision is None:
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self._forward(input_ids, pos, torch.arange(P, device=dev), full_mask, cache)
+            next_pos = pos[:, -1:] + 1
+        else:
+            logits, next_pos = self._prefill_with_images(input_ids, full_mask, vision, cache)
         cache_positions = torch.arange(P, P + T, device=dev)  # built once: no host-to-device copy per step
         tokens = torch.full((B, T), self.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(B, T, dtype=torch.float32, device=dev)
@@ -235,7 +263,7 @@ class TextEngine:
             next_pos = next_pos + 1
         texts = None if self.tokenizer is None else [
             self.tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, valid)]
-        return TextRolloutOutput(orig_ids, orig_mask, tokens, logprobs, valid, texts)
+        return TextRolloutOutput(orig_ids, orig_mask, tokens, logprobs, valid, texts, vision)
 
     def _apply_stop_strings(self, params, tokens, logprobs, valid, done, n):
         """Cut rows whose completion (first n tokens) contains a stop string; return the updated done flags."""
@@ -256,11 +284,18 @@ class TextEngine:
 
 def recompute_logprobs(lm, out: TextRolloutOutput, *, temperature: float = 1.0, impl: str = "auto"):
     """Trainer-side log-probs [B, T] fp32 of a rollout's completions under `lm` (0 where masked), computed
-    from the final hidden states with `fused_linear_logprobs` (logits never materialised on the Triton path)."""
+    from the final hidden states with `fused_linear_logprobs` (logits never materialised on the Triton path).
+    A rollout with images (out.vision) is scored with them (`models.vlm.hidden_states`)."""
     ids = torch.cat([out.prompt_ids, out.completion_ids], 1)
     mask = torch.cat([out.prompt_mask.long(), out.completion_mask.long()], 1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    if out.vision is not None:
+        from ..models import vlm
+
+        hidden = vlm.hidden_states(lm, ids, mask, out.vision, prompt_length=out.prompt_ids.shape[1])
+    else:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                               use_cache=False).last_hidden_state
     P = out.prompt_ids.shape[1]
     h = hidden[:, P - 1:-1]
     targets = out.completion_ids.masked_fill(~out.completion_mask, -100)

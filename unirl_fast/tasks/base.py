@@ -5,8 +5,8 @@ A task is what a scenario needs from a data row, whatever the source:
     answer       the reference answer, if any (exact-match rewards; what a perfect LM writes)
     image        the source image (edits; the image an understanding question is about): a path or a PIL image,
                  decoded on use by `source_image(size)` -> float32 [3, size, size] in [-1, 1]
-    context      text the LM reads before an understanding question (a description of the image: the LM experts
-                 of this version have no vision tower)
+    context      text the LM reads before an understanding question (a description of the image), when the LM
+                 has no vision tower; a vision-language LM looks at `image` instead
     inverse      the instruction that undoes an edit (the cycle-consistency reward edits the result back with it)
     meta         everything else in the row, free for the reward (GenEval's tag / include / exclude, ...)
     origin       where the row came from ("prompts.jsonl:12"), named by every error about it

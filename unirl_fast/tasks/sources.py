@@ -29,9 +29,11 @@ EVAL_SPLITS = ("eval", "test", "validation", "valid", "held-out", "heldout")
 KNOWN_KEYS = ("prompt", "answer", "image", "context", "inverse", "split")
 
 
-def load_tasks(spec: str, scenario, *, eval_fraction: float = 0.2, split_seed: int = 0) -> TaskSet:
+def load_tasks(spec: str, scenario, *, eval_fraction: float = 0.2, split_seed: int = 0,
+               vision: bool = False) -> TaskSet:
     """Tasks of `spec` ("world", a .jsonl / .json / .csv file or a datasets directory) for `scenario`, checked
-    for what the scenario needs (edits need a source image on every task, understanding a context to read)."""
+    for what the scenario needs (edits need a source image on every task; understanding a context to read, or with
+    vision=True, a run whose LM has a vision tower, an image to look at)."""
     if spec == "world":
         from .world import world_tasks
 
@@ -54,7 +56,7 @@ def load_tasks(spec: str, scenario, *, eval_fraction: float = 0.2, split_seed: i
     if not tasks:
         raise ValueError(f"tasks {spec!r} holds no rows")
     for t, _ in tasks:
-        _check_for_scenario(t, scenario)
+        _check_for_scenario(t, scenario, vision)
     return _split(spec, tasks, eval_fraction, split_seed)
 
 
@@ -176,11 +178,14 @@ def _check_geneval(meta: dict, where: str) -> None:
                 raise ValueError(f"{where}: GenEval {key}[{j}] 'position' must be [relation, index], got {pos!r}")
 
 
-def _check_for_scenario(t: Task, scenario) -> None:
+def _check_for_scenario(t: Task, scenario, vision: bool = False) -> None:
     if scenario.edit and t.image is None:
         raise ValueError(f"{t.origin}: scenario {scenario.name!r} edits a source image, but this task has no 'image'")
     if scenario.name == "understand":
-        if not t.context:
+        if vision and t.image is None:
+            raise ValueError(f"{t.origin}: scenario 'understand' with a vision-language LM asks about the task's "
+                             "'image', but this task has none")
+        if not vision and not t.context:
             raise ValueError(f"{t.origin}: scenario 'understand' needs a 'context' (the LM expert of this run has "
                              "no vision tower: it reads a description of the image)")
 

@@ -16,7 +16,8 @@ from ..models.config import PRESETS as _MODEL_PRESETS
 from ..ops.policy_loss import LOSS_TYPES
 
 SCENARIOS = ("understand", "generate", "reason-generate", "refine-prompt", "edit", "reason-edit")
-MODEL_PRESETS = ("tiny-fp8", *sorted(_MODEL_PRESETS))  # tiny-fp8: train.pretrain's FP8-eligible tiny world model
+# tiny-fp8: train.pretrain's FP8-eligible tiny world model; tiny-vlm: its world model with a vision-language LM
+MODEL_PRESETS = ("tiny-fp8", "tiny-vlm", *sorted(_MODEL_PRESETS))
 
 
 def _f(default, help: str, choices=None):

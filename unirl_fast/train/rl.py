@@ -9,6 +9,9 @@ Losses on a micro-batch, with one shared advantage A_i per sample (UniGRPO):
   stored (x, x_next) pairs, `flow_policy_loss` with the velocity-MSE to the frozen reference (UniGRPO).
   Conditioning is recomputed with gradients, so the connector (and the LM, when it trains) learn from it.
 Micro-batch losses are scaled by micro/B so that accumulated gradients equal the full-batch mean.
+A vision-language LM (`models.vlm`) sees the task's image in the image-input scenarios: its prompts hold the image
+tokens, the rollout keeps the processed images (b.text.vision for the LM's text, b.cond_vision for the DiT's
+conditioning) and every later forward of those rows (reference, losses) passes them again.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import flow_policy_loss, flow_step_logprob, fused_linear_logprobs, fused_linear_policy_loss
+from ..models import vlm
 from ..rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, replay_velocity
 
 
@@ -36,10 +40,38 @@ class Batch:
     reward_parts: list = None
     ref_logp: torch.Tensor = None  # [B, T] the frozen reference's completion log-probs (beta > 0)
     ref_velocity: torch.Tensor = None  # [S, B, C, h, w] its velocities on the trained window (beta_velocity > 0)
+    cond_vision: object = None  # VisionInputs the LM sees while conditioning the DiT (a VLM editing), else None
 
 
 def _no_phase(name):
     return nullcontext()
+
+
+def sees_images(model, scenario) -> bool:
+    """Whether the LM sees the tasks' images: a vision-language LM in an image-input scenario."""
+    return scenario.image_input and vlm.is_vlm(model.lm)
+
+
+def task_images(tasks, size: int) -> torch.Tensor:
+    """The tasks' images [B, 3, size, size] in [-1, 1]; a task without one is an error naming it."""
+    imgs = []
+    for t in tasks:
+        img = t.source_image(size)
+        if img is None:
+            raise ValueError(f"{t.origin}: this scenario shows the task's image to the model, but the task has none")
+        imgs.append(img)
+    return torch.stack(imgs)
+
+
+def _prompts(model, texts, vision, device):
+    """Tokenized left-padded prompts: the tokenizer's, or with images `vlm.encode_prompts`."""
+    if vision is None:
+        return model.tokenizer(texts, device=device)
+    return vlm.encode_prompts(model.tokenizer, model.lm, texts, vision, device=device)
+
+
+def _rows(vision, idx):
+    return None if vision is None else vision.select(idx)
 
 
 def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
@@ -57,20 +89,24 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
     as "text_rollout" / "image_rollout"."""
     tok, dev = model.tokenizer, model.device
     b = Batch(tasks, group_ids)
+    sees = sees_images(model, scenario)
+    vision = vlm.process_images(model.lm, task_images(tasks, model.config.image_size).to(dev)) if sees else None
     if scenario.lm_writes:
         with phase("text_rollout"):
-            ids, mask = tok([scenario.lm_prompt(t) for t in tasks], device=dev)
+            ids, mask = _prompts(model, [scenario.lm_prompt(t, image=sees) for t in tasks], vision, dev)
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens,
                                     temperature=0.0 if eval_mode else cfg.temperature,
                                     eos_token_ids=(tok.eos_token_id,))
             b.text = TextEngine(model.lm, pad_token_id=tok.pad_token_id, tokenizer=tok, compile=False).generate(
-                ids, mask, params, generator=generator)
+                ids, mask, params, generator=generator, vision=vision)
             b.completions = [c.strip() for c in b.text.texts]
     if scenario.draws:
         with phase("image_rollout"):
             size = model.config.image_size
-            b.cond_ids, b.cond_mask = tok([scenario.dit_text(t, c) for t, c in
-                                           zip(tasks, b.completions or [None] * len(tasks))], device=dev)
+            b.cond_vision = vision if sees and scenario.edit else None
+            b.cond_ids, b.cond_mask = _prompts(model, [scenario.dit_text(t, c, image=b.cond_vision is not None)
+                                                       for t, c in zip(tasks, b.completions or [None] * len(tasks))],
+                                               b.cond_vision, dev)
             if scenario.edit:
                 b.sources = torch.stack([t.source_image(size) for t in tasks]).to(dev)
             noise = None
@@ -80,7 +116,8 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
                 noise = noise[which.to(dev)]
             engine = ImageEngine(model, impl=cfg.impl)
             b.traj = engine.generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
-                                     source_images=b.sources, generator=generator, noise=noise)
+                                     source_images=b.sources, generator=generator, noise=noise,
+                                     vision=b.cond_vision)
             b.images = b.traj.images
     return b
 
@@ -101,9 +138,13 @@ def score(model, scenario, cfg, b: Batch, generator, *, reward=None, inverse_mod
         cycled = [None] * len(b.tasks)
         if rows:
             inv = model if inverse_model is None else inverse_model
-            ids, mask = inv.tokenizer([b.tasks[i].inverse for i in rows], device=inv.device)
+            sees = sees_images(inv, scenario)  # a VLM sees the edited image it edits back
+            vision = vlm.process_images(inv.lm, b.images[rows]) if sees else None
+            ids, mask = _prompts(inv, [(vlm.IMAGE_MARK if sees else "") + b.tasks[i].inverse for i in rows], vision,
+                                 inv.device)
             back = ImageEngine(inv, impl=cfg.impl).generate(ids, mask, image_params(cfg, eval_mode=True),
-                                                            source_images=b.images[rows], generator=generator)
+                                                            source_images=b.images[rows], generator=generator,
+                                                            vision=vision)
             for i, img in zip(rows, back.images):
                 cycled[i] = img
     if reward is None:
@@ -114,6 +155,13 @@ def score(model, scenario, cfg, b: Batch, generator, *, reward=None, inverse_mod
     b.reward_parts = [{**{k: float(v[i]) for k, v in res.parts.items()}, "total": float(res.scores[i])}
                       for i in range(len(b.tasks))]
     return b
+
+
+def _last_hidden(lm, b: Batch, idx, ids, mask, pos):
+    """The LM's last hidden states on rows `idx`' prompt + completion (with their images for a VLM rollout)."""
+    if b.text.vision is None:
+        return lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    return vlm.hidden_states(lm, ids, mask, b.text.vision.select(idx), prompt_length=b.text.prompt_ids.shape[1])
 
 
 def _sequences(b: Batch, idx):
@@ -136,7 +184,7 @@ def reference_outputs(ref, scenario, cfg, b: Batch, micro_batch: int) -> Batch:
         logps = []
         for idx in chunks:
             ids, mask, pos = _sequences(b, idx)
-            rh = ref.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+            rh = _last_hidden(ref.lm, b, idx, ids, mask, pos)
             logp, _ = fused_linear_logprobs(rh[:, P - 1:-1], ref.lm.get_output_embeddings().weight,
                                             b.text.completion_ids[idx], temperature=cfg.temperature, impl=cfg.impl)
             logps.append(logp)
@@ -145,7 +193,7 @@ def reference_outputs(ref, scenario, cfg, b: Batch, micro_batch: int) -> Batch:
         steps = b.traj.trainable.nonzero().flatten()
         vs = []
         for idx in chunks:
-            cond = ref.condition(b.cond_ids[idx], b.cond_mask[idx])
+            cond = ref.condition(b.cond_ids[idx], b.cond_mask[idx], _rows(b.cond_vision, idx))
             vs.append(replay_velocity(ref, b.traj, steps, rows=idx, conditioning=cond)[0])
         b.ref_velocity = torch.cat(vs, 1)
     return b
@@ -157,7 +205,7 @@ def text_loss(model, cfg, b: Batch, idx, adv, n_total_tokens):
     out = b.text
     P = out.prompt_ids.shape[1]
     ids, mask, pos = _sequences(b, idx)
-    hidden = model.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    hidden = _last_hidden(model.lm, b, idx, ids, mask, pos)
     h = hidden[:, P - 1:-1]
     head = model.lm.get_output_embeddings()
     kw = {}
@@ -182,7 +230,7 @@ def image_loss(model, cfg, b: Batch, idx, adv):
     With beta_velocity > 0 the reference velocities come from `reference_outputs` (b.ref_velocity)."""
     traj = b.traj
     steps = traj.trainable.nonzero().flatten()
-    cond = model.condition(b.cond_ids[idx], b.cond_mask[idx])
+    cond = model.condition(b.cond_ids[idx], b.cond_mask[idx], _rows(b.cond_vision, idx))
     v, x = replay_velocity(model, traj, steps, rows=idx, conditioning=cond)
     p = traj.params
     logp = flow_step_logprob(v, x, traj.next_samples[steps][:, idx], traj.sigmas[steps][:, idx],

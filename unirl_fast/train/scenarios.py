@@ -16,10 +16,17 @@ edited image is edited back with the task's inverse instruction (ODE sampling, n
 with cycle_back="reference" by the frozen reference, so that this part of the reward stays fixed) and
 compared with the source in pixels: 1 - mean|cycled - source| / 2. Joint scenarios share one advantage per
 sample (UniGRPO).
+
+With a vision-language LM (`models.vlm`) the image-input scenarios (`understand`, `edit`, `reason-edit`) show the
+task's image to the LM: `understand` asks about the image instead of a text description of it, and the edits put the
+source image before the instruction in the LM's prompt and in the text the DiT is conditioned on (the DiT still gets
+its latents too). A text-only LM reads `understand`'s description (`context`) and edits without seeing the image.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..models.vlm import IMAGE_MARK
 
 
 @dataclass(frozen=True)
@@ -32,18 +39,29 @@ class Scenario:
     edit: bool
     reasoning: bool
 
-    def lm_prompt(self, task) -> str:
-        """What the LM is given: the question after the scene's description (understand), or the drawing / edit
-        request."""
-        if self.name == "understand":
-            return f"scene: {task.context}. q: {task.prompt} a: "
-        return f"{'edit' if self.edit else 'draw'}: {task.prompt}\nsay: "
+    @property
+    def image_input(self) -> bool:
+        """The task carries an image the model works from (the understood scene, the edited source)."""
+        return self.name == "understand" or self.edit
 
-    def dit_text(self, task, completion: str | None) -> str:
-        """The text the DiT is conditioned on: the LM's words when it writes, else the task prompt."""
-        if self.lm_writes:
-            return completion
-        return task.prompt
+    def lm_prompt(self, task, image: bool = False) -> str:
+        """What the LM is given: the question after the scene's description (understand), or the drawing / edit
+        request. image=True (a vision-language LM, image-input scenarios): the task's image (IMAGE_MARK) takes the
+        description's place, or goes before the edit request."""
+        if self.name == "understand":
+            if image:
+                return f"{IMAGE_MARK}q: {task.prompt} a: "
+            if not task.context:
+                raise ValueError(f"{task.origin}: scenario 'understand' with an LM that has no vision tower needs the "
+                                 "task's 'context' (a description of the image to read); this task has none")
+            return f"scene: {task.context}. q: {task.prompt} a: "
+        return f"{IMAGE_MARK if image else ''}{'edit' if self.edit else 'draw'}: {task.prompt}\nsay: "
+
+    def dit_text(self, task, completion: str | None, image: bool = False) -> str:
+        """The text the DiT is conditioned on: the LM's words when it writes, else the task prompt (after the source
+        image's IMAGE_MARK with image=True: a vision-language LM sees the image it is editing)."""
+        text = completion if self.lm_writes else task.prompt
+        return f"{IMAGE_MARK}{text}" if image else text
 
 
 SCENARIOS = {

@@ -417,8 +417,10 @@ def preflight(cfg) -> dict:
 
 def load_run_tasks(cfg, scenario):
     from ..tasks import load_tasks
+    from .pretrain import run_lm_has_vision
 
-    return load_tasks(cfg.tasks, scenario, eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed)
+    return load_tasks(cfg.tasks, scenario, eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed,
+                      vision=run_lm_has_vision(cfg, scenario))
 
 
 def build_run_reward(cfg, scenario, device):
