@@ -83,6 +83,43 @@ def test_processor_and_prompt_layout(expert_dirs):
         m.query_hidden(ids[:, 5:], mask[:, 5:], v)
 
 
+def test_processor_settings_come_from_the_lm_directory(expert_dirs, tmp_path):
+    import shutil
+
+    from transformers import Qwen2VLImageProcessorPil
+
+    shutil.copytree(expert_dirs / "lm", tmp_path / "lm")
+    Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=64 * 64,
+                             max_pixels=64 * 64).save_pretrained(str(tmp_path / "lm"))
+    cfg = world_model_config("tiny-vlm", False).replace(lm=None, lm_path=str(tmp_path / "lm"))
+    m = UnifiedModel(cfg)
+    v = vlm.process_images(m.lm, torch.rand(1, 3, 32, 32) * 2 - 1)
+    assert v.image_grid_thw.tolist() == [[1, 16, 16]]  # upscaled to the directory's 64 x 64 minimum: 64 tokens
+    ids, mask = vlm.encode_prompts(m.tokenizer, m.lm, [vlm.IMAGE_MARK], v)
+    assert int((ids == 102).sum()) == 64 and m.condition(ids, mask, v).cond.shape[0] == 1
+
+
+def test_qwen2_vl_decode_matches_a_full_forward():
+    lm = dict(world_model_config("tiny-vlm", False).lm, model_type="qwen2_vl")
+    lm["vision_config"] = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                           "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+    torch.manual_seed(0)
+    m = UnifiedModel(world_model_config("tiny", False).replace(lm=lm)).eval()
+    assert type(m.lm).__name__ == "Qwen2VLForConditionalGeneration"
+    imgs = torch.rand(2, 3, 32, 32) * 2 - 1
+    v = vlm.process_images(m.lm, imgs)
+    ids, mask = vlm.encode_prompts(m.tokenizer, m.lm, [vlm.IMAGE_MARK + "q: a: ", "hi " + vlm.IMAGE_MARK], v)
+    out = TextEngine(m.lm, tokenizer=m.tokenizer, pad_token_id=0, compile=False).generate(
+        ids, mask, SamplingParams(max_new_tokens=8, eos_token_ids=(2,)), generator=torch.Generator().manual_seed(0),
+        vision=v)
+    with torch.no_grad():
+        full = recompute_logprobs(m.lm, out, impl="reference")
+        other = recompute_logprobs(m.lm, dataclasses.replace(out, vision=vlm.process_images(m.lm, -imgs)),
+                                   impl="reference")
+    assert (full - out.logprobs).abs().max() < 1e-4
+    assert (other - full)[out.completion_mask].abs().max() > 1e-3
+
+
 def test_query_hidden_with_images_ignores_left_padding(expert_dirs):
     m = _from_dirs(expert_dirs, edit=True)
     v = vlm.process_images(m.lm, torch.rand(2, 3, 32, 32) * 2 - 1)
@@ -208,3 +245,4 @@ def test_images_on_a_text_only_lm_are_an_error():
         TextEngine(m.lm, compile=False).generate(ids, mask, SamplingParams(max_new_tokens=2),
                                                  vision=vlm.VisionInputs(torch.zeros(64, 96),
                                                                          torch.tensor([[1, 8, 8]])))
+

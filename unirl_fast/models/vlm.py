@@ -18,7 +18,8 @@ How an image reaches the LM:
 One image per row: every row of a batch that carries images has exactly one `IMAGE_MARK` in its text. The PIL
 variant of the image processor is used because it needs no torchvision (the plain `Qwen2VLImageProcessor` of
 transformers 5.x does); both transformers 5.17 and 5.24 ship it. Images keep their size when it is a multiple of
-patch * merge (min_pixels = (patch * merge)^2), so the tiny world's 32 px scenes become 16 image tokens.
+patch * merge (min_pixels = (patch * merge)^2), so the tiny world's 32 px scenes become 16 image tokens; an LM
+directory with a preprocessor_config.json (a released checkpoint) uses its settings instead.
 
 The tiny world's VLM (`tiny_vlm_lm`) extends the char tokenizer's vocabulary by four special tokens after its 100
 ids: <|vision_start|> 100, <|vision_end|> 101, <|image_pad|> 102, <|video_pad|> 103 (the last only because the
@@ -108,18 +109,24 @@ def _require_vlm(lm, what: str):
 
 
 def image_processor(lm):
-    """The LM's image processor (transformers' Qwen2-VL one, PIL backend), set from its vision config."""
+    """The LM's image processor (transformers' Qwen2-VL one, PIL backend): the settings of the LM directory's
+    preprocessor_config.json when it has one (a released checkpoint's pixel bounds, mean and std), else the vision
+    config's patch sizes with CLIP mean / std and min_pixels (patch * merge)^2."""
     _require_vlm(lm, "an image processor")
     cached = getattr(lm, "_unirl_image_processor", None)
     if cached is not None:
         return cached
     from transformers import Qwen2VLImageProcessorPil
 
-    v = lm.config.vision_config
-    factor = v.patch_size * v.spatial_merge_size
-    proc = Qwen2VLImageProcessorPil(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                                    merge_size=v.spatial_merge_size, min_pixels=factor * factor,
-                                    max_pixels=28 * 28 * 1280)
+    source = getattr(lm.config, "_name_or_path", "") or ""
+    if source and (Path(source) / "preprocessor_config.json").is_file():
+        proc = Qwen2VLImageProcessorPil.from_pretrained(source, local_files_only=True)
+    else:
+        v = lm.config.vision_config
+        factor = v.patch_size * v.spatial_merge_size
+        proc = Qwen2VLImageProcessorPil(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                                        merge_size=v.spatial_merge_size, min_pixels=factor * factor,
+                                        max_pixels=28 * 28 * 1280)
     lm._unirl_image_processor = proc
     return proc
 
