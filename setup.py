@@ -34,6 +34,7 @@ setup(
         "flash": ["flash-attn"],
         "bench": ["liger-kernel", "matplotlib"],
         "trl": ["trl==1.16.0"],  # the version the TRL integration is tested against
+        "lora": ["peft"],  # LoRA on the experts (--lora-lm / --lora-dit); tested with peft 0.21.2
         "data": ["datasets"],  # task sources from Hugging Face `datasets` directories (--tasks DIR)
         "verl": ["verl==0.9.1"],  # the version the verl drop-in is tested against (install it in its own venv)
     },

@@ -233,3 +233,14 @@ def test_requested_but_missing_deepspeed_is_an_error(how, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="DeepSpeed was requested.*pip install deepspeed"):
         Trainer(cfg, log=lambda *_: None)
     assert not (tmp_path / "base").exists()
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
+def test_two_ranks_bf16_with_gradient_checkpointing(stage, tmp_path):
+    """--precision bf16 (autocast inside the fp32 engine) with both experts checkpointed, under ZeRO-2 / ZeRO-3."""
+    args = RUN + _stage_args(stage, tmp_path) + ["--precision", "bf16", "--grad-ckpt-lm", "--grad-ckpt-dit",
+                                                 "--run-dir", str(tmp_path / "a")]
+    rcs, outs = _env_launch(args)
+    assert rcs == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    train = [r for r in _lines(tmp_path / "a") if r["phase"] == "train"]
+    assert len(train) == 2 and all(r["text_loss"] == r["text_loss"] and r["grad_norm"] > 0 for r in train)

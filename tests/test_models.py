@@ -154,9 +154,34 @@ def test_bad_directories(models, tmp_path):
         UnifiedModel(cfg.replace(lm=None, lm_path=str(tmp_path / "lm")))
     ck = tmp_path / "ck"
     models["tiny"].save_pretrained(ck)
-    (ck / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    (ck / "connector.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor connector.safetensors"):
         UnifiedModel.from_pretrained(ck)
+
+
+def test_split_layout_experts_load_on_their_own_and_the_single_file_layout_still_loads(models, tmp_path):
+    from diffusers import SanaTransformer2DModel
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+
+    m = models["tiny"]
+    m.save_pretrained(tmp_path / "split")
+    assert json.loads((tmp_path / "split" / "unified_config.json").read_text())["lm_path"] == "lm"
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "split" / "lm")
+    dit = SanaTransformer2DModel.from_pretrained(tmp_path / "split" / "dit")
+    for a, b in ((lm, m.lm), (dit, m.dit)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sb)
+    old = tmp_path / "old"  # what save_pretrained wrote before the split layout
+    old.mkdir()
+    m.resolved_config().save(old)
+    save_model(m, str(old / "model.safetensors"))
+    ids, mask, x, sigma = _inputs(m)
+    with torch.no_grad():
+        want = m(ids, mask, x, sigma)
+        for d in ("split", "old"):
+            torch.testing.assert_close(UnifiedModel.from_pretrained(tmp_path / d)(ids, mask, x, sigma), want,
+                                       rtol=0, atol=0)
 
 
 def test_checkpoint_with_mismatched_widths(models, tmp_path):
@@ -164,7 +189,7 @@ def test_checkpoint_with_mismatched_widths(models, tmp_path):
     data = json.loads((tmp_path / "unified_config.json").read_text())
     data["connector_dim"] = 48
     (tmp_path / "unified_config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="does not match its config"):
+    with pytest.raises(ValueError, match="does not match the config's connector"):
         UnifiedModel.from_pretrained(tmp_path)
     data["bogus"] = 1
     (tmp_path / "unified_config.json").write_text(json.dumps(data))

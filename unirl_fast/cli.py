@@ -204,6 +204,121 @@ def _add_serve_reward_parser(sub) -> None:
     sr.set_defaults(func=_cmd_serve_reward)
 
 
+def _cmd_export(args) -> int:
+    """The run's latest checkpoint as a plain unified-model directory (split layout), LoRA adapters merged."""
+    import dataclasses
+    from pathlib import Path
+
+    from .train import TrainConfig, Trainer
+
+    path = Path(args.run_dir) / "config.json"
+    if not path.is_file():
+        print(f"unirl-fast export: {args.run_dir!r} has no config.json (not a run directory)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"unirl-fast export: {args.out!r} exists and is not empty", file=sys.stderr)
+        return 2
+    try:
+        cfg = dataclasses.replace(TrainConfig(**json.loads(path.read_text())), zero_stage=None).validate()
+        trainer = Trainer(cfg, readonly=True, log=lambda *a: print(*a, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"unirl-fast export: {e}", file=sys.stderr)
+        return 2
+    if trainer.step == 0:
+        print(f"unirl-fast export: {args.run_dir!r} has no checkpoint yet", file=sys.stderr)
+        return 2
+    model = trainer.model
+    if args.ema:
+        if trainer.ema is None:
+            print("unirl-fast export: --ema but the run keeps no EMA weights (--ema-decay 0)", file=sys.stderr)
+            return 2
+        trainer.ema.copy_to_model()
+    if trainer.lora:
+        from .models.lora import merge_lora
+
+        merged = merge_lora(model)
+        print(f"merged {merged} LoRA layers into the weights", file=sys.stderr)
+    model.save_pretrained(out)
+    print(json.dumps({"run_dir": args.run_dir, "step": trainer.step, "out": str(out)}))
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="a run's latest checkpoint as a unified-model directory (LoRA merged)",
+                        description="Write a run's latest checkpoint as a unified-model directory: lm/ (transformers), "
+                                    "dit/ and vae/ (diffusers), connector.safetensors and unified_config.json, with "
+                                    "LoRA adapters merged into the weights. Load it with UnifiedModel.from_pretrained "
+                                    "or train on with --model-path.")
+    ex.add_argument("run_dir")
+    ex.add_argument("out", help="output directory (new or empty)")
+    ex.add_argument("--ema", action="store_true", help="export the EMA weights (runs with --ema-decay > 0)")
+    ex.set_defaults(func=_cmd_export)
+
+
+def _cmd_plan(args) -> int:
+    import torch
+
+    from .models import UnifiedModel, preset_config
+    from .models.plan import format_plan, memory_plan
+    from .train.scenarios import get_scenario
+
+    try:
+        sc = get_scenario(args.scenario)
+        cfg = preset_config(args.preset)
+        with torch.device("meta"):  # shapes only: nothing is allocated, nothing is read
+            model = UnifiedModel(cfg.replace(edit=sc.edit) if sc.edit != cfg.edit else cfg)
+            trainable = None
+            if args.lora_lm or args.lora_dit:
+                from .models.lora import add_lora, parse_lora
+
+                add_lora(model, lm=parse_lora(args.lora_lm, "lm") if args.lora_lm else None,
+                         dit=parse_lora(args.lora_dit, "dit") if args.lora_dit else None)
+                lora_lm, lora_dit = bool(args.lora_lm), bool(args.lora_dit)
+                trainable = sum(p.numel() for n, p in model.lm.named_parameters()
+                                if sc.train_lm and ("lora_" in n or not lora_lm))
+                trainable += sum(p.numel() for n, p in model.dit.named_parameters()
+                                 if sc.train_dit and ("lora_" in n or not lora_dit))
+                trainable += sum(p.numel() for p in model.connector.parameters()) if sc.train_dit else 0
+            plan = memory_plan(model, train_lm=sc.train_lm, train_dit=sc.train_dit, batch=args.batch,
+                               micro_batch=args.micro_batch, prompt_len=args.prompt_len,
+                               completion_len=args.completion_len, trained_steps=args.trained_steps, gpus=args.gpus,
+                               precision=args.precision, grad_ckpt_lm=not args.no_grad_ckpt,
+                               grad_ckpt_dit=not args.no_grad_ckpt,
+                               reference=not ((args.lora_lm or args.lora_dit) and (not sc.train_lm or args.lora_lm)
+                                              and (not sc.train_dit or args.lora_dit)), trainable=trainable)
+    except (ValueError, ImportError) as e:
+        print(f"unirl-fast plan: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: v for k, v in plan.items()}, indent=2, default=str))
+    else:
+        print(format_plan(plan, f"{args.preset} ({args.scenario})"))
+    return 0
+
+
+def _add_plan_parser(sub) -> None:
+    from .models.config import PRESETS
+    from .train.config import SCENARIOS
+
+    pl = sub.add_parser("plan", help="parameter count and per-GPU memory plan of a model preset (meta device: no "
+                                     "memory, no weights)")
+    pl.add_argument("--preset", default="qwen2.5-1.5b-sana-0.6b", choices=sorted(PRESETS))
+    pl.add_argument("--scenario", default="reason-generate", choices=SCENARIOS, help="which experts train")
+    pl.add_argument("--batch", type=int, default=64, help="samples per RL step (all GPUs)")
+    pl.add_argument("--micro-batch", type=int, default=8, help="samples per forward / backward on one GPU")
+    pl.add_argument("--prompt-len", type=int, default=256)
+    pl.add_argument("--completion-len", type=int, default=512)
+    pl.add_argument("--trained-steps", type=int, default=2, help="denoising steps trained per image (the SDE window)")
+    pl.add_argument("--gpus", type=int, default=8)
+    pl.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    pl.add_argument("--no-grad-ckpt", action="store_true", help="without gradient checkpointing")
+    pl.add_argument("--lora-lm", default=None, metavar="R,ALPHA[,MODULES]")
+    pl.add_argument("--lora-dit", default=None, metavar="R,ALPHA[,MODULES] | default")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_cmd_plan)
+
+
 def _cmd_report(args) -> int:
     from .profiling.report import report
 
@@ -319,6 +434,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
     _add_bench_parser(sub)
     _add_serve_reward_parser(sub)
+    _add_export_parser(sub)
+    _add_plan_parser(sub)
     _add_report_parser(sub)
     _add_profile_parser(sub)
     return p

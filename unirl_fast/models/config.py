@@ -20,8 +20,10 @@ Presets (`preset_config(name)`):
 | tiny | Qwen2, H=64, 2 layers, `CharTokenizer` vocab | Sana, width 32, 2 layers, patch 2 | pixels 3x16x16 | CPU tests |
 | tiny-sd3 | same LM | SD3, width 32, 2 layers, patch 2 | pixels 3x16x16 | CPU tests of the SD3 path |
 | small | Qwen2, H=256, 4 layers, vocab 4096 | Sana, width 256, 4 layers | AutoencoderKL f8c4, 128 px | GPU smoke |
-| bench-1.5b | Qwen2.5-1.5B shape (H=1536, 28 layers, GQA 12/2, V 151936) | SANA-600M shape (1152 wide, 28 layers) |
-  DC-AE f32c32, 512 px | throughput |
+| bench-1.5b = qwen2.5-1.5b-sana-0.6b | Qwen2.5-1.5B shape (H=1536, 28 layers, GQA 12/2, V 151936) | SANA-600M shape
+  (1152 wide, 28 layers) | DC-AE f32c32, 512 px | throughput, sizing |
+| unirl-zero-3b-sana-1.6b | Qwen2.5-VL-3B shape (vision tower + 2048 x 36 text) | SANA-1.6B shape (2240 wide, 20
+  layers) | DC-AE f32c32, 512 px | sizing (`unirl-fast plan`) |
 
 Expert configs loaded from a path are copied into the config when the model is saved, so a saved
 checkpoint never depends on the original directories.
@@ -68,6 +70,8 @@ class UnifiedConfig:
             raise ValueError(f"vae_type={self.vae_type!r} needs exactly one of vae (a config dict) and vae_path")
         if self.vae_type is None and (self.vae is not None or self.vae_path is not None):
             raise ValueError("vae / vae_path given but vae_type is None (pixel space); set vae_type='kl' or 'dc'")
+        if self.tokenizer not in (None, "char", "lm"):
+            raise ValueError(f"tokenizer must be None, 'char' or 'lm' (the LM directory's), got {self.tokenizer!r}")
         if self.lm is not None and "model_type" not in self.lm:
             raise ValueError("the lm config dict needs a 'model_type' key (e.g. 'qwen2' or 'llama')")
         for name in ("image_size", "num_queries", "connector_dim", "connector_layers", "connector_heads"):
@@ -165,7 +169,26 @@ def _bench_1p5b():
                          image_size=512, num_queries=64, connector_dim=1024, connector_layers=2, connector_heads=16)
 
 
-PRESETS = {"tiny": _tiny, "tiny-sd3": _tiny_sd3, "small": _small, "bench-1.5b": _bench_1p5b}
+def _unirl_zero_3b():
+    # UniRL-Zero's experts: Qwen2.5-VL-3B (text 2048 wide, 36 layers, GQA 16/2, V 151936; vision tower 32 blocks of
+    # 1280, merged to 2048) and SANA-1.6B (20 blocks of 70 x 32 = 2240, cross-attention 20 x 112, caption 2304) at
+    # 512 px through DC-AE f32c32, joined by 256 queries. The connector's width and depth are our choice (2048, 2).
+    text = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+            "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
+            "rope_theta": 1e6, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": True}
+    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+              "fullatt_block_indexes": [7, 15, 23, 31], "in_chans": 3, "hidden_act": "silu"}
+    lm = {"model_type": "qwen2_5_vl", "text_config": text, "vision_config": vision, "tie_word_embeddings": True,
+          "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+          "vision_end_token_id": 151653}
+    return _bench_1p5b().replace(lm=lm, dit=_sana(32, 32, 70, 32, 20, 20, 112, 2304, 16, 1), num_queries=256,
+                                 connector_dim=2048, connector_layers=2, connector_heads=16)
+
+
+PRESETS = {"tiny": _tiny, "tiny-sd3": _tiny_sd3, "small": _small, "bench-1.5b": _bench_1p5b,
+           # real shapes, for sizing a run (`unirl-fast plan`); load real weights with --lm-path / --dit-path
+           "qwen2.5-1.5b-sana-0.6b": _bench_1p5b, "unirl-zero-3b-sana-1.6b": _unirl_zero_3b}
 
 
 def preset_config(name: str) -> UnifiedConfig:

@@ -12,6 +12,18 @@ _SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 _CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 
 
+def left_pad(rows, pad_token_id: int, device=None):
+    """Token id lists -> (input_ids [B, L] int64 left-padded with pad_token_id, attention_mask [B, L] int64)."""
+    L = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, L - len(r):] = torch.tensor(r)
+            mask[i, L - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
 class CharTokenizer:
     pad_token_id = 0
     bos_token_id = 1
@@ -53,12 +65,54 @@ class CharTokenizer:
         """Left-padded batch -> (input_ids [B, L] int64, attention_mask [B, L] int64)."""
         if isinstance(texts, str):
             texts = [texts]
-        rows = [self.encode(t, add_bos=add_bos) for t in texts]
-        L = max(1, max(len(r) for r in rows))
-        ids = torch.full((len(rows), L), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r:
-                ids[i, L - len(r):] = torch.tensor(r)
-                mask[i, L - len(r):] = 1
-        return ids.to(device), mask.to(device)
+        return left_pad([self.encode(t, add_bos=add_bos) for t in texts], self.pad_token_id, device)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (from the LM's directory) behind the CharTokenizer interface the rollouts and the
+    trainer use: left-padded batches, encode / decode, pad / bos / eos ids. A tokenizer without a pad token pads
+    with its EOS token (masked out anyway); one without a BOS token gets none (`add_bos` is then a no-op, as for
+    Qwen2's tokenizer)."""
+
+    def __init__(self, directory):
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        self.directory = str(directory)
+        eos = self.hf.eos_token_id
+        if eos is None:
+            raise ValueError(f"the tokenizer in {self.directory} has no EOS token: completions could never end")
+        self.eos_token_id = int(eos)
+        self.pad_token_id = int(self.hf.pad_token_id if self.hf.pad_token_id is not None else eos)
+        self.bos_token_id = None if self.hf.bos_token_id is None else int(self.hf.bos_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self.hf.encode(text, add_special_tokens=False)
+        bos = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
+        return bos + ids + ([self.eos_token_id] if add_eos else [])
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, batch, *, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
+
+    def __call__(self, texts, *, add_bos: bool = True, device=None):
+        """Left-padded batch -> (input_ids [B, L] int64, attention_mask [B, L] int64)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return left_pad([self.encode(t, add_bos=add_bos) for t in texts], self.pad_token_id, device)
+
+    def save_pretrained(self, directory) -> None:
+        self.hf.save_pretrained(str(directory))

@@ -15,12 +15,14 @@ Latent space: pixels in [-1, 1] when there is no autoencoder (the tiny presets);
 AutoencoderKL: (mean(E(x)) - shift) * scale, AutoencoderDC: E(x) * scale. The encoder mean (not a sample) is used
 so that encoding is deterministic.
 
-Checkpoint layout: `unified_config.json` (the full UnifiedConfig with every expert's config inlined, so no other
-directory is needed) and `model.safetensors` (every parameter and buffer: LM, connector, DiT, autoencoder; tied
-weights stored once).
+Checkpoint layout (`save_pretrained`): `unified_config.json`, `lm/` (transformers), `dit/` and `vae/` (diffusers),
+each loadable by its library on its own, and `connector.safetensors` (queries and connector). `from_pretrained` also
+reads the older single-file layout (`model.safetensors` with every expert's config inlined in the JSON).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +32,49 @@ from torch import nn
 from .config import UnifiedConfig, preset_config
 from .connector import QueryConnector
 from .experts import build_dit, build_lm, build_vae, diffusers_config_dict, dit_widths, lm_config_dict, vae_geometry
-from .tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer, HFTokenizer
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "model.safetensors"  # the single-file layout (read for older checkpoints)
+CONNECTOR_NAME = "connector.safetensors"
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """transformers' per-file progress bars off while a unified model is written or read (the trainer's logs stay
+    one line per event), restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _class_kind(path, kinds: dict, what: str) -> str:
+    """The diffusers class a directory holds (config.json's _class_name), mapped to our name for it."""
+    conf = Path(path) / "config.json"
+    if not conf.is_file():
+        raise FileNotFoundError(f"{what} directory {str(path)!r} has no config.json")
+    name = json.loads(conf.read_text()).get("_class_name")
+    if name not in kinds:
+        raise ValueError(f"{what} directory {str(path)!r} holds a {name!r}; supported: {', '.join(kinds)}")
+    return kinds[name]
+
+
+def load_tokenizer(config: UnifiedConfig):
+    """The model's tokenizer: "char" (the tiny presets' CharTokenizer), "lm" (the LM directory's Hugging Face
+    tokenizer), None (none: callers tokenize themselves)."""
+    if config.tokenizer == "char":
+        return CharTokenizer()
+    if config.tokenizer == "lm":
+        if config.lm_path is None:
+            raise ValueError("tokenizer 'lm' reads the LM directory's tokenizer, but the LM is built from a config "
+                             "dict (no lm_path)")
+        return HFTokenizer(config.lm_path)
+    return None
 
 
 @dataclass
@@ -67,7 +109,7 @@ class UnifiedModel(nn.Module):
         self.connector = QueryConnector(lm_text.hidden_size, cond_width, num_queries=config.num_queries,
                                         dim=config.connector_dim, layers=config.connector_layers,
                                         heads=config.connector_heads, pooled_width=pooled_width)
-        self.tokenizer = CharTokenizer() if config.tokenizer == "char" else None
+        self.tokenizer = load_tokenizer(config)
         if self.tokenizer is not None and lm_text.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"LM vocab_size={lm_text.vocab_size} is smaller than the char tokenizer's "
                              f"{self.tokenizer.vocab_size}")
@@ -109,34 +151,108 @@ class UnifiedModel(nn.Module):
         return self.config.replace(lm=lm_config_dict(self.lm), lm_path=None, dit=diffusers_config_dict(self.dit),
                                    dit_path=None, vae=vae, vae_path=None)
 
-    def save_pretrained(self, directory) -> Path:
-        from safetensors.torch import save_model
+    def save_pretrained(self, directory, *, layout: str = "split") -> Path:
+        """layout "split" (default): every expert in its library's own layout, loadable on its own.
 
+            directory/unified_config.json   UnifiedConfig with lm_path "lm", dit_path "dit" (vae_path "vae")
+            directory/lm/                   transformers `save_pretrained` (with the tokenizer when it is an HF one)
+            directory/dit/                  diffusers `save_pretrained`
+            directory/vae/                  diffusers `save_pretrained` (latent-space models)
+            directory/connector.safetensors the query tokens and the connector
+
+        layout "single": unified_config.json with every expert's config inlined and one model.safetensors (the
+        trainer's base-model cache: no library save path, so a single-process run never imports what
+        transformers' save path imports, e.g. DeepSpeed through accelerate when it is installed).
+        """
+        from safetensors.torch import save_file, save_model
+
+        if layout not in ("split", "single"):
+            raise ValueError(f"layout must be 'split' or 'single', got {layout!r}")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.resolved_config().save(d)
-        save_model(self, str(d / WEIGHTS_NAME))
+        if layout == "single":
+            if self.config.tokenizer == "lm":
+                raise ValueError("the single-file layout cannot hold the LM directory's tokenizer: use layout='split'")
+            self.resolved_config().save(d)
+            save_model(self, str(d / WEIGHTS_NAME))
+            return d
+        with _quiet_progress():
+            self.lm.save_pretrained(str(d / "lm"))
+        if isinstance(self.tokenizer, HFTokenizer):
+            self.tokenizer.save_pretrained(d / "lm")
+        from .vlm import image_processor, is_vlm
+
+        if is_vlm(self.lm):  # its pixel settings travel with it (a released checkpoint's, or the ones in use)
+            image_processor(self.lm).save_pretrained(str(d / "lm"))
+        self.dit.save_pretrained(str(d / "dit"))
+        if self.vae is not None:
+            self.vae.save_pretrained(str(d / "vae"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.connector.state_dict().items()},
+                  str(d / CONNECTOR_NAME))
+        self.config.replace(lm=None, lm_path="lm", dit=None, dit_path="dit", vae=None,
+                            vae_path="vae" if self.vae is not None else None).save(d)
         return d
 
     @classmethod
-    def from_pretrained(cls, directory, *, device=None, dtype=None) -> "UnifiedModel":
+    def from_pretrained(cls, directory, *, device=None, dtype=None, attn_implementation: str = "sdpa"
+                        ) -> "UnifiedModel":
+        """A saved unified model: the split layout (`save_pretrained`), or the older single-file layout
+        (model.safetensors with every expert's config inlined)."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
         d = Path(directory)
         if not d.is_dir():
             raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
         cfg = UnifiedConfig.load(d)
         weights = d / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{str(directory)!r} has a config but no {WEIGHTS_NAME}")
-        model = cls(cfg)
+        if weights.is_file():  # the single-file layout
+            model = cls(cfg, attn_implementation=attn_implementation)
+            try:
+                load_model(model, str(weights), strict=True, device="cpu")
+            except (RuntimeError, SafetensorError) as e:
+                raise ValueError(f"{weights} does not match its config (wrong widths or a different model): "
+                                 f"{str(e)[:800]}") from None
+            return model.to(device=device, dtype=dtype).eval()
+        if not (d / CONNECTOR_NAME).is_file():
+            raise FileNotFoundError(f"{str(directory)!r} has a config but neither {WEIGHTS_NAME} nor {CONNECTOR_NAME}")
+        local = {k: str(d / v) if v is not None and not Path(v).is_absolute() else v
+                 for k, v in (("lm_path", cfg.lm_path), ("dit_path", cfg.dit_path), ("vae_path", cfg.vae_path))}
+        with _quiet_progress():
+            model = cls(cfg.replace(**local), attn_implementation=attn_implementation)
+        state = load_file(str(d / CONNECTOR_NAME))
         try:
-            load_model(model, str(weights), strict=True, device="cpu")
-        except (RuntimeError, SafetensorError) as e:
-            raise ValueError(f"{weights} does not match its config (wrong widths or a different model): "
-                             f"{str(e)[:800]}") from None
+            model.connector.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{d / CONNECTOR_NAME} does not match the config's connector: {str(e)[:800]}") from None
         return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_experts(cls, lm_path, dit_path, vae_path=None, *, num_queries: int = 64, connector_dim: int = 1024,
+                     connector_layers: int = 2, connector_heads: int | None = None, image_size: int | None = None,
+                     edit: bool = False, attn_implementation: str = "sdpa") -> "UnifiedModel":
+        """A unified model from your experts' own directories: a transformers LM (its tokenizer beside it), a
+        diffusers DiT (`_class_name` SanaTransformer2DModel or SD3Transformer2DModel) and optionally its diffusers
+        autoencoder (AutoencoderKL / AutoencoderDC; none: the DiT works in pixels). The queries and the connector
+        are new (random init): train them (any scenario that trains the DiT does). image_size defaults to the DiT's
+        sample_size times the autoencoder's down-sampling factor."""
+        dit_type = _class_kind(dit_path, {"SanaTransformer2DModel": "sana", "SD3Transformer2DModel": "sd3"}, "DiT")
+        vae_type = None if vae_path is None else _class_kind(vae_path, {"AutoencoderKL": "kl",
+                                                                        "AutoencoderDC": "dc"}, "autoencoder")
+        if image_size is None:
+            dit_conf = json.loads((Path(dit_path) / "config.json").read_text())
+            factor = 1
+            if vae_path is not None:
+                vc = json.loads((Path(vae_path) / "config.json").read_text())
+                blocks = vc["block_out_channels"] if vae_type == "kl" else vc["encoder_block_out_channels"]
+                factor = 2 ** (len(blocks) - 1)
+            image_size = int(dit_conf["sample_size"]) * factor
+        heads = connector_heads or max(1, connector_dim // 64)
+        cfg = UnifiedConfig(lm_path=str(lm_path), dit_type=dit_type, dit_path=str(dit_path), vae_type=vae_type,
+                            vae_path=None if vae_path is None else str(vae_path), image_size=image_size,
+                            num_queries=num_queries, connector_dim=connector_dim, connector_layers=connector_layers,
+                            connector_heads=heads, edit=edit, tokenizer="lm")
+        return cls(cfg, attn_implementation=attn_implementation)
 
     # geometry -------------------------------------------------------------------------------------------------
     @property

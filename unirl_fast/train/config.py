@@ -46,9 +46,34 @@ class TrainConfig:
                        "refine-prompt (the LM rewrites for a frozen DiT), edit (Flow-GRPO on editing), reason-edit "
                        "(the LM decides the edit, both trained)", SCENARIOS)
     preset: str = _f("tiny", "MODEL preset (the network's size): tiny (the synthetic world's 32 px model), tiny-fp8 "
-                     "(the same at width 128, so --fp8 has layers to convert), or a unirl_fast.models preset; not "
-                     "the same thing as --config, which picks the trainer's defaults", MODEL_PRESETS)
+                     "(the same at width 128, so --fp8 has layers to convert), tiny-vlm (tiny with a vision-language "
+                     "LM expert that sees the images), or a unirl_fast.models preset; not the same thing as --config, "
+                     "which picks the trainer's defaults", MODEL_PRESETS)
     model_path: str | None = _f(None, "a saved UnifiedModel directory to train instead of pretraining --preset")
+    lm_path: str | None = _f(None, "your own LM expert: a transformers save_pretrained directory (with its tokenizer); "
+                             "with --dit-path the run trains that model instead of pretraining --preset")
+    dit_path: str | None = _f(None, "your own DiT: a diffusers SanaTransformer2DModel / SD3Transformer2DModel "
+                              "directory")
+    vae_path: str | None = _f(None, "its autoencoder: a diffusers AutoencoderKL / AutoencoderDC directory (none: the "
+                              "DiT works in pixels)")
+    num_queries: int | None = _f(None, "query tokens joining the LM to the DiT (default: 64 with --lm-path, else the "
+                                 "preset's)")
+    connector_dim: int | None = _f(None, "width of the query connector (default: 1024 with --lm-path)")
+    connector_layers: int | None = _f(None, "transformer layers of the query connector (default: 2 with --lm-path)")
+    image_size: int | None = _f(None, "pixels per side (default with --dit-path: the DiT's sample_size x the "
+                                "autoencoder's factor)")
+    precision: str = _f("fp32", "fp32, or bf16: bf16 autocast over fp32 weights in rollout, reward, reference and "
+                        "training alike (the fp32 weights are the master weights; optimizer states fp32)",
+                        ("fp32", "bf16"))
+    grad_ckpt_lm: bool = _f(False, "gradient checkpointing in the LM (recompute its layers in backward)")
+    grad_ckpt_dit: bool = _f(False, "gradient checkpointing in the DiT")
+    attn_implementation: str = _f("auto", "the LM's attention: auto (flash_attention_2 when flash-attn and CUDA are "
+                                  "there, else sdpa), sdpa, eager, flash_attention_2",
+                                  ("auto", "sdpa", "eager", "flash_attention_2"))
+    lora_lm: str | None = _f(None, "LoRA on the LM instead of full training: R,ALPHA[,MODULE+MODULE...] (peft; default "
+                             "modules: the attention and MLP projections)")
+    lora_dit: str | None = _f(None, "LoRA on the DiT instead of full training: R,ALPHA[,MODULE+MODULE...], or "
+                              "'default' (Flow-GRPO's: 32,64 on the attention projections)")
     tasks: str = _f("world", "the prompts: world (the embedded world's tasks and split), a .jsonl / .json / .csv file "
                     "(image paths relative to it) or a Hugging Face datasets directory; see unirl_fast.tasks")
     reward: tuple[str, ...] = _f(("world",), "reward SPEC[=WEIGHT], repeatable (the run's reward is the weighted sum): "
@@ -192,6 +217,41 @@ class TrainConfig:
         for name, lo in (("reward_retries", 0), ("reward_concurrency", 1), ("reward_batch_size", 1)):
             if getattr(self, name) < lo:
                 bad(f"{name} must be >= {lo}, got {getattr(self, name)}")
+        if (self.lm_path is None) != (self.dit_path is None):
+            bad("--lm-path and --dit-path go together (your own LM expert and DiT); got only "
+                f"{'lm_path' if self.lm_path else 'dit_path'}")
+        if self.vae_path is not None and self.dit_path is None:
+            bad("--vae-path needs --lm-path and --dit-path")
+        if self.lm_path is not None and self.model_path is not None:
+            bad("give either --model-path (a saved unified model) or --lm-path / --dit-path, not both")
+        for name in ("lm_path", "dit_path", "vae_path"):
+            v = getattr(self, name)
+            if v is not None and not (Path(v) / "config.json").is_file():
+                bad(f"{name} {v!r} is not a model directory (no config.json)")
+        for name in ("num_queries", "connector_dim", "connector_layers", "image_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                bad(f"{name} must be >= 1, got {v}")
+        if self.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            import torch
+
+            if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+                bad("attn_implementation 'flash_attention_2' needs the flash-attn package and a CUDA device "
+                    "(pip install -e '.[flash]'); use sdpa")
+        if (self.lora_lm or self.lora_dit) and self.fp8:
+            bad("LoRA with --fp8 is not supported yet (peft's adapters wrap torch Linear layers, --fp8 replaces them)")
+        if (self.lora_lm or self.lora_dit) and self.zero_stage is not None:
+            bad("LoRA under DeepSpeed (--zero-stage) is not supported yet: train LoRA in one process, or in full")
+        for name in ("lora_lm", "lora_dit"):
+            if getattr(self, name) is not None:
+                from ..models.lora import parse_lora
+
+                try:
+                    parse_lora(getattr(self, name), "dit" if name == "lora_dit" else "lm")
+                except ValueError as e:
+                    bad(f"{name}: {e}")
         if self.temperature <= 0:
             bad(f"temperature must be > 0 for sampling, got {self.temperature}")
         if self.impl == "triton":

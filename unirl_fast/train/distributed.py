@@ -24,9 +24,11 @@ so the rank average is sum_all / N_global as in one process. Clipping is DeepSpe
 
 Optimizer: the trainer's own `torch.optim.AdamW` (per-expert param groups LM / DiT / connector with their learning
 rates), handed to ZeRO as a client optimizer: DeepSpeed's fused CPU/GPU Adam ops need a JIT build we do not
-require. Precision is fp32 like the single-process path; a bf16 section in `--deepspeed-config` is passed to
-DeepSpeed but untested here. tests/test_distributed.py checks that one 2-rank step gives the single-process
-gradients and update on the same global rollout (ZeRO-2 with dapo, ZeRO-3 with grpo).
+require. The engine keeps fp32 weights like the single-process path; `--precision bf16` is autocast around the
+engine's forward (tested at ZeRO-2 and ZeRO-3 with gradient checkpointing); a bf16 section in `--deepspeed-config`
+(DeepSpeed's own bf16 weights) is passed to DeepSpeed but untested here. tests/test_distributed.py checks that one
+2-rank step gives the single-process gradients and update on the same global rollout (ZeRO-2 with dapo, ZeRO-3
+with grpo).
 
 ZeRO-3. The engine wraps `_StepModule` (the UnifiedModel as its only child), and every micro-batch loss runs inside
 `engine(...)`, so the partitioned-parameter hooks fetch each sub-module's weights in forward and backward. Weights

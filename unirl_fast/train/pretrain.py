@@ -189,6 +189,6 @@ def pretrain(cfg, scenario, log=print) -> UnifiedModel:
             if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_dit_steps:
                 log(f"pretrain dit {i + 1:4d}/{cfg.pretrain_dit_steps}  fm {loss:.4f}")
     tmp = cache.with_name(cache.name + ".tmp")
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, layout="single")  # an internal cache (see UnifiedModel.save_pretrained)
     tmp.replace(cache)
     return model

@@ -58,12 +58,23 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if self.dist is not None:
             self.dist.main_first_enter()  # rank 0 builds and caches the base model, then the others read it
+        attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else _auto_attention()
         if model is not None:
             self.model = model
         elif cfg.model_path:
             from ..models import UnifiedModel
 
-            self.model = UnifiedModel.from_pretrained(cfg.model_path, device=resolve_device(cfg))
+            self.model = UnifiedModel.from_pretrained(cfg.model_path, device=resolve_device(cfg),
+                                                      attn_implementation=attn)
+        elif cfg.lm_path:
+            from ..models import UnifiedModel
+
+            kw = {k: getattr(cfg, k) for k in ("num_queries", "connector_dim", "connector_layers", "image_size")
+                  if getattr(cfg, k) is not None}
+            self.model = UnifiedModel.from_experts(cfg.lm_path, cfg.dit_path, cfg.vae_path, edit=self.scenario.edit,
+                                                   attn_implementation=attn, **kw).to(resolve_device(cfg))
+            log(f"model: LM {cfg.lm_path}, DiT {cfg.dit_path}" + (f", autoencoder {cfg.vae_path}" if cfg.vae_path
+                                                                   else "") + " (new queries and connector)")
         else:
             self.model = pretrain(cfg, self.scenario, log=log)
         if cfg.fp8:
@@ -76,7 +87,16 @@ class Trainer:
             log(f"fp8: {len(names)} Linear layers converted (rollout and training share them)")
         if self.dist is not None:
             self.model = self.dist.main_first_exit(self.model)
-        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self._set_memory_options()
+        self.lora = self._add_lora()
+        # the frozen reference: the base with adapters disabled when every trained expert is LoRA-adapted (only the
+        # small connector is copied), else a frozen copy of the whole model
+        self.ref, self.ref_connector = None, None
+        if self.lora and all(self.lora.get(k) for k, t in (("lm", self.scenario.train_lm),
+                                                           ("dit", self.scenario.train_dit)) if t):
+            self.ref_connector = copy.deepcopy(self.model.connector).eval().requires_grad_(False)
+        else:
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._set_trainable()
         self.ema = None  # the averaged weights evaluation uses (ema_decay > 0), kept by the process that evaluates
         if cfg.ema_decay > 0 and self.is_main:
@@ -104,11 +124,77 @@ class Trainer:
 
     # set-up ---------------------------------------------------------------------------------------------------
     def _set_trainable(self):
+        """The scenario's experts train (the DiT with the connector); an expert with LoRA adapters trains only them."""
         m, s = self.model, self.scenario
         m.requires_grad_(False)
-        m.lm.requires_grad_(s.train_lm)
-        m.dit.requires_grad_(s.train_dit)
+        for name, on in (("lm", s.train_lm), ("dit", s.train_dit)):
+            expert = getattr(m, name)
+            if self.lora.get(name):
+                for pname, p in expert.named_parameters():
+                    p.requires_grad_(on and "lora_" in pname)
+            else:
+                expert.requires_grad_(on)
         m.connector.requires_grad_(s.train_dit)
+
+    def _set_memory_options(self):
+        c, m = self.cfg, self.model
+        if c.grad_ckpt_lm:  # newer transformers name it activation checkpointing (the old name warns there)
+            if hasattr(m.lm, "activation_checkpointing_enable"):
+                m.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if c.grad_ckpt_dit:
+            m.dit.enable_gradient_checkpointing()
+
+    def _add_lora(self) -> dict:
+        """LoRA adapters from --lora-lm / --lora-dit (peft); {expert: adapted modules}."""
+        c, s = self.cfg, self.scenario
+        if not (c.lora_lm or c.lora_dit):
+            return {}
+        from ..models.lora import add_lora, parse_lora
+
+        for flag, spec, trains in (("--lora-lm", c.lora_lm, s.train_lm), ("--lora-dit", c.lora_dit, s.train_dit)):
+            if spec and not trains:
+                raise ValueError(f"{flag} was given but scenario {s.name!r} does not train that expert")
+        if self.dist is not None:
+            raise ValueError("LoRA under DeepSpeed is not supported yet (the reference runs the policy with its "
+                             "adapters off, outside the engine): train LoRA in one process, or train in full")
+        out = add_lora(self.model, lm=parse_lora(c.lora_lm, "lm") if c.lora_lm else None,
+                       dit=parse_lora(c.lora_dit, "dit") if c.lora_dit else None)
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.log(f"lora: {', '.join(f'{k} {v} layers' for k, v in out.items())} ({n / 1e6:.2f} M adapter weights)")
+        return out
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The frozen reference model for the duration: the copy, or the policy with its adapters off and the base
+        connector swapped in (put back after, also on an error)."""
+        if self.ref is not None:
+            yield self.ref
+            return
+        from ..models.lora import adapters_disabled
+
+        m = self.model
+        trained = m.connector
+        with adapters_disabled(m):
+            m.connector = self.ref_connector
+            try:
+                yield m
+            finally:
+                m.connector = trained
+
+    def _autocast(self):
+        """bf16 autocast over the fp32 weights (--precision bf16), the same in rollout, reward and training."""
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def _trained_state(self) -> dict:
+        """What a checkpoint holds of the model: everything, or with LoRA only the trained weights (adapters,
+        connector and queries); the base comes from where the run builds it."""
+        sd = self.model.state_dict()
+        if not self.lora:
+            return sd
+        names = {k for k, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in sd.items() if k in names}
 
     def _init_profiling(self):
         """MFU peak (datasheet, CUDA only: never guessed for a CPU) and the NVML sampler (CUDA only)."""
@@ -137,7 +223,15 @@ class Trainer:
             st = self.dist.resume(self, path)
         else:
             ck = load_checkpoint(path)
-            self.model.load_state_dict(ck["model"])
+            if self.lora:  # the trained weights only: every one of them must be there, and nothing else
+                want = set(self._trained_state())
+                if set(ck["model"]) != want:
+                    raise ValueError(f"checkpoint {path} does not hold this run's LoRA weights (missing "
+                                     f"{sorted(want - set(ck['model']))[:3]}, unexpected "
+                                     f"{sorted(set(ck['model']) - want)[:3]})")
+                self.model.load_state_dict(ck["model"], strict=False)
+            else:
+                self.model.load_state_dict(ck["model"])
             if "optim" in ck:
                 self.opt.load_state_dict(ck["optim"])
             else:  # written under DeepSpeed: fine for evaluation, training refuses (see train())
@@ -169,7 +263,7 @@ class Trainer:
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         if self.dist is not None:
             return self.dist.save(self, st, extra)
-        return save_checkpoint(self.run_dir, self.step, {"model": self.model.state_dict(),
+        return save_checkpoint(self.run_dir, self.step, {"model": self._trained_state(),
                                                          "optim": self.opt.state_dict(), "state": st, **extra},
                                keep=self.cfg.keep_checkpoints)
 
@@ -190,13 +284,13 @@ class Trainer:
         B = len(tasks)
         m.eval()
         t0 = time.time()
-        with self._full_weights():
+        with self._full_weights(), self._autocast():
             b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase)
-        with timer.phase("reward"), self._full_weights():
-            score(m, s, c, b, self.gen, reward=self.reward, inverse_model=self._cycle_model())
+        with timer.phase("reward"), self._full_weights(), self._autocast(), self._cycle_model() as inverse:
+            score(m, s, c, b, self.gen, reward=self.reward, inverse_model=inverse)
             adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
-        with timer.phase("ref"), fp8_weight_cache(self.ref):  # frozen: one FP8 quantization per layer and step
-            reference_outputs(self.ref, s, c, b, c.micro_batch)
+        with timer.phase("ref"), self._reference() as ref, fp8_weight_cache(ref), self._autocast():
+            reference_outputs(ref, s, c, b, c.micro_batch)  # frozen: one FP8 quantization per layer and step
         m.train()
         metrics = {}
         with timer.phase("train_fwd_bwd"):
@@ -208,11 +302,13 @@ class Trainer:
                 idx = torch.arange(start, start + c.micro_batch)
                 loss = torch.zeros((), device=m.device)
                 if s.train_lm and b.text is not None:
-                    lt, mt = self._fwd(text_loss, m, c, b, idx, adv[idx], n_tok)
+                    with self._autocast():
+                        lt, mt = self._fwd(text_loss, m, c, b, idx, adv[idx], n_tok)
                     loss = loss + lt
                     _accumulate(metrics, "text", lt, mt, c.micro_batch / B)
                 if s.train_dit and b.traj is not None:
-                    li, mi = self._fwd(image_loss, m, c, b, idx, adv[idx])
+                    with self._autocast():
+                        li, mi = self._fwd(image_loss, m, c, b, idx, adv[idx])
                     loss = loss + li
                     _accumulate(metrics, "image", li, mi, c.micro_batch / B)
                 if self.dist is not None:
@@ -269,8 +365,9 @@ class Trainer:
         return gnorm
 
     def _cycle_model(self):
-        """Who edits back for the cycle-consistency reward: the policy (None) or the frozen reference."""
-        return self.ref if self.cfg.cycle_back == "reference" else None
+        """Who edits back for the cycle-consistency reward (a context yielding the model): the policy (None) or the
+        frozen reference."""
+        return self._reference() if self.cfg.cycle_back == "reference" else contextlib.nullcontext(None)
 
     def _full_weights(self):
         return self.dist.full_weights() if self.dist is not None else contextlib.nullcontext()
@@ -301,8 +398,10 @@ class Trainer:
         n_show = min(N_SHOW, len(self.eval_tasks))  # the first tasks of the first pass go on the sample sheets
         for start in range(0, len(tasks_all), c.micro_batch):
             tasks = tasks_all[start:start + c.micro_batch]
-            b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True)
-            score(m, self.scenario, c, b, gen, reward=self.reward, inverse_model=self._cycle_model())
+            with self._autocast():
+                b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True)
+            with self._autocast(), self._cycle_model() as inverse:
+                score(m, self.scenario, c, b, gen, reward=self.reward, inverse_model=inverse)
             rewards.append(b.rewards)
             parts += b.reward_parts
             samples += _samples(b, range(min(len(tasks), max(0, n_show - start))))
@@ -401,7 +500,7 @@ def preflight(cfg) -> dict:
     info["tasks"] = load_run_tasks(cfg, scenario)  # a bad row or file fails here, with its file and line
     check_tasks_unchanged(cfg.run_dir, info["tasks"])
     check_reward_specs(cfg, scenario)  # imports a callable, looks for a CLIP directory: loads no model
-    if cfg.fp8 and cfg.model_path is None:
+    if cfg.fp8 and cfg.model_path is None and cfg.lm_path is None:
         from ..fp8 import convert_to_fp8
         from ..models import UnifiedModel
 
@@ -464,6 +563,12 @@ class ParamEMA:
                 for k, p in self.params.items():
                     p.copy_(saved[k])
 
+    @torch.no_grad()
+    def copy_to_model(self):
+        """Write the averaged weights into the model (for an export; the trained ones are not kept)."""
+        for k, p in self.params.items():
+            p.copy_(self.shadow[k])
+
     def state_dict(self) -> dict:
         return {"n": self.n, "decay": self.decay, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
 
@@ -485,6 +590,12 @@ def _nvml_index(dev) -> int:
     if index < len(visible) and visible[index].isdigit():
         return int(visible[index])
     return index
+
+
+def _auto_attention() -> str:
+    from ..models.experts import sdpa_or_flash
+
+    return sdpa_or_flash()
 
 
 def _call(fn, *args):
