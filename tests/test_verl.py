@@ -181,3 +181,44 @@ def test_unsupported_verl_options_raise(patched):
         gspo(old, logp, adv, mask.float(), "seq-mean-token-mean", _config("gspo", "seq-mean-token-mean"), None)
     with pytest.raises(ValueError, match="kl_loss_type='full'"):
         uf_verl.kl_options("full")
+
+
+@pytest.mark.parametrize("shape", [(2, 9), (13,)], ids=["3d", "2d"])
+def test_fused_head_matches_verl_and_is_what_verl_imports_after_patch(shape):
+    """verl's fused head (use_fused_kernels): our linear_cross_entropy equals verl's own torch implementation
+    (FusedLinearForPPOFunction), values and gradients; after patch() the names verl's models import at call time
+    are ours, and unpatch() gives verl's back."""
+    import importlib
+
+    tf = importlib.import_module("verl.utils.experimental.torch_functional")
+    lce = importlib.import_module("verl.utils.kernel.linear_cross_entropy")
+    verl_fused = tf.FusedLinearForPPOFunction.apply
+    V, H = 37, 16
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(*shape, H, generator=g).requires_grad_()  # fp32: both compute in fp32
+    W = torch.randn(V, H, generator=g).requires_grad_()
+    labels = torch.randint(0, V, shape, generator=g)
+    outs, grads = [], []
+    for fn in (lambda: verl_fused(h, W, labels, 0.7, 4), lambda: uf_verl.linear_cross_entropy(h, W, labels, 0.7)):
+        logp, ent = fn()
+        assert logp.shape == shape and ent.shape == shape
+        (logp.sum() + 0.3 * ent.sum()).backward()
+        outs.append((logp.detach(), ent.detach()))
+        grads.append((h.grad.clone(), W.grad.clone()))
+        h.grad, W.grad = None, None
+    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    before = (lce.linear_cross_entropy, tf.FusedLinearForPPO)
+    uf_verl.patch(impl="reference")
+    try:
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+        from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+        assert linear_cross_entropy is uf_verl.linear_cross_entropy and FusedLinearForPPO is uf_verl.FusedLinearForPPO
+        logp, ent = FusedLinearForPPO(impl_backend="torch")(h, W, labels, temperature=0.7)
+        torch.testing.assert_close(logp, outs[0][0], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="reduction='mean' is not supported"):
+            linear_cross_entropy(h, W, labels, 1.0, "mean")
+    finally:
+        uf_verl.unpatch()
+    assert (lce.linear_cross_entropy, tf.FusedLinearForPPO) == before

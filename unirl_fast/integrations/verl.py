@@ -18,8 +18,10 @@ After it, in this process:
   rollout_is_weights multiplied into the policy term.
 - `verl.utils.torch_functional.logprobs_from_logits` / `entropy_from_logits` (and the names the FSDP engine
   imported) are our `logprobs_from_logits` op: the engine's per-token log-probs and entropies from its logits.
-  The engine still materialises the logits; computing them from the hidden states (fused_linear_*) would need
-  the engine's model forward replaced, which this patch does not do.
+- verl's fused head, which its actor uses with `use_fused_kernels` (log-probs and entropy from the last hidden
+  states and the head weight, no logits): `verl.utils.kernel.linear_cross_entropy` (the "triton" backend) and
+  `verl.utils.experimental.torch_functional.FusedLinearForPPO` (the "torch" / "liger" backends) are our
+  `fused_linear_logprobs`. Without `use_fused_kernels` verl's model forward still builds the logits.
 
 verl's aggregation modes map onto ours as (the loss is then rescaled by local / global counts when verl passes
 global_batch_info: loss x n_local x dp_size / n_global, which is exactly verl's normaliser):
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import fused_linear_logprobs as _uf_linear_logprobs
 from ..ops import logprobs_from_logits as _uf_logprobs
 from ..ops import policy_loss
 
@@ -173,6 +176,37 @@ _LOGPROB_SITES = ("verl.utils.torch_functional", "verl.workers.engine.fsdp.trans
                   "verl.workers.engine.automodel.transformer_impl")
 
 
+def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+    """verl's fused head (`verl.utils.kernel.linear_cross_entropy`, its actor's `use_fused_kernels` path): per-token
+    (log-probs, entropy) of `labels` from the hidden states and the head weight, through our fused_linear_logprobs
+    (on CUDA the [N, V] logits are never materialised). fp32 outputs shaped like `labels`."""
+    if reduction != "none":
+        _unsupported("reduction", reduction, "verl's actor asks for per-token values ('none'); ours has no other")
+    if dist_process_group is not None:
+        _unsupported("dist_process_group", dist_process_group, "a vocabulary-parallel head is not supported")
+    return _uf_linear_logprobs(hidden, weight, labels.to(torch.int64), temperature=float(temperature),
+                               return_entropy=True, impl=_STATE.get("impl", "auto"))
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """verl's `FusedLinearForPPO` (the same fused path with its "torch" / "liger" backends) through ours."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        if impl_backend not in ("torch", "liger"):
+            raise ValueError(f"Unsupported FusedLinearForPPO backend: {impl_backend}. Choose 'torch' or 'liger'.")
+        self.chunk_size, self.impl_backend = chunk_size, impl_backend
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
+        return linear_cross_entropy(hidden_states, vocab_weights, input_ids, temperature)
+
+
+_FUSED_SITES = (("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy", linear_cross_entropy),
+                ("verl.models.mcore.model_forward_fused", "linear_cross_entropy", linear_cross_entropy),
+                ("verl.models.mcore.model_forward_1f1b_overlap", "linear_cross_entropy", linear_cross_entropy),
+                ("verl.utils.experimental.torch_functional", "FusedLinearForPPO", FusedLinearForPPO))
+
+
 def patch(*, impl="auto"):
     """Switch verl (this process) to unirl_fast's policy losses, log-probs and entropy. Idempotent; `unpatch()`
     restores verl's own functions. Raises ImportError without verl, ValueError for a bad impl."""
@@ -199,6 +233,18 @@ def patch(*, impl="auto"):
             if hasattr(mod, attr):
                 saved.append((vars(mod), attr, getattr(mod, attr)))
                 setattr(mod, attr, fn)
+    import sys
+
+    for mod_name, attr, fn in _FUSED_SITES:  # the fused head: verl's HF models import it at call time
+        if mod_name.startswith("verl.models.mcore") and mod_name not in sys.modules:
+            continue  # Megatron's modules bind it at import; patch them only when that engine is loaded
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        if hasattr(mod, attr):
+            saved.append((vars(mod), attr, getattr(mod, attr)))
+            setattr(mod, attr, fn)
     _STATE["patched"] = True
 
 
