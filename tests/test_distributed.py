@@ -244,3 +244,14 @@ def test_two_ranks_bf16_with_gradient_checkpointing(stage, tmp_path):
     assert rcs == [0, 0], outs[0][-4000:] + outs[1][-4000:]
     train = [r for r in _lines(tmp_path / "a") if r["phase"] == "train"]
     assert len(train) == 2 and all(r["text_loss"] == r["text_loss"] and r["grad_norm"] > 0 for r in train)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
+def test_two_ranks_train_the_vision_language_expert(stage, tmp_path):
+    """understand with `--preset tiny-vlm` (the LM sees the scene through its vision tower) under ZeRO-2 / ZeRO-3."""
+    args = ["train", "--config", "smoke", "--scenario", "understand", "--preset", "tiny-vlm", "--micro-batch", "2",
+            "--steps", "2", "--run-dir", str(tmp_path / "a"), *_stage_args(stage, tmp_path)]
+    rcs, outs = _env_launch(args)
+    assert rcs == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    train = [r for r in _lines(tmp_path / "a") if r["phase"] == "train"]
+    assert len(train) == 2 and all(r["text_loss"] == r["text_loss"] for r in train)

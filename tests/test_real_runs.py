@@ -284,3 +284,21 @@ def test_a_vlm_unified_model_saves_its_image_processor_and_reloads(tmp_path):
             out.append(model.query_hidden(ids, mask, v))
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
     assert (out[0][0] - out[0][1]).abs().max() > 1e-4  # and the two images give different states
+
+
+VLM_LORA = {"understand": dict(lora_lm="4,8"), "edit": dict(lora_dit="4,8"),
+            "reason-edit": dict(lora_lm="4,8", lora_dit="4,8")}
+
+
+@pytest.mark.parametrize("scenario", list(VLM_LORA))
+@pytest.mark.parametrize("lora, precision", [(False, "bf16"), (True, "fp32")])
+def test_vlm_scenario_matrix_one_step(tmp_path, scenario, lora, precision):
+    """The image scenarios with the vision-language LM expert, in full or with LoRA (its adapters go on the text
+    decoder's projections; the vision tower stays as it is), fp32 or bf16, with gradient checkpointing."""
+    cfg = dataclasses.replace(SMOKE, scenario=scenario, preset="tiny-vlm", run_dir=str(tmp_path), steps=1,
+                              precision=precision, beta=0.02, grad_ckpt_lm=True, grad_ckpt_dit=True,
+                              **(VLM_LORA[scenario] if lora else {}))
+    t = Trainer(cfg, **QUIET)
+    rec = t.train_step()
+    assert all(v == v for k, v in rec.items() if isinstance(v, float) and "loss" in k)
+    assert (t.ref is None) == lora
