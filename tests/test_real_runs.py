@@ -302,3 +302,43 @@ def test_vlm_scenario_matrix_one_step(tmp_path, scenario, lora, precision):
     rec = t.train_step()
     assert all(v == v for k, v in rec.items() if isinstance(v, float) and "loss" in k)
     assert (t.ref is None) == lora
+
+
+@pytest.mark.parametrize("scenario", ["understand", "generate", "reason-generate", "refine-prompt", "edit",
+                                      "reason-edit"])
+def test_every_scenario_from_local_directories(experts, tmp_path, scenario):
+    """Each scenario, two steps, on experts loaded from directories (Qwen2 with an HF tokenizer, Sana, AutoencoderKL;
+    for the edit scenarios a Sana built for editing: twice the latent channels in) and a task file of its kind."""
+    from diffusers import SanaTransformer2DModel
+
+    from unirl_fast.rewards import to_pil
+    from unirl_fast.world import Obj, Scene, render_scene
+
+    dit = experts / "dit"
+    if scenario in ("edit", "reason-edit"):
+        dit = tmp_path / "dit_edit"
+        SanaTransformer2DModel(in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                               num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                               cross_attention_dim=32, caption_channels=32, sample_size=8,
+                               patch_size=2).save_pretrained(dit)
+        rows = []
+        for i, (c, new) in enumerate([("red", "blue"), ("blue", "green"), ("green", "red")]):
+            to_pil(render_scene(Scene((Obj(c, "square", "left"),)), 32)).save(tmp_path / f"{i}.png")  # resized to 16
+            rows.append({"prompt": f"make the square {new}", "image": f"{i}.png", "inverse": f"make the square {c}",
+                         "split": "eval" if i == 2 else "train"})
+        tasks = tmp_path / "t.jsonl"
+        tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        reward = ("cycle", "reward_fns:completion_length=0.1")
+    elif scenario == "understand":
+        tasks = tmp_path / "t.csv"
+        tasks.write_text("prompt,context,answer,split\nwhat colour?,a red square,red,train\n"
+                         "how many?,two blue discs,two,train\nwhere?,a dot on the left,left,eval\n")
+        reward = ("answer", "reward_fns:completion_length=0.1")
+    else:
+        tasks = _prompts(tmp_path / "t.jsonl")
+        reward = ("reward_fns:brightness", "reward_fns:completion_length=0.1")
+    cfg = dataclasses.replace(SMOKE, scenario=scenario, run_dir=str(tmp_path / "r"), tasks=str(tasks), reward=reward,
+                              lm_path=str(experts / "lm"), dit_path=str(dit), vae_path=str(experts / "vae"),
+                              num_queries=4, connector_dim=32, connector_layers=1)
+    out = Trainer(cfg, **QUIET).train()
+    assert out["final_eval_reward"] is not None
