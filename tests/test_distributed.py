@@ -255,3 +255,38 @@ def test_two_ranks_train_the_vision_language_expert(stage, tmp_path):
     assert rcs == [0, 0], outs[0][-4000:] + outs[1][-4000:]
     train = [r for r in _lines(tmp_path / "a") if r["phase"] == "train"]
     assert len(train) == 2 and all(r["text_loss"] == r["text_loss"] for r in train)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
+def test_two_ranks_train_lora_save_only_the_trained_weights_resume_and_export(stage, tmp_path):
+    """LoRA on both experts under ZeRO: the reference is the policy with its adapters off (full weights gathered at
+    stage 3); checkpoints hold only adapters and connector (model.pt and DeepSpeed's own module states); a restart
+    from step 1 gives step 2 again; one process exports the run with the adapters merged."""
+    pytest.importorskip("peft")
+    run = tmp_path / "a"
+    base = ["train", "--config", "smoke", "--scenario", "reason-generate", "--micro-batch", "2", "--beta", "0.02",
+            "--lora-lm", "4,8", "--lora-dit", "4,8", "--save-every", "1", "--run-dir", str(run),
+            *_stage_args(stage, tmp_path)]
+    rcs, outs = _env_launch(base + ["--steps", "2"])
+    assert rcs == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    import torch
+
+    sd = torch.load(run / "checkpoints" / "step-0000002" / "model.pt")
+    assert sd and all("lora_" in k or k.startswith("connector.") for k in sd)
+    lines = _lines(run)
+    b = tmp_path / "b"  # restart from the step-1 checkpoint: step 2 again, the same
+    shutil.copytree(run, b)
+    (b / "checkpoints" / "latest").write_text("step-0000001")
+    (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:2]))
+    rcs, outs = _env_launch([a if a != str(run) else str(b) for a in base] + ["--steps", "2"])
+    assert rcs == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    assert "resumed from" in outs[0] and "at step 1" in outs[0]
+    again = _lines(b)
+    for key in ("reward", "grad_norm", "text_loss", "image_loss"):
+        assert _close(again[2][key], lines[2][key]), (key, again[2][key], lines[2][key])
+    sb = torch.load(b / "checkpoints" / "step-0000002" / "model.pt")
+    assert set(sb) == set(sd) and max((sd[k] - sb[k]).abs().max().item() for k in sd) < 1e-5
+    p = subprocess.run([sys.executable, "-m", "unirl_fast.cli", "export", str(b), str(tmp_path / "out")], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "out" / "lm" / "config.json").is_file() and "merged" in p.stderr

@@ -124,7 +124,6 @@ def test_bad_combinations_are_clear_errors(experts, tmp_path, capsys):
         (["--lm-path", str(experts / "lm"), "--dit-path", str(tmp_path)], "dit_path .* is not a model directory"),
         (["--lora-dit", "4"], r"lora_dit: LoRA spec '4': expected R,ALPHA"),
         (["--lora-dit", "4,8", "--fp8", "--preset", "tiny-fp8"], "LoRA with --fp8 is not supported"),
-        (["--lora-dit", "4,8", "--zero-stage", "2"], "LoRA under DeepSpeed"),
         (["--attn-implementation", "flash_attention_2"], "needs the flash-attn package and a CUDA device"),
     ]
     for extra, match in cases:

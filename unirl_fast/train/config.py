@@ -242,8 +242,6 @@ class TrainConfig:
                     "(pip install -e '.[flash]'); use sdpa")
         if (self.lora_lm or self.lora_dit) and self.fp8:
             bad("LoRA with --fp8 is not supported yet (peft's adapters wrap torch Linear layers, --fp8 replaces them)")
-        if (self.lora_lm or self.lora_dit) and self.zero_stage is not None:
-            bad("LoRA under DeepSpeed (--zero-stage) is not supported yet: train LoRA in one process, or in full")
         for name in ("lora_lm", "lora_dit"):
             if getattr(self, name) is not None:
                 from ..models.lora import parse_lora

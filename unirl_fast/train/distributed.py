@@ -268,10 +268,11 @@ class DeepSpeedRuntime:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         dist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        lora = bool(trainer.lora)  # LoRA: only the trained weights (adapters, connector), in ds/ and model.pt alike
+        self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=lora)
         torch.save({**state, "world_size": self.world}, tmp / f"state-rank{self.rank}.pt")
         with self.full_weights():
-            model_sd = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()} \
+            model_sd = {k: v.detach().cpu().clone() for k, v in trainer._trained_state().items()} \
                 if self.is_main else None
         if self.is_main:
             torch.save(model_sd, tmp / "model.pt")
@@ -295,7 +296,8 @@ class DeepSpeedRuntime:
         if st["world_size"] != self.world:
             raise ValueError(f"checkpoint {path} was written by {st['world_size']} ranks; this run has {self.world}")
         load_path, _ = self.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+                                                   load_lr_scheduler_states=False,
+                                                   load_module_strict=not trainer.lora)  # LoRA: trained weights only
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the engine state from {path / 'ds'}")
         ema = path / "ema.pt"

@@ -156,9 +156,6 @@ class Trainer:
         for flag, spec, trains in (("--lora-lm", c.lora_lm, s.train_lm), ("--lora-dit", c.lora_dit, s.train_dit)):
             if spec and not trains:
                 raise ValueError(f"{flag} was given but scenario {s.name!r} does not train that expert")
-        if self.dist is not None:
-            raise ValueError("LoRA under DeepSpeed is not supported yet (the reference runs the policy with its "
-                             "adapters off, outside the engine): train LoRA in one process, or train in full")
         out = add_lora(self.model, lm=parse_lora(c.lora_lm, "lm") if c.lora_lm else None,
                        dit=parse_lora(c.lora_dit, "dit") if c.lora_dit else None)
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -289,7 +286,8 @@ class Trainer:
         with timer.phase("reward"), self._full_weights(), self._autocast(), self._cycle_model() as inverse:
             score(m, s, c, b, self.gen, reward=self.reward, inverse_model=inverse)
             adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
-        with timer.phase("ref"), self._reference() as ref, fp8_weight_cache(ref), self._autocast():
+        ref_weights = self._full_weights() if self.ref is None else contextlib.nullcontext()  # LoRA: the policy's
+        with timer.phase("ref"), ref_weights, self._reference() as ref, fp8_weight_cache(ref), self._autocast():
             reference_outputs(ref, s, c, b, c.micro_batch)  # frozen: one FP8 quantization per layer and step
         m.train()
         metrics = {}
