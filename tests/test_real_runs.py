@@ -123,7 +123,6 @@ def test_bad_combinations_are_clear_errors(experts, tmp_path, capsys):
         (["--lm-path", str(experts / "lm")], "--lm-path and --dit-path go together"),
         (["--lm-path", str(experts / "lm"), "--dit-path", str(tmp_path)], "dit_path .* is not a model directory"),
         (["--lora-dit", "4"], r"lora_dit: LoRA spec '4': expected R,ALPHA"),
-        (["--lora-dit", "4,8", "--fp8", "--preset", "tiny-fp8"], "LoRA with --fp8 is not supported"),
         (["--attn-implementation", "flash_attention_2"], "needs the flash-attn package and a CUDA device"),
     ]
     for extra, match in cases:
@@ -341,3 +340,21 @@ def test_every_scenario_from_local_directories(experts, tmp_path, scenario):
                               num_queries=4, connector_dim=32, connector_layers=1)
     out = Trainer(cfg, **QUIET).train()
     assert out["final_eval_reward"] is not None
+
+
+def test_lora_over_fp8_layers(tmp_path):
+    """--fp8 with LoRA: peft wraps the FP8 Linear layers (a frozen FP8 base, adapters in full precision, in rollout and
+    training alike); only the adapters and the connector change."""
+    from unirl_fast.fp8 import FP8Linear
+
+    cfg = dataclasses.replace(SMOKE, scenario="reason-generate", preset="tiny-fp8", fp8=True, run_dir=str(tmp_path),
+                              steps=2, lora_lm="4,8", lora_dit="4,8", beta=0.02,
+                              reward=("world", "reward_fns:completion_length=0.1"))
+    t = Trainer(cfg, **QUIET)
+    wrapped = [m.base_layer for m in t.model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert wrapped and any(isinstance(b, FP8Linear) for b in wrapped)
+    base = _state(t.model)
+    t.train()
+    now = t.model.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], now[k])}
+    assert any("lora_" in k for k in changed) and all("lora_" in k or k.startswith("connector.") for k in changed)

@@ -240,8 +240,6 @@ class TrainConfig:
             if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
                 bad("attn_implementation 'flash_attention_2' needs the flash-attn package and a CUDA device "
                     "(pip install -e '.[flash]'); use sdpa")
-        if (self.lora_lm or self.lora_dit) and self.fp8:
-            bad("LoRA with --fp8 is not supported yet (peft's adapters wrap torch Linear layers, --fp8 replaces them)")
         for name in ("lora_lm", "lora_dit"):
             if getattr(self, name) is not None:
                 from ..models.lora import parse_lora
