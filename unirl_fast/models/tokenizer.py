@@ -24,7 +24,20 @@ def left_pad(rows, pad_token_id: int, device=None):
     return ids.to(device), mask.to(device)
 
 
-class CharTokenizer:
+class _Batching:
+    """What both tokenizers share: batch decoding and left-padded batch encoding over their own encode / decode."""
+
+    def batch_decode(self, batch, *, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
+
+    def __call__(self, texts, *, add_bos: bool = True, device=None):
+        """Left-padded batch -> (input_ids [B, L] int64, attention_mask [B, L] int64)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return left_pad([self.encode(t, add_bos=add_bos) for t in texts], self.pad_token_id, device)
+
+
+class CharTokenizer(_Batching):
     pad_token_id = 0
     bos_token_id = 1
     eos_token_id = 2
@@ -58,17 +71,9 @@ class CharTokenizer:
                 out.append(_SPECIALS[i] if 0 <= i < len(_SPECIALS) else _SPECIALS[self.unk_token_id])
         return "".join(out)
 
-    def batch_decode(self, batch, *, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
-
-    def __call__(self, texts, *, add_bos: bool = True, device=None):
-        """Left-padded batch -> (input_ids [B, L] int64, attention_mask [B, L] int64)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        return left_pad([self.encode(t, add_bos=add_bos) for t in texts], self.pad_token_id, device)
 
 
-class HFTokenizer:
+class HFTokenizer(_Batching):
     """A Hugging Face tokenizer (from the LM's directory) behind the CharTokenizer interface the rollouts and the
     trainer use: left-padded batches, encode / decode, pad / bos / eos ids. A tokenizer without a pad token pads
     with its EOS token (masked out anyway); one without a BOS token gets none (`add_bos` is then a no-op, as for
@@ -105,14 +110,6 @@ class HFTokenizer:
             ids = ids.tolist()
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def batch_decode(self, batch, *, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
-
-    def __call__(self, texts, *, add_bos: bool = True, device=None):
-        """Left-padded batch -> (input_ids [B, L] int64, attention_mask [B, L] int64)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        return left_pad([self.encode(t, add_bos=add_bos) for t in texts], self.pad_token_id, device)
 
     def save_pretrained(self, directory) -> None:
         self.hf.save_pretrained(str(directory))

@@ -179,14 +179,9 @@ def encode_prompts(tok, lm, texts, vision: VisionInputs | None, *, add_bos: bool
         c = lm.config
         image = [c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id]
         rows.append(tok.encode(parts[0], add_bos=add_bos) + image + tok.encode(parts[1]))
-    L = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), L), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, L - len(r):] = torch.tensor(r)
-            mask[i, L - len(r):] = 1
-    return ids.to(device), mask.to(device)
+    from .tokenizer import left_pad
+
+    return left_pad(rows, tok.pad_token_id, device)
 
 
 def image_features(lm, vision: VisionInputs) -> torch.Tensor:
