@@ -358,3 +358,15 @@ def test_lora_over_fp8_layers(tmp_path):
     now = t.model.state_dict()
     changed = {k for k in base if not torch.equal(base[k], now[k])}
     assert any("lora_" in k for k in changed) and all("lora_" in k or k.startswith("connector.") for k in changed)
+
+
+def test_profile_runs_the_vision_language_expert_and_the_bench_vlm_preset_builds(tmp_path, capsys):
+    """`unirl-fast profile` with a VLM expert (tiny-vlm here; bench-vlm-2b, Qwen2-VL-2B + SANA-0.6B, is the GPU
+    throughput target and is only built on the meta device on a CPU)."""
+    assert main(["profile", "--preset", "tiny-vlm", "--scenario", "reason-edit", "--steps", "1", "--warmup", "0",
+                 "--precision", "bf16", "--grad-ckpt-lm", "--grad-ckpt-dit", "--out", str(tmp_path), "--quiet"]) == 0
+    assert "step ms" in capsys.readouterr().out
+    with torch.device("meta"):
+        m = UnifiedModel(preset_config("bench-vlm-2b"))
+    p = memory_plan(m, train_lm=True, train_dit=True)["params"]
+    assert 1.5e9 < p["lm"] < 1.6e9 and 6.0e8 < p["lm_vision"] < 7.0e8  # Qwen2-VL-2B: 1.54 B + 0.67 B

@@ -22,6 +22,8 @@ Presets (`preset_config(name)`):
 | small | Qwen2, H=256, 4 layers, vocab 4096 | Sana, width 256, 4 layers | AutoencoderKL f8c4, 128 px | GPU smoke |
 | bench-1.5b = qwen2.5-1.5b-sana-0.6b | Qwen2.5-1.5B shape (H=1536, 28 layers, GQA 12/2, V 151936) | SANA-600M shape
   (1152 wide, 28 layers) | DC-AE f32c32, 512 px | throughput, sizing |
+| bench-vlm-2b | Qwen2-VL-2B shape (bench-1.5b's decoder + a 32-block vision tower) | as bench-1.5b | as bench-1.5b |
+  the VLM throughput target |
 | unirl-zero-3b-sana-1.6b | Qwen2.5-VL-3B shape (vision tower + 2048 x 36 text) | SANA-1.6B shape (2240 wide, 20
   layers) | DC-AE f32c32, 512 px | sizing (`unirl-fast plan`) |
 
@@ -186,9 +188,25 @@ def _unirl_zero_3b():
                                  connector_dim=2048, connector_layers=2, connector_heads=16)
 
 
+def _bench_vlm_2b():
+    # bench-1.5b with a vision-language LM expert of the same text size: Qwen2-VL-2B's shape (the 1.5B decoder, 1536
+    # wide, 28 layers, GQA 12/2, M-RoPE sections 16/24/24; a 32-block vision tower of 1280 merged to 1536).
+    text = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+            "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+            "rope_theta": 1e6, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": True,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+    vision = {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "mlp_ratio": 4, "num_heads": 16,
+              "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    lm = {"model_type": "qwen2_vl", "text_config": text, "vision_config": vision, "tie_word_embeddings": True,
+          "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+          "vision_end_token_id": 151653}
+    return _bench_1p5b().replace(lm=lm)
+
+
 PRESETS = {"tiny": _tiny, "tiny-sd3": _tiny_sd3, "small": _small, "bench-1.5b": _bench_1p5b,
            # real shapes, for sizing a run (`unirl-fast plan`); load real weights with --lm-path / --dit-path
-           "qwen2.5-1.5b-sana-0.6b": _bench_1p5b, "unirl-zero-3b-sana-1.6b": _unirl_zero_3b}
+           "qwen2.5-1.5b-sana-0.6b": _bench_1p5b, "unirl-zero-3b-sana-1.6b": _unirl_zero_3b,
+           "bench-vlm-2b": _bench_vlm_2b}
 
 
 def preset_config(name: str) -> UnifiedConfig:

@@ -53,7 +53,7 @@ def profile_model_config(preset: str, edit: bool):
     from ..models import preset_config
     from ..train.pretrain import world_model_config
 
-    if preset in ("tiny", "tiny-fp8"):
+    if preset in ("tiny", "tiny-fp8", "tiny-vlm"):
         return world_model_config(preset, edit)
     cfg = preset_config(preset)
     if cfg.tokenizer is None:
