@@ -349,7 +349,7 @@ def _cmd_profile(args) -> int:
     from .train.config import config_from_args
 
     if args.config is None:
-        args.config = "bench" if args.preset == "bench-1.5b" else "smoke"
+        args.config = "bench" if args.preset in ("bench-1.5b", "bench-vlm-2b") else "smoke"
     try:
         cfg = config_from_args(args)
         res = profile(dataclasses.replace(cfg, run_dir=args.out), args.impl_kind, steps=args.measured_steps,
