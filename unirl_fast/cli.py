@@ -50,25 +50,17 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import dataclasses
-    from pathlib import Path
+    from .train import Trainer
+    from .train.rundir import append_eval, saved_config
 
-    from .train import TrainConfig, Trainer
-
-    path = Path(args.run_dir) / "config.json"
-    if not path.is_file():
-        print(f"unirl-fast eval: {args.run_dir!r} has no config.json (not a run directory)", file=sys.stderr)
-        return 2
-    cfg = dataclasses.replace(TrainConfig(**json.loads(path.read_text())), zero_stage=None)  # one process reads
     over = {k: getattr(args, k) for k in ("eval_prompts", "eval_samples") if getattr(args, k) is not None}
     try:
-        cfg = dataclasses.replace(cfg, **over).validate()
+        cfg = saved_config(args.run_dir, **over)  # one process reads the run
     except ValueError as e:
         print(f"unirl-fast eval: {e}", file=sys.stderr)
         return 2
     trainer = Trainer(cfg, readonly=True)  # reads the run; writes only its result line
     res = {k: v for k, v in trainer.evaluate().items() if not k.startswith("_")}
-    from .train.rundir import append_eval
 
     out = append_eval(args.run_dir, {"step": trainer.step, "eval_prompts": cfg.eval_prompts,
                                      "eval_samples": cfg.eval_samples, **res})
@@ -206,21 +198,16 @@ def _add_serve_reward_parser(sub) -> None:
 
 def _cmd_export(args) -> int:
     """The run's latest checkpoint as a plain unified-model directory (split layout), LoRA adapters merged."""
-    import dataclasses
     from pathlib import Path
 
-    from .train import TrainConfig, Trainer
+    from .train import Trainer
+    from .train.rundir import saved_config
 
-    path = Path(args.run_dir) / "config.json"
-    if not path.is_file():
-        print(f"unirl-fast export: {args.run_dir!r} has no config.json (not a run directory)", file=sys.stderr)
-        return 2
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        print(f"unirl-fast export: {args.out!r} exists and is not empty", file=sys.stderr)
-        return 2
     try:
-        cfg = dataclasses.replace(TrainConfig(**json.loads(path.read_text())), zero_stage=None).validate()
+        cfg = saved_config(args.run_dir)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{args.out!r} exists and is not empty")
         trainer = Trainer(cfg, readonly=True, log=lambda *a: print(*a, file=sys.stderr))
     except (ValueError, FileNotFoundError) as e:
         print(f"unirl-fast export: {e}", file=sys.stderr)

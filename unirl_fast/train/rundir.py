@@ -113,6 +113,18 @@ def trim_metrics(path, step: int) -> int:
     return len(lines) - len(keep)
 
 
+def saved_config(run_dir, **over):
+    """A run directory's config.json as the TrainConfig one process reads it with (`eval`, `export`): zero_stage off,
+    `over` applied, validated. ValueError when the directory is not a run directory."""
+    from .config import TrainConfig
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} has no config.json (not a run directory)")
+    cfg = TrainConfig(**json.loads(path.read_text()))
+    return dataclasses.replace(cfg, zero_stage=None, **over).validate()
+
+
 def append_eval(run_dir, record: dict) -> Path:
     path = Path(run_dir) / "evals.jsonl"
     with open(path, "a") as f:
