@@ -28,13 +28,22 @@ def vec_elems(t) -> int:
 
 
 def aligned_rows(rows: int, n: int, dtype, device):
-    """An uninitialised [rows, n] buffer whose rows each start on a 16-byte boundary (row stride n rounded up to
-    a vector): every row then splits the same way, so a row's result does not depend on its position in the
-    batch (the fused head ops' logits chunks; a rollout and a training pass of the same tokens agree bitwise)."""
+    """A [rows, n] buffer whose rows each start on a 16-byte boundary (row stride n rounded up to a vector):
+    every row then splits the same way, so a row's result does not depend on its position in the batch (the fused
+    head ops' logits chunks; a rollout and a training pass of the same tokens agree bitwise).
+
+    The [:, :n] view is uninitialised (its user writes it), but the padding columns past n are zeroed: a GEMM
+    handed the strided view may read whole vectors across the row end (torch 2.13's CPU oneDNN bf16 GEMM does, and
+    multiplies those lanes by zero), so a NaN bit pattern left there would turn a whole row of its output into
+    NaN. Zeroing costs rows x (stride - n) < rows x 8 elements, once per buffer."""
     import torch
 
     vec = max(1, 16 // dtype.itemsize)
-    return torch.empty(rows, -(-n // vec) * vec, dtype=dtype, device=device)[:, :n]
+    stride = -(-n // vec) * vec
+    buf = torch.empty(rows, stride, dtype=dtype, device=device)
+    if stride > n:
+        buf[:, n:].zero_()
+    return buf[:, :n]
 
 
 def base_shift(t) -> int:
