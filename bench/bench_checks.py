@@ -7,7 +7,7 @@ Columns: median ms (p20, p80) per mode and `x_vs_off` = t(mode) / t(off), the ch
 (target: cheap <= 1.05 on a CPU at N = 4096, V = 32000 fp32, <= 1.02 on a GPU).
 
 Shapes: on a CPU N = 4096 tokens (B4 x L1024), V = 32000, H = 512, fp32 (the logits op is the target's; the fused
-loss at H = 512 keeps its reference inside memory); on a GPU BENCH.md qwen-3b (N = 8192, H = 2048, V = 151936) in
+loss at H = 512 keeps its reference inside memory); on a GPU the qwen-3b shape (N = 8192, H = 2048, V = 151936) in
 bf16; `--smoke` tiny shapes. A mode's time is the median of `--rep` calls, modes interleaved round by round so
 a drift of the machine's speed hits every mode alike.
 

@@ -1,5 +1,5 @@
-"""Flow-GRPO ops: ours (Triton, impl="triton") vs the eager fp32 reference vs torch.compile(reference), BENCH.md
-flow shapes (B=32 x 16x64x64 SD3/SANA latents, B=32 x 32x16x16 DC-AE), bf16 inputs, fp32 math.
+"""Flow-GRPO ops: ours (Triton, impl="triton") vs the eager fp32 reference vs torch.compile(reference), at
+the flow shapes of docs/benchmarks.md (B=32 x 16x64x64 SD3/SANA latents, B=32 x 32x16x16 DC-AE), bf16 inputs, fp32 math.
 
 Cases, each for one step ([B, ...], per-sample sigmas [B]) and a replay of T steps ([T, B, ...], sigmas [T, B]):
     step_fwd      flow_sde_step, given noise     bytes = E (3 * in_bytes + 2 * 4)  (v, x, noise in; mean, next out)
@@ -11,14 +11,14 @@ E = elements of one latent tensor; every tensor is counted once each way (reads 
 convention as the copy ceiling (bytes read + written). Per-sample and scalar tensors are ignored (< 0.01%).
 GB/s is reported against the copy bandwidth measured in the same run (`frac_copy`).
 
-Inputs rotate through enough copies to exceed the 50 MB L2 (BENCH.md), so no case is timed from cache.
+Inputs rotate through enough copies to exceed the 50 MB L2 (docs/benchmarks.md), so no case is timed from cache.
 "ours" goes through the public op with the default value checks ("cheap": the per-sample log-probs and sigmas,
 no host sync; the CSV's `checks` column says which); the reference rows call the reference functions directly
 (no validation).
 Backward rows time `autograd.grad(..., retain_graph=True)` on a graph built once per input copy.
 
     python bench/bench_flow.py --smoke          # CPU: tiny shapes, ours under the Triton interpreter
-    python bench/bench_flow.py                  # GPU: BENCH.md shapes, CSV + PNG to bench/results/
+    python bench/bench_flow.py                  # GPU: docs/benchmarks.md shapes, CSV + PNG to bench/results/
 """
 from __future__ import annotations
 

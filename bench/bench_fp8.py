@@ -1,8 +1,9 @@
 """FP8 unified precision flow benchmark (issue 5): FP8Linear vs bf16 nn.Linear, quantizer bandwidth, FP8 error,
 and the rollout/training mismatch of the unified flow vs FP8-rollout/bf16-training.
 
-1. GEMM: forward + backward of FP8Linear (each available backend) vs bf16 nn.Linear at the BENCH.md FP8 shapes:
-   8192^3 and the Qwen2.5-7B projections (N x K = 18944 x 3584, 3584 x 18944, 4608 x 3584) at M = 8192, 16384.
+1. GEMM: forward + backward of FP8Linear (each available backend) vs bf16 nn.Linear at the FP8 shapes
+   (docs/benchmarks.md): 8192^3 and the Qwen2.5-7B projections (N x K = 18944 x 3584, 3584 x 18944,
+   4608 x 3584) at M = 8192, 16384.
    TFLOP/s = 6 M N K / t (three GEMMs); x_vs_bf16 = t(bf16) / t(ours). Error columns: scale-free metric
    1 - 2<a,b>/(|a|^2+|b|^2) of y, dx, dW against the bf16 layer's (the bf16 layer is itself rounded, so this
    is the FP8-vs-bf16 gap, not an error against exact math). Target on H100: >= 1.35x at M = 16384. Timed with

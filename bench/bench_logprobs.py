@@ -1,4 +1,4 @@
-"""Benchmark of `logprobs_from_logits` and `fused_linear_logprobs` (BENCH.md protocol), fwd / bwd / fwd+bwd.
+"""Benchmark of `logprobs_from_logits` and `fused_linear_logprobs` (protocol: docs/benchmarks.md), fwd / bwd / fwd+bwd.
 
 Side by side in one process, bf16 on the GPU:
   ours          the Triton path (impl="triton"); `ours_inplace` adds inplace_backward=True (logits op only,
@@ -18,7 +18,7 @@ Peak extra memory is for one fwd+bwd above what was allocated before (inputs exc
 Backward is timed by re-running autograd.grad on a retained graph.
 
     python bench/bench_logprobs.py --smoke          # CPU: tiny shapes, the Triton kernels under the interpreter
-    python bench/bench_logprobs.py                  # GPU: BENCH.md shapes
+    python bench/bench_logprobs.py                  # GPU: docs/benchmarks.md shapes
 """
 from __future__ import annotations
 

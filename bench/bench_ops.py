@@ -1,7 +1,7 @@
 """Overview benchmark of every public op, forward + backward: ours (impl="auto") vs the eager fp32
 reference, plus a TRL-style per-row log_softmax baseline for the log-prob ops, and torch.compile of the
 reference off smoke mode. On CPU this is the smoke run the README's first command does; the per-op
-scripts (bench_<op>.py) hold the full BENCH.md comparisons on the GPU.
+scripts (bench_<op>.py) hold the full docs/benchmarks.md comparisons on the GPU.
 
 Throughput formula (the column `GB/s` or `TFLOP/s`): log-prob ops count the logits bytes read once
 (logits input) or the 2NHV head FLOPs; flow ops count velocity + sample + noise read and next_sample +

@@ -1,4 +1,4 @@
-"""GRPO policy loss from hidden states, forward + backward (BENCH.md): ours vs the field, side by side.
+"""GRPO policy loss from hidden states, forward + backward (docs/benchmarks.md): ours vs the field, side by side.
 
 Implementations (each: loss from h [B, L, H], W [V, H], then backward into h and W, grads kept):
     ours          unirl_fast.fused_linear_policy_loss(impl="triton"): chunked cuBLAS GEMMs + one fused row kernel
@@ -50,7 +50,7 @@ from bench.common import (  # noqa: E402
 from unirl_fast import reference as R  # noqa: E402
 from unirl_fast.reference.policy_loss import policy_loss_ref  # noqa: E402
 
-SHAPES = {  # name: (B, L, H, V), BENCH.md
+SHAPES = {  # name: (B, L, H, V), docs/benchmarks.md
     "qwen-1.5b": (8, 1024, 1536, 151936),
     "qwen-3b": (8, 1024, 2048, 151936),
     "qwen-7b": (16, 1024, 3584, 151936),

@@ -1,4 +1,4 @@
-"""Shared benchmark machinery (BENCH.md): timing, hardware ceilings, peak extra memory, CSV rows.
+"""Shared benchmark machinery (docs/benchmarks.md): timing, hardware ceilings, peak extra memory, CSV rows.
 
 - Timing: warm-up, then the median with p20/p80. On CUDA, `triton.testing.do_bench` (CUDA events; its
   warm-up/rep are milliseconds); on CPU, `time.perf_counter` around a synchronous call.
@@ -183,5 +183,5 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def resolve_smoke(args) -> bool:
-    """No CUDA means smoke mode: full BENCH.md shapes only make sense on the GPU machine."""
+    """No CUDA means smoke mode: full docs/benchmarks.md shapes only make sense on the GPU machine."""
     return args.smoke or torch.device(args.device).type != "cuda"

@@ -1,5 +1,5 @@
-"""Compile report: every Triton kernel launch of the public ops at the BENCH.md shapes, compiled for sm_90 on a
-machine without a GPU, and read for what decides its speed (method: the project's COMPILE_REPORT notes).
+"""Compile report: every Triton kernel launch of the public ops at the standard shapes, compiled for sm_90 on a
+machine without a GPU, and read for what decides its speed (method: docs/benchmarks.md, "The compile report").
 
 How a launch is compiled without a GPU: a stand-in Triton driver reports an sm_90 target and the meta device;
 the real launchers in `unirl_fast.kernels` are called with meta tensors at the benchmark shapes (no memory; data
@@ -27,7 +27,7 @@ Columns (one row per distinct kernel x constexprs x config x grid):
                      reductions on them alternate (no prefetch, or no loop); capped at 1. Not a measurement: "-" for
                      tensor-core GEMMs (compute bound).
 
-    python bench/kernel_report.py         # BENCH.md shapes -> bench/results/kernel_report-triton-<v>/kernel_report.*
+    python bench/kernel_report.py         # standard shapes -> bench/results/kernel_report-triton-<v>/kernel_report.*
     python bench/kernel_report.py --shapes smoke --check    # what CI runs: exit 1 on a compile error or a spill
     unirl-fast bench --compile-report [--out DIR]
 """
@@ -235,7 +235,7 @@ def plan_fp8(M, N, K):
 
 
 def plans(shapes: str):
-    """[(op, shape name, callable)] for the BENCH.md shapes ("bench") or tiny ones ("smoke")."""
+    """[(op, shape name, callable)] for the docs/benchmarks.md shapes ("bench") or tiny ones ("smoke")."""
     lm = SMOKE["lm"] if shapes == "smoke" else LM_SHAPES
     flow = SMOKE["flow"] if shapes == "smoke" else FLOW_SHAPES
     fp8 = SMOKE["fp8"] if shapes == "smoke" else FP8_SHAPES

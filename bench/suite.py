@@ -128,7 +128,7 @@ def run(requested, out_dir=None, smoke=False, device=None, log=print) -> dict:
 def _title(name, rows):
     r = rows[0] if rows else {}
     return (f"bench_{name} on {r.get('device', '?')} (torch {r.get('torch', '?')}, triton {r.get('triton', '?')})"
-            + (" [smoke: tiny shapes, few repeats; not BENCH.md figures]" if str(r.get("smoke")) == "True" else ""))
+            + (" [smoke: tiny shapes, few repeats; not GPU figures]" if str(r.get("smoke")) == "True" else ""))
 
 
 def _num(v):

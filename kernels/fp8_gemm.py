@@ -10,7 +10,7 @@ and 128 of K (GN = 1, the token-grouped wgrad operand). Each 128-deep partial pr
 tensor core, then promoted into the fp32 accumulator with its scales (DeepGEMM's two-level accumulation:
 Hopper's FP8 MMA keeps only ~14 mantissa bits of the running sum, so long K must not stay in it).
 
-Traffic: (M + N) * K bytes of FP8 plus scales, 2 * M * N bytes out; compute-bound at the BENCH.md shapes.
+Traffic: (M + N) * K bytes of FP8 plus scales, 2 * M * N bytes out; compute-bound at the docs/benchmarks.md shapes.
 With 128x128 weight blocks (GN = 128) and BN = 128 the weight scale is one scalar per K-step (not a [BN] vector
 load per column). The autotune key buckets the token counts (M, or K in wgrad) by powers of two, so every new
 sequence length does not re-benchmark. Known limit: the per-K-step promotion waits for the tensor cores to finish

@@ -10,7 +10,7 @@ Timing run (no timing asserts anywhere; compare the JSON files of two commits wi
         --benchmark-json=bench/results/pytest-benchmark-cpu.json
 
 Shapes are small CPU shapes (a 4 x 64-token batch over a 4096-word vocabulary, 8 latents of 16 x 32 x 32): what
-the CPU smoke runs and the tiny trainer see, not the GPU shapes of BENCH.md (bench/ measures those).
+the CPU smoke runs and the tiny trainer see, not the GPU shapes of docs/benchmarks.md (bench/ measures those).
 """
 import dataclasses
 import math

@@ -11,7 +11,7 @@ import torch
 
 from unirl_fast.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # after installed packages: never shadows them
 from bench import common  # noqa: E402
 
 

@@ -4,7 +4,7 @@ On CPU the kernels run under the Triton interpreter (tests/conftest.py), where t
 few programs so that the small awkward shapes here still split a sample into several chunks and loop inside a chunk.
 The fp32 reference is the oracle; both sides do the same fp32 math on the same upcast inputs, so the bound is an
 absolute relative error (`assert_close_rule` with no baseline) set by fp32 reassociation of the sums.
-GPU tests at the BENCH.md shapes are marked `gpu`.
+GPU tests at the docs/benchmarks.md shapes are marked `gpu`.
 """
 from __future__ import annotations
 
@@ -342,7 +342,7 @@ print("ok", len(jobs))
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_with_vector_loads(tmp_path):
     """Compile every kernel ahead of time for sm_90 (no GPU needed: Triton's bundled ptxas) in a fresh process
-    without the interpreter, with the divisibility Triton infers at the BENCH.md shapes, and require 128-bit loads."""
+    without the interpreter, with the divisibility Triton infers at the standard shapes, and require 128-bit loads."""
     import os
     import subprocess
     import sys

@@ -1,6 +1,6 @@
-"""Triton paths of logprobs_from_logits and fused_linear_logprobs vs an fp64 oracle (STYLE.md tolerance rule).
+"""Triton paths of logprobs_from_logits and fused_linear_logprobs vs an fp64 oracle (docs/contributing.md).
 
-On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest) with small awkward shapes; the BENCH.md
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest) with small awkward shapes; the docs/benchmarks.md
 shapes are `gpu`-marked. Every case drives backward with random upstream grads for logp and entropy.
 The oracle is fp64 end to end (the fp32 reference's entropy is off by ~13 nats on rows near -2e4, where
 lse - E_p[z] cancels; the kernels keep the entropy relative to the row max and stay exact).
@@ -324,7 +324,7 @@ V_QWEN = 151936
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", list(BENCH_SHAPES))
 def test_fused_linear_bench_shapes_gpu(shape):
-    """BENCH.md shapes, bf16: logp/entropy on 256 sampled tokens vs fp64, and dh/dW vs the torch bf16
+    """docs/benchmarks.md shapes, bf16: logp/entropy on 256 sampled tokens vs fp64, and dh/dW vs the torch bf16
     baseline with the tolerance rule (fp64 gradients of a sampled-token loss)."""
     dev = torch.device("cuda")
     B, L, H = BENCH_SHAPES[shape]

@@ -1,7 +1,7 @@
 """Triton `policy_loss` and `fused_linear_policy_loss` against the fp32 reference, forward, gradients and metrics.
 
 On CPU the kernels run under the Triton interpreter (tiny H, few tokens); the chunk budget is lowered so
-the fused op runs several chunks. GPU-marked tests use the BENCH.md qwen-1.5b shape.
+the fused op runs several chunks. GPU-marked tests use the docs/benchmarks.md qwen-1.5b shape.
 """
 import pytest
 import torch
@@ -446,7 +446,7 @@ def test_fused_memory_and_in_place_backward(device, monkeypatch):
 
 @pytest.mark.gpu
 def test_fused_gpu_long_sequence():
-    B, L, H, V = 1, 70_000, 64, 1000  # L past 65535 (BENCH.md long has L = 65536), many chunks
+    B, L, H, V = 1, 70_000, 64, 1000  # L past 65535 (docs/benchmarks.md long has L = 65536), many chunks
     dev = torch.device("cuda")
     h, W, b, y = _head(B, L, H, V, dev)
     d = _policy_data(2, L, dev)
@@ -458,7 +458,7 @@ def test_fused_gpu_long_sequence():
 @pytest.mark.gpu
 @pytest.mark.parametrize("is_level", ["token", "sequence"])
 def test_fused_gpu_qwen_1p5b_shape(is_level):
-    B, L, H, V = 8, 1024, 1536, 151936  # BENCH.md qwen-1.5b
+    B, L, H, V = 8, 1024, 1536, 151936  # docs/benchmarks.md qwen-1.5b
     dev = torch.device("cuda")
     h, W, b, y = _head(B, L, H, V, dev, dtype=torch.bfloat16)
     d = _policy_data(B, L, dev)

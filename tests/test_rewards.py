@@ -18,7 +18,7 @@ import torch
 
 from unirl_fast import world as W
 from unirl_fast.cli import main
-from unirl_fast.rewards import RewardBatch, RewardError, as_result, build_reward, parse_spec
+from unirl_fast.rewards import RewardBatch, RewardError, as_result, build_reward, load_callable, parse_spec
 from unirl_fast.rewards.http import HttpReward, make_server
 from unirl_fast.tasks import Task
 from unirl_fast.train import PRESETS, Trainer
@@ -104,7 +104,8 @@ def test_weighted_sum_of_callables_by_import_path_with_labels_and_parts():
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("no_such_module_xyz:f", r"cannot import module 'no_such_module_xyz'"),
+    ("no_such_module_xyz:f", r"no module 'no_such_module_xyz' in the working directory or on the Python path "
+                             r"\(searched: "),
     ("reward_fns:nope", r"'reward_fns' has no attribute 'nope'"),
     ("reward_fns:NOT_CALLABLE", r"is a int, not a callable"),
     ("what", r"unknown reward 'what'"),
@@ -114,6 +115,30 @@ def test_weighted_sum_of_callables_by_import_path_with_labels_and_parts():
 def test_bad_reward_specs(spec, match):
     with pytest.raises(ValueError, match=match):
         build_reward([spec])
+
+
+def test_a_reward_module_beside_the_command_imports_without_touching_sys_path(tmp_path, monkeypatch):
+    (tmp_path / "my_local_rewards.py").write_text("def score(batch):\n    return [0.5] * len(batch)\n")
+    (tmp_path / "my_local_pkg").mkdir()
+    (tmp_path / "my_local_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_local_pkg" / "scores.py").write_text("def one(batch):\n    return [1.0] * len(batch)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    assert load_callable("my_local_rewards:score").__name__ == "score"
+    assert load_callable("my_local_pkg.scores:one").__name__ == "one"
+    assert sys.path == before  # appended for the import, then removed: never in front of installed packages
+
+
+@pytest.mark.parametrize("name", ["json", "torch"])
+def test_a_local_file_named_like_an_installed_module_is_refused(tmp_path, monkeypatch, name):
+    (tmp_path / f"{name}.py").write_text("def score(batch):\n    return [0.0] * len(batch)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with pytest.raises(ValueError, match=rf"{tmp_path / name}\.py has the name of the installed module '{name}' "
+                                         rf"\(.*{name}.*\): rename your file"):
+        load_callable(f"{name}:score")
+    assert getattr(__import__(name), "__file__", "") != str(tmp_path / f"{name}.py")
 
 
 def test_world_reward_is_the_world_verifier_and_format_takes_a_pattern():

@@ -1,4 +1,4 @@
-"""The tolerance rule of STYLE.md.
+"""The tolerance rule of docs/contributing.md.
 
 A result passes when  err(ours) <= 2 * err(torch at the same precision) + atol,  where err is the
 relative error ||x - ref|| / ||ref|| against an fp64 oracle. "torch at the same precision" is the

@@ -80,7 +80,7 @@ def _bench_suite():
         raise FileNotFoundError(f"the bench scripts are not installed (no bench/suite.py under {here} or the "
                                 "working directory): run from a source checkout (git clone, pip install -e .)")
     if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+        sys.path.append(str(root))  # after the installed packages, which it must not shadow
     import bench.suite
 
     if Path(bench.suite.__file__).resolve().parent != root / "bench":

@@ -8,7 +8,7 @@
     cycle                 edits: the cycle-consistency reward
     clip:DIR              CLIPScore with a local CLIP checkpoint;  pickscore:DIR: PickScore (another CLIP directory)
     http(s)://HOST/PATH   a reward service (unirl_fast.rewards.http; `unirl-fast serve-reward` runs one)
-    pkg.module:function   any Python callable taking a RewardBatch (imported with the working directory on the path)
+    pkg.module:function   any Python callable taking a RewardBatch (installed, or a module in the working directory)
 
 Each term is logged under a label: the built-in's name, the callable's name, the URL's last path segment (or host),
 with _2, _3 ... when two would share one.
@@ -16,9 +16,10 @@ with _2, _3 ... when two would share one.
 from __future__ import annotations
 
 import importlib
-import os
+import importlib.util
 import re
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 from .base import RewardBatch, RewardError, RewardResult, Term, WeightedReward, as_result, to_pil
@@ -48,15 +49,35 @@ def parse_spec(text: str) -> tuple:
 
 
 def load_callable(path: str):
-    """"pkg.module:attr[.attr]" -> the object (must be callable). The working directory is put on sys.path first,
-    so a reward module beside the run's command imports without installing it."""
+    """"pkg.module:attr[.attr]" -> the object (must be callable).
+
+    A module beside the command (`./my_rewards.py` or `./my_pkg/`) is found without installing it, but the working
+    directory only ever comes *after* the installed packages: it is appended to sys.path for the import and removed
+    again, so it neither shadows an installed module nor stays on the path for the rest of the process. A local
+    file named like another installed module (`./json.py`, `./torch.py`) is refused: which of the two an import
+    gives would depend on how Python was started."""
     mod_name, _, attr = path.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    top = mod_name.split(".", 1)[0]
+    cwd = Path.cwd()
+    local = next((p for p in (cwd / f"{top}.py", cwd / top) if p.is_file() or (p / "__init__.py").is_file()), None)
+    installed = _installed_origin(top, cwd)
+    if local is not None and installed is not None and Path(installed).resolve() not in (local, local / "__init__.py"):
+        raise ValueError(f"reward {path!r}: {local} has the name of the installed module {top!r} ({installed}): "
+                         "rename your file")
+    added = local is not None and str(cwd) not in sys.path
+    if added:
+        sys.path.append(str(cwd))
     try:
         obj = importlib.import_module(mod_name)
     except ImportError as e:
+        if local is None and installed is None:
+            dirs = [str(cwd)] + [p for p in sys.path if p and not _same_dir(p, cwd) and Path(p).exists()]
+            raise ValueError(f"reward {path!r}: no module {top!r} in the working directory or on the Python path "
+                             f"(searched: {', '.join(dirs)})") from None
         raise ValueError(f"reward {path!r}: cannot import module {mod_name!r} ({type(e).__name__}: {e})") from None
+    finally:
+        if added:
+            sys.path.remove(str(cwd))
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"reward {path!r}: {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no "
@@ -65,6 +86,36 @@ def load_callable(path: str):
     if not callable(obj):
         raise ValueError(f"reward {path!r} is a {type(obj).__name__}, not a callable")
     return obj
+
+
+def _same_dir(entry: str, cwd: Path) -> bool:
+    """Whether a sys.path entry is the working directory ('' is, under `python -c` / `python -m`)."""
+    try:
+        return Path(entry or ".").resolve() == cwd
+    except OSError:
+        return False
+
+
+def _installed_origin(top: str, cwd: Path) -> str | None:
+    """Where the top-level module `top` comes from with the working directory off the path ('built-in', a file or
+    a package folder), or None when nothing else provides it."""
+    mod = sys.modules.get(top)
+    spec = getattr(mod, "__spec__", None) if mod is not None else None
+    if spec is None:
+        saved = sys.path[:]
+        sys.path[:] = [p for p in saved if not _same_dir(p, cwd)]
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            spec = None
+        finally:
+            sys.path[:] = saved
+    if spec is None:
+        return None
+    if spec.origin and spec.origin not in ("namespace", None):
+        return spec.origin
+    locations = list(spec.submodule_search_locations or [])
+    return locations[0] if locations else top
 
 
 def make_term(spec: str, weight: float = 1.0, *, scenario=None, format_weight: float = 0.2, device=None,
