@@ -1,7 +1,9 @@
 """Profiling: phase timers (CUDA events / host timers), a FLOP model for MFU, and an NVML sampler.
 
 Run level: `step_flops` (a trainer step's model FLOPs per phase), `report` (`unirl-fast report RUN_DIR`),
-`profile_run` (`unirl-fast profile`: measured runs, fast vs reference)."""
+`profile_run` (`unirl-fast profile`: measured runs, fast vs reference). `counters`: the experts' forwards and backwards
+(DiT rows, LM tokens) counted by hooks as they happen (what the time-to-reward harness measures)."""
+from .counters import ComputeCounter, Counts
 from .flops import (
            DiTShape,
            LMShape,
@@ -15,5 +17,5 @@ from .flops import (
 from .nvml import NvmlSampler
 from .timers import PhaseTimer
 
-__all__ = ["PhaseTimer", "NvmlSampler", "LMShape", "DiTShape", "lm_forward_flops", "lm_sequence_flops",
-           "lm_decode_flops", "dit_forward_flops", "mfu", "device_peak_tflops"]
+__all__ = ["ComputeCounter", "Counts", "PhaseTimer", "NvmlSampler", "LMShape", "DiTShape", "lm_forward_flops",
+           "lm_sequence_flops", "lm_decode_flops", "dit_forward_flops", "mfu", "device_peak_tflops"]

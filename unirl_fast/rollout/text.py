@@ -17,8 +17,9 @@ the LM was built with it). Positions count only attended tokens, so left padding
 Stopping: a sequence is done after it emits an EOS id (the EOS token is kept in the completion and its mask) or
 when its decoded completion contains a stop string (the completion is cut after the token that completes the
 stop string). Done rows keep being fed a pad token (static shapes) but their outputs are masked: mask = 0,
-token = pad, logp = 0. Finished batches and stop strings are checked every `check_every` steps (one host sync
-each) so the loop does not sync per token.
+token = pad, logp = 0; the attention mask is 0 at that pad's position (padding for attention and for
+`profiling.counters`, which counts the tokens fed: prompt + completion - 1 per row). Finished batches and stop
+strings are checked every `check_every` steps (one host sync each) so the loop does not sync per token.
 
 Vision-language LMs (Qwen2-VL class, `models.vlm`): `generate(..., vision=VisionInputs)` prefills once from the
 prompt embeddings with the image features scattered in and the model's M-RoPE positions (`get_rope_index`, padding
@@ -259,6 +260,7 @@ class TextEngine:
             if t == T - 1:
                 break
             feed = torch.where(done, self.pad_token_id, y)[:, None]
+            full_mask[:, P + t] = (~done).long()  # the pad fed to a finished row is padding, not a token
             logits = self._decode(feed, next_pos, cache_positions[t:t + 1], full_mask, cache)
             next_pos = next_pos + 1
         texts = None if self.tokenizer is None else [
