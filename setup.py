@@ -1,7 +1,9 @@
 """unirl_fast: fused GPU ops and a lean trainer for RL on unified multimodal models.
 
 `kernels/` (Triton kernels) is installed inside the package as `unirl_fast.kernels`: a top-level
-module named `kernels` would clash with an unrelated PyPI package of that name.
+module named `kernels` would clash with Hugging Face's `kernels` package (see unirl_fast/__init__.py for
+why the folder has no __init__.py). The ranges below are what the code needs; `constraints.txt` pins the
+exact versions CI passed with (the README's install uses it).
 """
 from setuptools import find_packages, setup
 
@@ -18,7 +20,10 @@ setup(
         "torch>=2.4",
         # Triton ships Linux x86_64 wheels only; elsewhere the reference ops still work.
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        "transformers>=4.46",
+        # 5.4: the first with Qwen2VLImageProcessorPil and get_rope_index(input_ids, mm_token_type_ids, ...),
+        # which the vision-language expert uses; tested with 5.17, 5.24 and 5.25 (5.25 imports Hugging Face's
+        # `kernels`, which our top-level kernels/ folder must not shadow)
+        "transformers>=5.4",
         "numpy",
         "nvidia-ml-py",
         "tqdm",
@@ -34,7 +39,7 @@ setup(
         "flash": ["flash-attn"],
         "bench": ["liger-kernel", "matplotlib"],
         "trl": ["trl==1.16.0"],  # the version the TRL integration is tested against
-        "lora": ["peft"],  # LoRA on the experts (--lora-lm / --lora-dit); tested with peft 0.21.2
+        "lora": ["peft>=0.21.2"],  # LoRA on the experts (--lora-lm / --lora-dit); tested with peft 0.21.2 and 0.22.0
         "data": ["datasets"],  # task sources from Hugging Face `datasets` directories (--tasks DIR)
         "verl": ["verl==0.9.1"],  # the version the verl drop-in is tested against (install it in its own venv)
     },
