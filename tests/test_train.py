@@ -223,14 +223,15 @@ def test_device_resolution():
 def test_scenario_defaults_apply_to_tiny_and_yield_to_flags():
     import argparse
 
-    from unirl_fast.train.config import SCENARIO_DEFAULTS, add_config_args, config_from_args
+    from unirl_fast.train.config import SCENARIO_DEFAULTS, add_config_args, config_from_args, with_image_schedule
 
     p = argparse.ArgumentParser()
     add_config_args(p)
     gen = config_from_args(p.parse_args(["--scenario", "generate"]))
     assert {k: getattr(gen, k) for k in SCENARIO_DEFAULTS["generate"]} == SCENARIO_DEFAULTS["generate"]
     assert config_from_args(p.parse_args(["--scenario", "generate", "--sde-type", "sde"])).sde_type == "sde"
-    assert config_from_args(p.parse_args([])) == TrainConfig()  # the default run: reason-generate, unchanged
+    # the default run: reason-generate, unchanged (the schedule resolved: linspace, shift 1)
+    assert config_from_args(p.parse_args([])) == with_image_schedule(TrainConfig())
     assert config_from_args(p.parse_args(["--config", "smoke", "--scenario", "generate"])).sde_type == "sde"
 
 

@@ -1,9 +1,9 @@
 """Flow-matching image rollout with per-step log-probs (Flow-GRPO / Flow-GRPO-Fast / UniGRPO CFG-free).
 
-Schedule: T steps from sigma = 1 to 0, `s_i = 1 - i / T`, shifted as sigma_i = shift s / (1 + (shift - 1) s)
-(the SD3 / SANA time shift; shift = 1 is linear). Step i goes sigma_i -> sigma_{i+1} with `flow_sde_step`
-(FORMULAS.md section 4): "sde", "cps" or "ode". The "sde" kind needs sigma_max (the schedule's second-largest
-sigma) where sigma == 1: this engine passes sigma_1.
+Schedule (`rollout.schedule`): T steps from sigma = 1 to 0, "linspace" (DanceGRPO: s_i = 1 - i / T) or "diffusers"
+(FlowMatchEulerDiscreteScheduler's sigmas), time-shifted as shift s / (1 + (shift - 1) s). Step i goes
+sigma_i -> sigma_{i+1} with `flow_sde_step` (FORMULAS.md section 4): "sde", "cps" or "ode". The "sde" kind needs
+sigma_max (the schedule's second-largest sigma) where sigma == 1: this engine passes sigma_1.
 
 Flow-GRPO-Fast window: only steps in [window_start, window_start + window_size) are stochastic (and trainable);
 the rest are ODE steps (deterministic, no log-prob). Without a window every step is stochastic, except that a
@@ -31,6 +31,7 @@ from ..fp8.linear import with_fp8_weight_cache
 from ..models.unified import Conditioning
 from ..ops import cfg_velocity, flow_sde_step, flow_step_logprob
 from ..ops.flow import LOGPROB_KINDS
+from .schedule import SCHEDULES, timestep_schedule
 
 SDE_KINDS = ("sde", "cps", "ode")
 
@@ -46,6 +47,7 @@ class ImageSamplingParams:
     guidance_scale: float = 1.0
     decode: bool = True
     logprob: str = "gaussian"  # "flow_grpo": Flow-GRPO's cps step score -(x_next - mean)^2 (FORMULAS.md 4)
+    schedule: str = "linspace"  # or "diffusers" (rollout.schedule)
 
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps <= 0:
@@ -67,6 +69,7 @@ class ImageSamplingParams:
                              f"{self.num_steps - self.window_start}]")
         C.check_finite_scalar("guidance_scale", self.guidance_scale)
         C.check_option("logprob", self.logprob, LOGPROB_KINDS)
+        C.check_option("schedule", self.schedule, SCHEDULES)
 
     @property
     def cfg(self) -> bool:
@@ -82,12 +85,6 @@ class ImageSamplingParams:
             if self.sde == "cps":
                 on[T - 1] = False
         return on
-
-
-def timestep_schedule(num_steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
-    """sigmas [num_steps + 1] fp32 from 1 to 0, time-shifted: shift s / (1 + (shift - 1) s)."""
-    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64, device=device)
-    return (shift * s / (1.0 + (shift - 1.0) * s)).float()
 
 
 @dataclass
@@ -164,7 +161,7 @@ class ImageEngine:
             x = noise.float()
         # the schedule is made on the host and copied once: no device read-back (sync) for sigma_max, and the
         # steps take device views of it (no per-step host-to-device copy)
-        sig_host = timestep_schedule(T, params.shift)
+        sig_host = timestep_schedule(T, params.shift, kind=params.schedule)
         sig = sig_host.to(dev)
         sigma_max = float(sig_host[1]) if T > 1 else 0.0  # unused by ode
         on = params.stochastic_steps()

@@ -115,7 +115,12 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature of the text rollouts (and of the scored log-probs)")
     max_new_tokens: int = _f(40, "longest completion")
     image_steps: int = _f(8, "sampler steps per image")
-    image_shift: float = _f(1.0, "time shift of the sigma schedule (SD3 / SANA; 1 = linear)")
+    timestep_schedule: str = _f("auto", "sigma schedule of rollout, replay and eval: linspace (DanceGRPO's shifted "
+                                "linspace(1, 0)), diffusers (FlowMatchEulerDiscreteScheduler's sigmas: Flow-GRPO, SD3 "
+                                "pipelines), auto (what the --dit-path pipeline's scheduler config implies, else "
+                                "linspace); docs/conventions.md", ("auto", "linspace", "diffusers"))
+    image_shift: float | None = _f(None, "time shift of the sigma schedule (SD3 / SANA; 1 = none; default: the "
+                                   "--dit-path pipeline's scheduler config's, else 1)")
     noise_level: float = _f(1.0, "noise level a of the stochastic sampler steps")
     sde_type: str = _f("sde", "sampler of the trained steps: sde (Flow-GRPO) or cps (coefficients-preserving)",
                        ("sde", "cps"))
@@ -177,6 +182,12 @@ class TrainConfig:
         for name in ("steps", "max_new_tokens", "image_steps", "eval_prompts", "eval_samples"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_shift is not None and not self.image_shift > 0:
+            bad(f"image_shift must be > 0, got {self.image_shift}")
+        try:
+            image_schedule(self)
+        except ValueError as e:
+            bad(str(e))
         if not 1 <= self.sde_window <= self.image_steps:
             bad(f"sde_window must be in [1, image_steps={self.image_steps}], got {self.sde_window}")
         for f in dataclasses.fields(self):
@@ -462,7 +473,26 @@ def config_from_args(args) -> TrainConfig:
         cfg = dataclasses.replace(base, **{**from_file, **over})
     except TypeError as e:
         raise ValueError(f"bad config: {e}") from None
-    return cfg.validate()
+    return with_image_schedule(cfg.validate())
+
+
+def image_schedule(cfg) -> tuple[str, float]:
+    """(schedule, shift) the run samples with: the ones given, else what the --dit-path pipeline's scheduler config
+    implies (rollout.schedule.pipeline_schedule), else linspace and 1 (the embedded world's, which its measured
+    learning runs used)."""
+    from ..rollout.schedule import pipeline_schedule
+
+    given = cfg.timestep_schedule != "auto" and cfg.image_shift is not None
+    implied = pipeline_schedule(cfg.dit_path) if cfg.dit_path is not None and not given else None
+    kind = cfg.timestep_schedule if cfg.timestep_schedule != "auto" else implied[0] if implied else "linspace"
+    shift = cfg.image_shift if cfg.image_shift is not None else implied[1] if implied else 1.0
+    return kind, shift
+
+
+def with_image_schedule(cfg):
+    """cfg with the schedule resolved (image_schedule), so config.json says what the run samples with."""
+    kind, shift = image_schedule(cfg)
+    return dataclasses.replace(cfg, timestep_schedule=kind, image_shift=shift)
 
 
 def _is_cuda_index(device: str) -> bool:

@@ -23,6 +23,7 @@ import torch
 from .. import flow_policy_loss, flow_step_logprob, fused_linear_logprobs, fused_linear_policy_loss
 from ..models import vlm
 from ..rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, replay_velocity
+from .config import image_schedule
 
 
 @dataclass
@@ -75,12 +76,14 @@ def _rows(vision, idx):
 
 
 def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
+    """The sampler of a training rollout, or of an evaluation (ODE); one schedule for both (and so for replay)."""
+    schedule, shift = image_schedule(cfg)
     if eval_mode:
-        return ImageSamplingParams(num_steps=cfg.image_steps, shift=cfg.image_shift, sde="ode",
-                                   guidance_scale=cfg.guidance_scale)
-    return ImageSamplingParams(num_steps=cfg.image_steps, shift=cfg.image_shift, sde=cfg.sde_type,
+        return ImageSamplingParams(num_steps=cfg.image_steps, shift=shift, sde="ode",
+                                   guidance_scale=cfg.guidance_scale, schedule=schedule)
+    return ImageSamplingParams(num_steps=cfg.image_steps, shift=shift, sde=cfg.sde_type,
                                noise_level=cfg.noise_level, window_start=0, window_size=cfg.sde_window,
-                               guidance_scale=cfg.guidance_scale, logprob=cfg.flow_logprob)
+                               guidance_scale=cfg.guidance_scale, logprob=cfg.flow_logprob, schedule=schedule)
 
 
 @torch.no_grad()

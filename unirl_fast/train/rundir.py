@@ -56,6 +56,7 @@ def check_run_dir(cfg) -> dict:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{saved_path} is not valid JSON ({e}); pick another --run-dir") from None
+    saved.setdefault("timestep_schedule", "linspace")  # what runs made before the option sampled with
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds it (tuples are lists there)
     changes = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
     blocked = {k: c for k, c in changes.items() if k not in RESUMABLE}
@@ -121,7 +122,9 @@ def saved_config(run_dir, **over):
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{str(run_dir)!r} has no config.json (not a run directory)")
-    cfg = TrainConfig(**json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    saved.setdefault("timestep_schedule", "linspace")  # what runs made before the option sampled with
+    cfg = TrainConfig(**saved)
     return dataclasses.replace(cfg, zero_stage=None, **over).validate()
 
 

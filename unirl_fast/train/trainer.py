@@ -26,7 +26,7 @@ from ..fp8 import fp8_weight_cache
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import check_reward_specs, resolve_device, reward_specs
+from .config import check_reward_specs, resolve_device, reward_specs, with_image_schedule
 from .distributed import requested as _distributed_requested
 from .plots import N_SHOW
 from .pretrain import pretrain, world_model_config
@@ -41,6 +41,7 @@ class Trainer:
         a random-init preset model); None pretrains (or loads cfg.model_path). readonly: evaluate an existing run
         without writing to its directory (`unirl-fast eval`): no config check against config.json either."""
         self.readonly = readonly
+        cfg = with_image_schedule(cfg)  # config.json records the schedule sampled with, not "auto"
         run_info = None if readonly else preflight(cfg)  # before any model is built or file written (validates cfg)
         self.cfg = cfg.validate() if readonly else cfg
         self.dist = None  # the DeepSpeed runtime (train.distributed); None: single process, deepspeed never imported
