@@ -24,9 +24,10 @@ def pytest_collection_modifyitems(config, items):
     skip_slow = pytest.mark.skip(reason="slow; pass --runslow")
     cuda = torch.cuda.is_available()
     for item in items:
-        if "gpu" in item.keywords and not cuda:
+        # markers, not keywords: keywords also hold the names of the directories above (a checkout in .../gpu/)
+        if item.get_closest_marker("gpu") is not None and not cuda:
             item.add_marker(skip_gpu)
-        if "slow" in item.keywords and not config.getoption("--runslow"):
+        if item.get_closest_marker("slow") is not None and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
 
 
