@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._device import launch_guard
+
 STD_CODES = {"group": 0, "global": 1, "none": 2}
 
 
@@ -72,6 +74,7 @@ def _group_advantages_fwd_kernel(
         tl.store(out_ptr + idx, a, mask=m_j)
 
 
+@launch_guard
 def group_advantages_fwd(rewards, order, starts, global_std, *, mode, std, unbiased, eps, clip):
     """rewards [N] fp32, order [N] int64, starts [G + 1] int64, global_std [] fp32 -> advantages [N] fp32."""
     out = rewards.new_empty(rewards.shape)

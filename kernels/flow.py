@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import sm_count
+from ._device import launch_guard, sm_count
 
 KIND_SDE, KIND_CPS, KIND_ODE = 0, 1, 2
 KINDS = {"sde": KIND_SDE, "cps": KIND_CPS, "ode": KIND_ODE}
@@ -290,6 +290,7 @@ def _coeff_args(sig, nxt, smax, noise_level, kind, N, sq_err=False):
     return (sig, nxt, smax), (float(noise_level), sin_a, 1.0 if sq_err else 0.0), (s_sig, s_nxt, s_smax)
 
 
+@launch_guard
 def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N, sq_err=False):
     """-> (mean [N, D] fp32, next [N, D] fp32 | None for ode, std [N] fp32, logp [N] fp32 | None for ode)."""
     v, x = rows(v, N), rows(x, N)
@@ -313,6 +314,7 @@ def flow_sde_step_fwd(v, x, eps, sig, nxt, smax, noise_level, kind, N, sq_err=Fa
     return mean, nxt_out, std, logp
 
 
+@launch_guard
 def flow_step_logprob_fwd(v, x, xn, sig, nxt, smax, noise_level, kind, N, sq_err=False):
     """-> logp [N] fp32 of the stored transitions x -> xn under velocity v."""
     v, x, xn = rows(v, N), rows(x, N), rows(xn, N)
@@ -329,6 +331,7 @@ def flow_step_logprob_fwd(v, x, xn, sig, nxt, smax, noise_level, kind, N, sq_err
     return logp
 
 
+@launch_guard
 def flow_step_logprob_bwd(g, v, x, xn, sig, nxt, smax, noise_level, kind, N, sq_err=False):
     """g [N] upstream dL/dlogp -> dv [N, D] in v's dtype."""
     v, x, xn = rows(v, N), rows(x, N), rows(xn, N)

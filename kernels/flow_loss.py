@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launch_guard
 from .flow import RESIDENT, max_block, per_sample, plan, rows
 
 
@@ -190,6 +191,7 @@ def _block_m(M):
     return min(4096, max(128, triton.next_power_of_2(M)))
 
 
+@launch_guard
 def flow_policy_loss_fwd(logp, old_logp, advantages, velocity, ref_velocity, mean, ref_mean, std, clip_range,
                          beta_velocity, beta_kl):
     """-> (out [7] fp32 = loss, pg, clip_frac, ratio_mean, approx_kl, velocity_mse, latent_kl;
@@ -217,6 +219,7 @@ def flow_policy_loss_fwd(logp, old_logp, advantages, velocity, ref_velocity, mea
     return out, dlogp.reshape(logp.shape)
 
 
+@launch_guard
 def flow_policy_loss_bwd(g, dlogp, need_logp, velocity, ref_velocity, mean, ref_mean, std, beta_velocity, beta_kl):
     """g: 1-element upstream dL/dloss (read on device). velocity / mean None: no gradient for that term (P = 0).
     -> (dL/dlogp fp32 | None when not need_logp, dv in v's dtype | None, dmean in mean's dtype | None)."""

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launch_guard
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Configs that compile without spills for sm_90 on Triton 3.6 and 3.9 (bench/kernel_report.py); 128x256 and
 # 256x128 tiles and 128x128 at 4 warps spilled 268-912 bytes per thread and were dropped.
@@ -106,6 +108,7 @@ def _fp8_gemm_kernel(
     tl.store(p_c, acc.to(c_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
+@launch_guard
 def fp8_gemm_fwd(a: torch.Tensor, sa: torch.Tensor, bt: torch.Tensor, sb: torch.Tensor,
                  out_dtype=torch.bfloat16) -> torch.Tensor:
     """C = (A * sa) @ (Bt * sb)^T. a [M, K] e4m3, sa [M, K/128]; bt [N, K] e4m3, sb [N/128, K/128] or [N, K/128].

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launch_guard
+
 FP8_MAX = 448.0
 GROUP = 128
 MODES = {"1x128": 0, "128x1": 1, "128x128": 2}
@@ -153,6 +155,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@launch_guard
 def fp8_quant_fwd(x: torch.Tensor, mode: str, eps: float = 1e-12):
     """Quantize a 2-D tensor x [R, C] (C % 128 == 0; R % 128 == 0 for "128x128") to E4M3.
 
@@ -195,6 +198,7 @@ def fp8_quant_fwd(x: torch.Tensor, mode: str, eps: float = 1e-12):
     return q, s
 
 
+@launch_guard
 def fp8_quant_dual_fwd(x: torch.Tensor, eps: float = 1e-12):
     """Both quantizations of x [R, C] from one read: (q, s) as fp8_quant_fwd(x, "1x128") and (qt, st) as
     fp8_quant_fwd(x, "128x1"), bitwise identical to the two separate calls."""

@@ -29,6 +29,7 @@ import os
 import triton
 import triton.language as tl
 
+from ._device import launch_guard
 from ._rows import base_shift, online_softmax_step, row_edges, row_split, vec_elems
 from .policy_loss import _bounded_exp, _kl_terms, _pg_terms, _tis_weight, bounds, kl_code
 
@@ -133,6 +134,7 @@ def _flpl_chunk_kernel(
                             inv_temp, b_z)
 
 
+@launch_guard
 def flpl_chunk(z, row0, tgt, logp, ent, *, mode, temperature, w=None, old=None, adv=None, roll=None, ref=None,
                g=None, gh=None, eps_low=0.2, eps_high=0.2, dual_clip=None, tis_cap=None, beta=0.0,
                entropy_coef=0.0, kl="k3", tis_mode=1, log_ratio_min=None, log_ratio_max=None, kl_clamp=None):

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launch_guard
 from ._rows import base_shift, online_softmax_step, row_edges, row_split, vec_elems
 
 BLOCK_V_FWD = 4096
@@ -163,6 +164,7 @@ def _as3d(x):
     return x.unsqueeze(0) if x.ndim == 2 else x
 
 
+@launch_guard
 def logprobs_fwd(x, y, temperature, ignore_index, return_entropy):
     """x [N, V] or [B, L, V] (N = B L), any float dtype, any row strides, column stride 1; y [N] int, contiguous
     -> (logp [N], ent [N] (zeros unless return_entropy), lse [N]), all fp32."""
@@ -185,6 +187,7 @@ def logprobs_fwd(x, y, temperature, ignore_index, return_entropy):
     return logp, ent, lse
 
 
+@launch_guard
 def logprobs_bwd(x, y, lse, ent, g, gh, temperature, ignore_index, has_ent, *, out=None, col0=0):
     """dlogits shaped like x ([N, V] or [B, L, V]) in x.dtype for upstream g (d/dlogp) and gh (d/dH),
     both fp32 [N].

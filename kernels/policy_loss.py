@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._device import sm_count
+from ._device import launch_guard, sm_count
 
 # Columns of the per-sequence partial sums.
 P_LOSS, P_COUNT, P_CLIP_LO, P_CLIP_HI, P_RATIO, P_DUAL, P_KL, P_ENT, P_TIS, P_TIS_CAP = range(10)
@@ -253,6 +253,7 @@ def segments(B, L, device, seq_is) -> int:
     return max(1, min(triton.cdiv(L, MIN_SEGMENT), triton.cdiv(4 * sm_count(device), max(B, 1))))
 
 
+@launch_guard
 def policy_loss_fwd(logp, old, adv, mask_u8, wrow, *, ref=None, roll=None, ent=None, eps_low, eps_high,
                     dual_clip, tis_cap, beta, entropy_coef, kl, seq_is, write_grad, tis_mode=1, log_ratio_min=None,
                     log_ratio_max=None, kl_clamp=None):

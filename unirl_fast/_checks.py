@@ -33,6 +33,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .kernels._device import device_guard
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CHECK_MODES = ("full", "cheap", "off")
 _ENV = "UNIRL_FAST_VALUE_CHECKS"
@@ -141,10 +143,11 @@ def flag(bad: torch.Tensor, message: Callable[[tuple], str]) -> None:
     any_bad, where = bad.reshape(-1).to(torch.uint8).max(0)  # one reduction: whether any, and a bad index
     packed = torch.stack([any_bad.to(torch.int64), where])
     if bad.device.type == "cuda":
-        host = torch.empty(2, dtype=torch.int64, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        with device_guard(bad.device):  # the copy and its event on the flag's device and its current stream
+            host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(bad.device))
     else:
         host, event = packed, None
     _pending.append(_Pending(host, event, tuple(bad.shape), message))

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ..train.config import resolve_device
+from ..train.config import use_device
 from .report import PHASES, summarize
 
 IMPLS = {"fast": "auto", "reference": "reference"}
@@ -187,7 +187,7 @@ def profile(cfg, impl: str = "fast", *, steps: int, warmup: int = 1, compare: bo
     if steps < 1 or warmup < 0 or check_steps < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0, check_steps >= 1; got {steps}, {warmup}, {check_steps}")
     cfg.validate()
-    device = resolve_device(cfg)
+    device = use_device(cfg)  # cuda:N current before the model is built there
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = Path(out)
     impls = ["fast", "reference"] if compare else [impl]

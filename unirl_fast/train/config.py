@@ -506,3 +506,14 @@ def resolve_device(cfg):
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+def use_device(cfg):
+    """resolve_device, made the current CUDA device when it names one (`--device cuda:1`): allocations without a
+    device, CUDA events and streams, and anything launched outside the ops' launch guard then go to that GPU too."""
+    import torch
+
+    dev = resolve_device(cfg)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    return dev

@@ -26,7 +26,7 @@ from ..fp8 import fp8_weight_cache
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import check_reward_specs, resolve_device, reward_specs, with_image_schedule
+from .config import check_reward_specs, resolve_device, reward_specs, use_device, with_image_schedule
 from .distributed import requested as _distributed_requested
 from .plots import N_SHOW
 from .pretrain import pretrain, world_model_config
@@ -48,8 +48,10 @@ class Trainer:
         if _distributed_requested(cfg):
             from .distributed import DeepSpeedRuntime
 
-            self.dist = DeepSpeedRuntime(cfg)
+            self.dist = DeepSpeedRuntime(cfg)  # sets its local rank's device
             log = log if self.dist.is_main else (lambda *a, **k: None)
+        else:
+            use_device(cfg)
         self.is_main = self.dist is None or self.dist.is_main  # the process that logs, writes metrics and plots
         self.log = log
         self.scenario = get_scenario(cfg.scenario)
