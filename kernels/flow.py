@@ -13,6 +13,8 @@ Step math (per sample n, fp32 whatever the input dtype), mean = c_x x + c_v v:
     logp_n = -q sum_d (x_next - mean)^2 / D + k,   dlogp_n / dv = 2 q c_v (x_next - mean) / D
     Gaussian:                    q = 1 / (2 s^2), k = -log s - log(2 pi) / 2
     Flow-GRPO's cps (SQ_ERR=1):  q = 1,           k = 0           (a runtime scalar: no second compile)
+    (at s = 0, a cps step into sigma_next = 0, only SQ_ERR=1 is allowed by the op: the unselected Gaussian branch's
+    inf never reaches q or k through tl.where, and next = mean + 0 * noise = mean)
 
 Grid: one flat axis of P = N * C programs (never a y/z axis over samples, so no 65535 limit). Program p owns
 chunk p % C of sample p // C: it computes the sample's coefficients once (a handful of scalar loads), then loops

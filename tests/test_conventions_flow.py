@@ -111,3 +111,32 @@ def test_trainer_flag_trains_with_the_flow_grpo_score(tmp_path):
     assert traj.params.logprob == "flow_grpo"
     lp = traj.log_probs[traj.trainable]
     assert (lp <= 0).all() and lp.abs().max() < 1.0  # a mean squared distance, not a log-density over C x H x W
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cps_last_step_is_flow_grpos_under_its_score(impl):
+    """A cps step into sigma_next = 0 has std 0: Flow-GRPO's sampler returns next = mean and log-prob 0 there, and
+    its replay scores -(x_next - mean)^2 with the new velocity; the Gaussian score has no density there (refused)."""
+    v, x, sig, _ = _inputs()
+    nxt = torch.tensor([0.8, 0.3, 0.0])  # the last sample steps to 0
+    noise = torch.randn_like(x)
+    nx, lp, mean, std = U.flow_sde_step(v, x, sig, nxt, noise=noise, sde="cps", impl=impl, logprob="flow_grpo")
+    want, want_mean, want_std = flow_grpo_cps_oracle(v, x, nx, sig, nxt, 0.7)
+    assert std[2] == 0 and lp[2] == 0 and torch.isfinite(nx).all()
+    assert_close_rule(nx[2], want_mean[2], atol=1e-6, name="next = mean at sigma_next 0")
+    assert_close_rule(lp, want, atol=1e-5, name="stored logp")
+    one, _, _, _ = U.flow_sde_step(v[2:], x[2:], 0.21, 0.0, noise=noise[2:], sde="cps", impl=impl, logprob="flow_grpo")
+    assert torch.equal(one, nx[2:])  # float sigmas (checked on the host) take the same path
+    v2 = (v + 0.1 * torch.randn_like(v)).requires_grad_()  # the replay after an update: no longer 0
+    got = U.flow_step_logprob(v2, x, nx, sig, nxt, sde="cps", logprob="flow_grpo", impl=impl)
+    vd = v2.detach().double().requires_grad_()
+    want2 = flow_grpo_cps_oracle(vd, x, nx, sig, nxt, 0.7)[0]
+    assert got[2] < 0
+    assert_close_rule(got, want2, atol=1e-5, name="replayed logp")
+    g = torch.randn(3)
+    assert_close_rule(torch.autograd.grad(got, v2, g)[0], torch.autograd.grad(want2, vd, g.double())[0], atol=1e-5,
+                      name="dlogp/dv")
+    with pytest.raises(ValueError, match="zero-variance step with no Gaussian log-prob.*logprob='flow_grpo'"):
+        U.flow_sde_step(v, x, sig, nxt, noise=noise, sde="cps", impl=impl)
+    with pytest.raises(ValueError, match="zero-variance"):
+        U.flow_step_logprob(v, x, nx, 0.21, 0.0, sde="cps", impl=impl)

@@ -33,7 +33,7 @@ def _sigma_values(name, value, sample):
     return torch.full((), C.check_finite_scalar(name, value), dtype=torch.float32, device=sample.device), None
 
 
-def _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max):
+def _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max, logprob):
     """Shared validation; returns (sigma, sigma_next, sigma_max, batch_ndim). The sigma range checks are cheap
     ([S] values) and deferred without a host sync on CUDA (see `unirl_fast.set_checks`)."""
     C.check_tensor("sample", sample, min_ndim=2, floating=True)
@@ -54,11 +54,11 @@ def _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigm
     smax = None
     if sde == "sde" and sigma_max is not None:
         smax, _ = _sigma_values("sigma_max", sigma_max, sample)
-    _check_sigmas(sde, sigma, sigma_next, sigma_max, sig, nxt, smax)
+    _check_sigmas(sde, sigma, sigma_next, sigma_max, sig, nxt, smax, logprob)
     return sig, nxt, smax, batch_ndim
 
 
-def _sigma_rules(sde, has_smax):
+def _sigma_rules(sde, has_smax, logprob):
     """(test(sigma, sigma_next, sigma_max) -> ok, message) for one step; works on floats and on tensors."""
     rules = [(lambda s, n, m: (s > 0) & (s <= 1), "sigma must be in (0, 1]"),
              (lambda s, n, m: (n >= 0) & (n < s), "sigma_next must be in [0, sigma)")]
@@ -68,18 +68,19 @@ def _sigma_rules(sde, has_smax):
     elif sde == "sde":
         rules.append((lambda s, n, m: s != 1, "sigma == 1 needs sigma_max (the schedule's second-largest sigma): the "
                                               "'sde' std divides by 1 - sigma"))
-    if sde == "cps":
+    if sde == "cps" and logprob == "gaussian":  # Flow-GRPO's score is defined there: 0 at next = mean
         rules.append((lambda s, n, m: n != 0, "sde='cps' with sigma_next == 0 is a zero-variance step with no "
-                                              "log-prob; run the last step with sde='ode'"))
+                                              "Gaussian log-prob; run the last step with sde='ode' (or score it with "
+                                              "logprob='flow_grpo', Flow-GRPO's convention: next = mean, log-prob 0)"))
     return rules
 
 
-def _check_sigmas(sde, sigma, sigma_next, sigma_max, sig, nxt, smax):
+def _check_sigmas(sde, sigma, sigma_next, sigma_max, sig, nxt, smax, logprob):
     """Every sigma rule in one check: on the host at once for Python floats (free), else one device flag for the
     whole batch (no host sync), whose message finds the failing rule and values on the error path only."""
     if not C.value_checks_enabled():
         return
-    rules = _sigma_rules(sde, smax is not None)
+    rules = _sigma_rules(sde, smax is not None, logprob)
     raw = (sigma, sigma_next, sigma_max)
     if not any(isinstance(v, torch.Tensor) for v in raw):
         for test, what in rules:
@@ -121,6 +122,7 @@ def flow_sde_step(velocity, sample, sigma, sigma_next, *, noise=None, generator=
         sigma_max: the schedule's second-largest sigma, needed by "sde" where sigma == 1.
         logprob: "gaussian" (the step's Gaussian log-density, default) or "flow_grpo" (Flow-GRPO's score: for
         sde="cps" the mean of -(x_next - mean)^2 without 1 / (2 s^2) or constants; for "sde" the Gaussian).
+        A cps step to sigma_next = 0 (std 0, next = mean) has a score only under "flow_grpo": 0, as Flow-GRPO's.
     Returns:
         (next_sample fp32, logp [S] fp32 (None for "ode"), mean fp32, std [S] fp32 = the step's Gaussian std)
     Example:
@@ -128,7 +130,7 @@ def flow_sde_step(velocity, sample, sigma, sigma_next, *, noise=None, generator=
         >>> nxt, logp, mean, std = flow_sde_step(v, x, 0.8, 0.6)
     """
     C.check_option("logprob", logprob, LOGPROB_KINDS)
-    sig, nxt, smax, nd = _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max)
+    sig, nxt, smax, nd = _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max, logprob)
     if noise is not None:
         if generator is not None:
             raise ValueError("pass either noise or generator, not both")
@@ -165,7 +167,7 @@ def flow_step_logprob(velocity, sample, next_sample, sigma, sigma_next, *, noise
     if sde == "ode":
         raise ValueError("sde='ode' is deterministic and has no log-prob; use 'sde' or 'cps'")
     C.check_option("logprob", logprob, LOGPROB_KINDS)
-    sig, nxt, smax, nd = _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max)
+    sig, nxt, smax, nd = _check_flow_step(velocity, sample, sigma, sigma_next, noise_level, sde, sigma_max, logprob)
     C.check_tensor("next_sample", next_sample, floating=True)
     C.check_same_shape("next_sample", next_sample, "sample", sample)
     for name, x in (("velocity", velocity), ("sample", sample), ("next_sample", next_sample)):

@@ -15,6 +15,8 @@ of T steps. sigma / sigma_next are floats or tensors of shape S (per-sample or p
 The "flow_grpo" log-prob is what Flow-GRPO's released cps sampler scores a step with (its constants and the
 1 / (2 s^2) factor dropped); its log-ratio is the Gaussian one times 2 s^2, so one clip range means different
 things along a trajectory. For sde="sde" Flow-GRPO scores the full Gaussian, so there both conventions agree.
+A cps step into sigma_next = 0 has s = 0 (next = mean): only the "flow_grpo" score is defined there (0 in the
+rollout, as Flow-GRPO's); `unirl_fast.ops.flow` refuses it under the Gaussian.
 
 Latent KL convention (`flow_policy_loss`): the exact Gaussian KL between two steps with the same std s,
 (mean - ref_mean)^2 / (2 s^2), averaged over latent elements. Flow-GRPO's released code divides by
