@@ -202,7 +202,7 @@ def test_http_timeout_then_retry_then_error(serve):
     r = HttpReward(serve(sleepy) + "/score", timeout=0.2, retries=1, backoff=0.01)
     t0 = time.time()
     with pytest.raises(RewardError, match=r"reward service http://127\.0\.0\.1:\d+/score failed for samples 0\.\.2 "
-                                          r"\(first prompt 'prompt 0'\) after 2 attempts \(0\.2 s timeout each\)"):
+                                          r"\(first prompt 'prompt 0'\) after 2 attempts \(0\.2 s deadline each\)"):
         r(_batch(3))
     assert time.time() - t0 < 1.5
 

@@ -43,6 +43,10 @@ def _cmd_train(args) -> int:
     except RewardError as e:  # no made-up reward, no checkpoint of the failed step: stop with the reason
         print(f"unirl-fast train: stopped at step {trainer.step} (the checkpoints in {cfg.run_dir} hold no step "
               f"after it; rerun the command to resume): {e}", file=sys.stderr)
+        if getattr(args, "as_program", False):  # everything the run keeps is written: end now, not after the
+            sys.stdout.flush()  # interpreter's teardown of torch and its extensions (seconds on a loaded machine)
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     if trainer.dist is None or trainer.dist.is_main:
         print(json.dumps({"run_dir": cfg.run_dir, **result}))
@@ -429,6 +433,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    as_program = argv is None  # the command itself (console script, python -m), not a call from Python code
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
@@ -438,6 +443,7 @@ def main(argv=None) -> int:
     for rank in (getattr(args, "launcher_local_rank", None), getattr(args, "local_rank", None)):
         if rank is not None:  # the deepspeed launcher passes --local_rank=N (and also sets LOCAL_RANK)
             os.environ.setdefault("LOCAL_RANK", str(rank))
+    args.as_program = as_program
     return args.func(args)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,11 @@ class TrainConfig:
     reward_concurrency: int = _f(4, "reward services: requests in flight at once")
     reward_batch_size: int = _f(32, "reward services: samples per request")
     reward_token_env: str = _f("UNIRL_REWARD_TOKEN", "reward services: the environment variable holding a bearer "
-                               "token (sent when set)")
+                               "token (sent when set, only to https:// or loopback http:// services)")
+    reward_allow_insecure_token: bool = _f(False, "reward services: also send the token to a plain http:// service "
+                                           "on another machine (in clear text; refused without this flag)")
+    reward_ca_file: str | None = _f(None, "reward services: a PEM file of the CA that signed the https:// services' "
+                                    "certificates (a private CA; certificates are always verified)")
     run_dir: str = _f("runs/default", "run directory (config, metrics, checkpoints, plots); rerunning the same "
                       "command with it resumes from its latest checkpoint")
     seed: int = _f(0, "seed of the pretraining, the task draws and the rollouts")
@@ -223,6 +228,8 @@ class TrainConfig:
                 bad(str(e))
         if not 0.0 < self.eval_fraction < 1.0:
             bad(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.reward_ca_file is not None and not Path(self.reward_ca_file).is_file():
+            bad(f"reward_ca_file {self.reward_ca_file!r} is not a file")
         if not self.reward_timeout > 0:
             bad(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
         for name, lo in (("reward_retries", 0), ("reward_concurrency", 1), ("reward_batch_size", 1)):
@@ -345,8 +352,14 @@ def check_reward_specs(cfg, scenario) -> None:
         if name in ("clip", "pickscore") and arg and not (Path(arg) / "config.json").is_file():
             raise ValueError(f"bad config: reward {spec!r}: {arg!r} is not a transformers model directory "
                              "(no config.json)")
-        if spec.startswith(("http://", "https://")) and not urlparse(spec).hostname:
-            raise ValueError(f"bad config: reward {spec!r}: no host in the URL")
+        if spec.startswith(("http://", "https://")):
+            if not urlparse(spec).hostname:
+                raise ValueError(f"bad config: reward {spec!r}: no host in the URL")
+            from ..rewards.http import check_service
+
+            token = cfg.reward_token_env if cfg.reward_token_env and os.environ.get(cfg.reward_token_env) else None
+            check_service(spec, token_env=token, allow_insecure_token=cfg.reward_allow_insecure_token,
+                          ca_file=cfg.reward_ca_file)
         if _IMPORT_RE.match(spec) and name not in ("clip", "pickscore", "format"):
             load_callable(spec)
         if name in ("clip", "pickscore") and not scenario.draws:

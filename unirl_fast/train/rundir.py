@@ -25,7 +25,8 @@ from .checkpoint import latest_checkpoint
 RESUMABLE = ("steps", "eval_every", "eval_prompts", "eval_samples", "save_every", "keep_checkpoints", "device",
              "impl", "run_dir",  # run_dir: a run directory may be moved or copied
              "reward_timeout", "reward_retries", "reward_concurrency", "reward_batch_size",
-             "reward_token_env")  # how a reward service is reached, not what it computes
+             "reward_token_env", "reward_allow_insecure_token",
+             "reward_ca_file")  # how a reward service is reached, not what it computes
 
 
 def _writable_parent(path: Path) -> Path:

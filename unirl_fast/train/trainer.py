@@ -528,7 +528,8 @@ def build_run_reward(cfg, scenario, device):
     from ..rewards import build_reward
 
     http = dict(timeout=cfg.reward_timeout, retries=cfg.reward_retries, concurrency=cfg.reward_concurrency,
-                batch_size=cfg.reward_batch_size, token_env=cfg.reward_token_env)
+                batch_size=cfg.reward_batch_size, token_env=cfg.reward_token_env,
+                allow_insecure_token=cfg.reward_allow_insecure_token, ca_file=cfg.reward_ca_file)
     return build_reward(reward_specs(cfg), scenario=scenario, format_weight=cfg.format_weight, device=device,
                         http_options=http)
 
