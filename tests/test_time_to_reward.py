@@ -114,3 +114,173 @@ def test_vlm_decoder_is_counted(model):
     with ComputeCounter().attach(m) as c:
         m.condition(ids, mask, vision)
     assert c.totals() == Counts(lm_forward_tokens=int(mask.sum()) + 2 * m.config.num_queries)
+
+
+# the arithmetic on synthetic curves ----------------------------------------------------------------------------------
+def _run(config, seed, xs, rewards, tasks=None):
+    pts = [{"step": i, "x": x, "wall_s": x / 10, "eval_reward": r} for i, (x, r) in enumerate(zip(xs, rewards))]
+    for p, t in zip(pts, tasks or []):
+        p["task_rewards"] = t
+    return {"config": config, "seed": seed, "points": pts}
+
+
+def test_target_reach_not_reached_and_paired_comparison():
+    from bench.time_to_reward_analysis import first_reach, format_table, reward_at, summarize
+
+    runs = [_run("base", 0, [0, 100, 200], [0.1, 0.2, 0.4]), _run("base", 1, [0, 100, 200], [0.1, 0.3, 0.2]),
+            _run("fast", 0, [0, 50, 100, 190], [0.1, 0.35, 0.2, 0.5]),
+            _run("fast", 1, [0, 50, 100, 190], [0.1, 0.32, 0.31, 0.25]),
+            _run("slow", 0, [0, 150], [0.1, 0.2]), _run("slow", 1, [0, 150], [0.1, 0.31])]
+    assert reward_at(runs[2]["points"], 120)["eval_reward"] == 0.2 and reward_at(runs[2]["points"], -1) is None
+    assert first_reach(runs[0]["points"], 0.25)["x"] == 200 and first_reach(runs[4]["points"], 0.25) is None
+    target, per_seed, per_config = summarize(runs, "base")
+    assert target == pytest.approx(0.3)  # the baseline's final rewards 0.4 and 0.2, mean over seeds
+    row = {(r["config"], r["seed"]): r for r in per_seed}
+    assert row["base", 0]["x_to_target"] == 200
+    assert row["base", 1]["x_to_target"] == 100  # 0.3 reaches the mean 0.30000000000000004 (round-off tolerated)
+    assert row["base", 0]["x_ratio"] == 1.0
+    assert row["fast", 0]["x_to_target"] == 50 and row["fast", 0]["x_ratio"] == pytest.approx(0.25)
+    assert row["fast", 0]["wall_ratio"] == pytest.approx(0.25) and row["fast", 0]["wall_to_target_s"] == 5
+    assert row["fast", 1]["x_to_target"] == 50 and row["fast", 1]["x_ratio"] == pytest.approx(0.5)
+    assert not row["slow", 0]["reached"] and row["slow", 0]["x_to_target"] is None
+    assert row["slow", 0]["x_ratio"] is None and row["slow", 0]["x_ratio_upper"] is None
+    assert row["slow", 1]["x_ratio"] == pytest.approx(1.5)
+    # equal compute: each seed's baseline budget (200); fast's last evaluation at <= 200 is at 190
+    assert row["fast", 0]["reward_at_equal_x"] == 0.5 and row["fast", 0]["diff_vs_baseline"] == pytest.approx(0.1)
+    assert row["fast", 1]["diff_vs_baseline"] == pytest.approx(0.05)
+    agg = {a["config"]: a for a in per_config}
+    assert agg["fast"]["x_to_target_mean"] == 50 and agg["fast"]["x_to_target_std"] == 0
+    assert agg["fast"]["x_ratio_mean"] == pytest.approx(0.375)
+    assert agg["fast"]["diff_mean"] == pytest.approx(0.075)
+    assert agg["fast"]["diff_se_seeds"] == pytest.approx(0.025)  # std(0.1, 0.05) / sqrt(2)
+    assert agg["slow"]["n_reached"] == 1 and agg["slow"]["x_to_target_mean"] is None  # no mean over a missing seed
+    assert agg["base"]["x_to_target_mean"] == 150 and agg["base"]["x_to_target_std"] == pytest.approx(70.71, 1e-3)
+    table = format_table(per_seed, per_config, "dit_fe")
+    assert "not reached (1 of 2 seeds)" in table and "s0: not reached, s1: 150" in table
+    assert "| fast | 2/2 | 50 ± 0 |" in table
+
+
+def test_ratio_bound_when_only_the_configuration_reaches_and_task_level_z():
+    from bench.time_to_reward_analysis import summarize
+
+    tasks_b = [[0.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.5]]
+    tasks_c = [[0.0, 0.0, 0.0, 0.0], [0.5, 1.0, 0.5, 1.0]]
+    runs = [_run("base", 0, [0, 80], [0.0, 0.25], tasks_b), _run("new", 0, [0, 40, 80], [0.0, 0.75, 0.75],
+                                                                  [tasks_c[0], tasks_c[1], tasks_c[1]])]
+    target, per_seed, per_config = summarize(runs, "base", target=0.5)
+    row = {r["config"]: r for r in per_seed}
+    assert not row["base"]["reached"] and row["new"]["x_ratio"] is None
+    assert row["new"]["x_ratio_upper"] == pytest.approx(0.5)  # reached at 40, the baseline not within its 80
+    agg = {a["config"]: a for a in per_config}["new"]
+    assert agg["diff_n_tasks"] == 4 and agg["diff_mean"] == pytest.approx(0.5)
+    assert agg["diff_se_tasks"] == pytest.approx(0.0) and agg["diff_z_tasks"] is None  # every task +0.5: no spread
+    runs[1]["points"][-1]["task_rewards"] = [0.5, 1.0, 1.0, 1.0]
+    agg = {a["config"]: a for a in summarize(runs, "base", target=0.5)[2]}["new"]
+    assert agg["diff_se_tasks"] == pytest.approx(0.125) and agg["diff_z_tasks"] == pytest.approx(0.625 / 0.125)
+    with pytest.raises(ValueError, match="seed 1"):
+        summarize(runs + [_run("new", 1, [0], [0.0])], "base")
+    with pytest.raises(ValueError, match="baseline 'nope'"):
+        summarize(runs, "nope")
+
+
+# the harness end to end ----------------------------------------------------------------------------------------------
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_harness_end_to_end(tmp_path, capsys):
+    """`unirl-fast bench --time-to-reward --smoke`: two configurations of generate, one seed, through the CLI. The
+    counts in curves.csv are the smoke config's call pattern per RL step (rollout T*B, replay S*B forward and
+    backward, reference replay S*B), evaluation counted apart, and the variant stops within the baseline's budget."""
+    from unirl_fast.cli import main
+    from unirl_fast.train import train_preset
+
+    out = tmp_path / "ttr"
+    assert main(["bench", "--time-to-reward", "--smoke", "--out", str(out)]) == 0
+    assert {"curves.csv", "summary.csv", "report.md", "runs.json", "time_to_reward.png"} <= {p.name for p in
+                                                                                            out.iterdir()}
+    c = train_preset("smoke", "generate")
+    B, T, E = c.prompts_per_step * c.group_size, c.image_steps, c.eval_prompts
+    rows = _csv(out / "curves.csv")
+    for name, S in (("flow_grpo", c.sde_window), ("window1", 1)):
+        mine = [r for r in rows if r["config"] == name]
+        assert mine[0]["step"] == "0" and mine[0]["x"] == "0"
+        for i, r in enumerate(mine):
+            n = int(r["step"])
+            assert int(r["dit_forward"]) == n * (T * B + 2 * S * B)  # policy rollout + replay, reference replay
+            assert int(r["dit_backward"]) == n * S * B and int(r["ref_dit_forward"]) == n * S * B
+            assert int(r["x"]) == int(r["dit_fe"]) == n * (T * B + 4 * S * B)
+            assert int(r["eval_dit_forward"]) == (i + 1) * E * T  # each evaluation: E held-out tasks, T ODE steps
+            assert int(r["lm_backward_tokens"]) > 0 if n else int(r["lm_forward_tokens"]) == 0  # the queries train
+        if name == "flow_grpo":
+            budget = int(mine[-1]["x"])
+            assert mine[-1]["step"] == str(c.steps)
+        else:
+            step_cost = T * B + 4 * B
+            assert int(mine[-1]["x"]) <= budget < int(mine[-1]["x"]) + step_cost
+    summary = _csv(out / "summary.csv")
+    assert [(r["config"], r["seed"]) for r in summary] == [("flow_grpo", "0"), ("window1", "0"),
+                                                           ("flow_grpo", "all"), ("window1", "all")]
+    base_final = float([r for r in rows if r["config"] == "flow_grpo"][-1]["eval_reward"])
+    assert float(summary[0]["target"]) == pytest.approx(base_final) and summary[0]["reached"] == "True"
+    report = (out / "report.md").read_text()
+    assert "| flow_grpo | 1/1 |" in report and "| window1 |" in report
+    assert "results:" in capsys.readouterr().out
+
+
+def test_smoke_harness_lm_only_scenario_counts_tokens(tmp_path):
+    """understand (LM only): LM token-equivalents on the x axis, no DiT anywhere."""
+    import json
+
+    from unirl_fast.cli import main
+
+    out = tmp_path / "ttr"
+    assert main(["bench", "--time-to-reward", "--smoke", "--scenario", "understand", "--out", str(out)]) == 0
+    rows = _csv(out / "curves.csv")
+    assert {r["config"] for r in rows} == {"grpo", "group4"}
+    assert all(r["dit_fe"] == "0" and r["eval_dit_forward"] == "0" for r in rows)
+    for name in ("grpo", "group4"):
+        xs = [int(r["x"]) for r in rows if r["config"] == name]
+        assert xs == sorted(xs) and xs[-1] > 0
+        assert all(int(r["x"]) == int(r["lm_forward_tokens"]) + 2 * int(r["lm_backward_tokens"])
+                   for r in rows if r["config"] == name)
+    settings = json.loads((out / "runs.json").read_text())["settings"]
+    assert settings["unit"] == "lm_te" and settings["baseline"] == "grpo"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "nope"], "unknown configuration 'nope'"),
+    (["--config", "x=--steps 3"], "sets --steps, which the harness owns"),
+    (["--config", "x=--eval-prompts 3"], "sets --eval-prompts"),
+    (["--config", "x=--sde-windo 3"], "unknown trainer flags --sde-windo"),
+    (["--config", "x=--sde-window 99"], "sde_window must be in"),
+    (["--common", "--seed 3"], "--common sets --seed"),
+    (["--scenario", "nope"], "unknown scenario 'nope'"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--baseline", "zzz", "--config", "window1"], "baseline 'zzz'"),
+], ids=["unknown-name", "owned-steps", "owned-eval", "misspelt-flag", "bad-value", "common-owned", "scenario",
+        "seeds", "baseline"])
+def test_bad_input_fails_before_any_work(tmp_path, capsys, argv, message):
+    from unirl_fast.cli import main
+
+    out = tmp_path / "ttr"
+    assert main(["bench", "--time-to-reward", "--smoke", "--out", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_configurations_from_a_file_and_the_command_line(tmp_path):
+    import bench.time_to_reward as ttr
+
+    f = tmp_path / "configs.yaml"
+    f.write_text("short: --image-steps 4 --sde-window 2\nlisted: [--group-size, '4']\nmapped: {sde_window: 1, "
+                 "group_noise: true}\n")
+    args = ttr.parse_args(["--configs-file", str(f), "--config", "window2", "--config", "mine=--lr-dit 1e-4",
+                           "--baseline", "flow_grpo"])
+    specs = ttr.config_specs(args)
+    assert list(specs) == ["flow_grpo", "short", "listed", "mapped", "window2", "mine"]  # the baseline first
+    assert specs["mapped"] == ("--sde-window", "1", "--group-noise") and specs["mine"] == ("--lr-dit", "1e-4")
+    assert specs["short"] == ("--image-steps", "4", "--sde-window", "2")

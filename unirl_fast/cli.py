@@ -93,6 +93,19 @@ def _bench_suite():
     return bench.suite
 
 
+def _cmd_time_to_reward(argv) -> int:
+    """`unirl-fast bench --time-to-reward ...`: the rest of the command line goes to bench/time_to_reward.py."""
+    try:
+        _bench_suite()  # the source checkout's bench/ on the path
+        import bench.time_to_reward as ttr
+
+        ttr.main(argv)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        print(f"unirl-fast bench --time-to-reward: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _needs_interpreter(device) -> bool:
     """On a CPU the Triton kernels run only if TRITON_INTERPRET=1 was set before they were defined, i.e. before
     `import unirl_fast`, which has happened by the time this command runs."""
@@ -150,6 +163,10 @@ def _add_bench_parser(sub) -> None:
                    help="no timing: compile every kernel launch for sm_90 (no GPU needed) and write registers, spills, "
                         "occupancy, load widths, prefetch and a bandwidth estimate to kernel_report.csv/.md "
                         "(bench/kernel_report.py); exits 1 on a compile error or a spill")
+    b.add_argument("--time-to-reward", action="store_true",
+                   help="compute (expert forwards/backwards, counted) and wall-clock to a held-out reward of named "
+                        "trainer configurations over seeds (bench/time_to_reward.py); every argument after it goes "
+                        "there: `unirl-fast bench --time-to-reward --help`")
     b.set_defaults(func=_cmd_bench)
 
 
@@ -435,6 +452,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     as_program = argv is None  # the command itself (console script, python -m), not a call from Python code
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and "--time-to-reward" in argv:  # its own options (--config NAME=..., --seeds ...)
+        return _cmd_time_to_reward([a for a in argv[1:] if a != "--time-to-reward"])
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # report an unknown flag with the subcommand's own usage, not the top-level one

@@ -1,0 +1,423 @@
+"""Time to reward: how much expert compute (and wall-clock) named trainer configurations need to reach a held-out
+reward, on the embedded world, over several seeds, paired against a baseline.
+
+    unirl-fast bench --time-to-reward --scenario generate --config flow_grpo --config window2 --seeds 3
+    unirl-fast bench --time-to-reward --config "fast=--image-steps 6 --sde-window 3" --config flow_grpo
+    unirl-fast bench --time-to-reward --smoke            # seconds: CI's end-to-end check
+
+Configurations: a name from CONFIGS (trainer flags on top of the scenario's defaults; `--list` prints them), a
+new one as `--config "NAME=--flag value ..."`, or a YAML / JSON `--configs-file` ({name: "flags" | [flags] |
+{flag: value}}). `--common "FLAGS"` applies to every configuration. A configuration may not set what the harness
+owns (the scenario, seed, run directory, steps and the evaluation: it must be the same for all).
+
+Runs: for each seed, the baseline first, then every other configuration. All runs of a seed start from one
+pretrained base model: each run directory's `base/` links to one cache (`--base-cache`, default `<out>/base`), so
+pretraining happens once per seed (and per preset / pretraining settings, which key the cache). Each run drives
+the public `Trainer` (train_step / evaluate) with a `ComputeCounter` attached to the policy and, when there is one,
+the frozen reference copy (profiling.counters: DiT rows and LM tokens, forward and backward, counted by hooks).
+
+Compute: the x axis is DiT forward-equivalents (forwards + 2 x backwards, policy and reference together) for the
+scenarios that draw, LM token-equivalents for the LM-only ones (`--unit` to choose). Training compute is every
+forward and backward of the RL steps (rollout, reward-side inverse edits, reference, losses); evaluation runs in its
+own counter section and is reported apart (eval_* columns), never as training compute. Wall-clock is the sum of the
+RL steps' times (no pretraining, no evaluation); on a shared CPU it is noisy, the counts are not.
+
+Schedule (fixed in compute, the same grid for every configuration of a seed): the baseline trains `--steps` steps
+(default: its trainer config's) and is evaluated every ceil(steps / evals) steps: its per-seed compute at the end
+is the budget, its evaluations' compute the grid. Every other configuration trains until its next step would pass
+the budget (or `--max-steps`), and is evaluated after the first step at or past each grid point and at the end:
+its last evaluation is at compute <= budget, so "at equal compute" never gives it more than the baseline had.
+`--budget X` instead gives every run (baseline included) the budget X and the grid X k / evals.
+
+Report (bench/time_to_reward_analysis.py has the definitions): per configuration and seed, compute, wall-clock and
+steps to the target (default: the baseline's final held-out reward, mean over seeds), "not reached" when no
+evaluation got there; per configuration mean +- sample std over seeds; the paired per-seed ratio to the
+baseline's compute to target; the held-out reward at the baseline's budget minus the baseline's, with its standard
+error over seeds and over held-out tasks. Files in --out: curves.csv (one row per evaluation per run), summary.csv
+(per seed and per configuration), time_to_reward.png, report.md, runs.json (everything, per-task rewards included),
+runs/ (the trainer's run directories) and base/ (the cache).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as a script: the checkout's bench package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS_DIR, append_rows, env_columns  # noqa: E402
+from bench.time_to_reward_analysis import format_table, plot_curves, summarize  # noqa: E402
+
+# name -> trainer flags over the scenario's defaults. flow_grpo / grpo: the defaults themselves (Flow-GRPO on the
+# DiT, GRPO on the LM where it trains); the others change one setting that moves the compute per step.
+CONFIGS = {
+    "flow_grpo": (),
+    "grpo": (),
+    "window1": ("--sde-window", "1"),
+    "window2": ("--sde-window", "2"),
+    "group4": ("--group-size", "4"),
+    "steps6": ("--image-steps", "6"),
+}
+# what the harness owns; a configuration may not set the evaluation either (--common may: it is the same for all)
+HARNESS_OWNED = ("scenario", "seed", "run_dir", "steps", "eval_every", "save_every")
+OWNED = (*HARNESS_OWNED, "eval_prompts", "eval_samples")
+SMOKE_CONFIGS = {"generate": ("flow_grpo", "window1"), "understand": ("grpo", "group4")}
+UNITS = {"dit": ("dit_fe", "DiT forward-equivalents (forward 1, backward 2)"),
+         "lm": ("lm_te", "LM token-equivalents (forward 1, backward 2)")}
+
+
+class _Raising(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _trainer_parser():
+    from unirl_fast.train.config import add_config_args
+
+    p = _Raising(prog="trainer flags", add_help=False, allow_abbrev=False)  # a misspelt flag is an error
+    add_config_args(p)
+    return p
+
+
+def parse_flags(what: str, flags, parser=None, owned=OWNED) -> argparse.Namespace:
+    """Trainer flags (a configuration's, `what` names it) -> the namespace the trainer's CLI would build."""
+    parser = parser or _trainer_parser()
+    try:
+        ns, extra = parser.parse_known_args(list(flags))
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    if extra:
+        raise ValueError(f"{what}: unknown trainer flags {' '.join(extra)} (see unirl-fast train --help)")
+    taken = [f"--{k.replace('_', '-')}" for k in owned if getattr(ns, k, None) is not None]
+    if taken:
+        raise ValueError(f"{what} sets {', '.join(taken)}, which the harness owns (the same for every "
+                         "configuration); use the harness's options (--scenario, --seeds, --steps, --common)")
+    return ns
+
+
+def config_specs(args) -> dict:
+    """name -> trainer flags of the requested configurations (the baseline included, first)."""
+    specs = {}
+    if args.configs_file:
+        specs.update(_read_configs_file(args.configs_file))
+    for item in args.config or []:
+        name, eq, flags = item.partition("=")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"--config {item!r}: no name (NAME or NAME=--flag value ...)")
+        if eq:
+            specs[name] = tuple(shlex.split(flags))
+        elif name in CONFIGS:
+            specs[name] = CONFIGS[name]
+        elif name not in specs:
+            raise ValueError(f"unknown configuration {name!r}: known {', '.join(CONFIGS)} (or define it: "
+                             f"--config '{name}=--flag value ...')")
+    if not args.config and not args.configs_file:
+        specs = {n: CONFIGS[n] for n in SMOKE_CONFIGS.get(args.scenario, SMOKE_CONFIGS["generate"])}
+    if args.baseline not in specs:
+        if args.baseline not in CONFIGS:
+            raise ValueError(f"baseline {args.baseline!r} is neither a requested nor a known configuration")
+        specs = {args.baseline: CONFIGS[args.baseline], **specs}
+    if len(specs) < 2:
+        raise ValueError(f"nothing to compare: only {', '.join(specs)}; add --config NAME")
+    return {args.baseline: specs.pop(args.baseline), **specs}
+
+
+def _read_configs_file(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"configs file {str(path)!r} does not exist")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(p.read_text())
+    else:
+        data = json.loads(p.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"configs file {str(path)!r} must map names to flags, got {type(data).__name__}")
+    out = {}
+    for name, v in data.items():
+        if isinstance(v, str):
+            out[str(name)] = tuple(shlex.split(v))
+        elif isinstance(v, list):
+            out[str(name)] = tuple(str(x) for x in v)
+        elif isinstance(v, dict):
+            out[str(name)] = tuple(a for k, val in v.items() for a in _flag(k, val))
+        else:
+            raise ValueError(f"configs file {str(path)!r}: {name!r} must be a flag string, a list or a mapping")
+    return out
+
+
+def _flag(key, value) -> list:
+    flag = "--" + str(key).replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    return [flag, str(value)]
+
+
+def run_config(base_flags, flags, seed, run_dir, steps, name):
+    """The TrainConfig of one run: trainer defaults < --common < the configuration < what the harness owns (steps:
+    None keeps the trainer config's)."""
+    from unirl_fast.train.config import config_from_args
+
+    owned = ["--seed", str(seed), "--run-dir", str(run_dir), "--eval-every", str(10 ** 9), "--save-every",
+             str(10 ** 9)] + (["--steps", str(steps)] if steps is not None else [])
+    ns = _trainer_parser().parse_known_args([*base_flags, *flags, *owned])[0]
+    try:
+        return config_from_args(ns)
+    except ValueError as e:
+        raise ValueError(f"config {name!r}: {e}") from None
+
+
+@dataclasses.dataclass
+class Schedule:
+    """When a run stops and evaluates: every `every` steps up to `steps`, or at the first step at or past each of
+    `grid` (compute) while the next step stays within `budget` (at most `max_steps` steps)."""
+    steps: int | None = None
+    every: int | None = None
+    grid: tuple = ()
+    budget: float | None = None
+    max_steps: int | None = None
+
+
+def _point(trainer, counter, wall_s, unit_key) -> dict:
+    """Evaluate (counted apart from training) and record the cumulative training compute before it."""
+    with counter.section("eval"):
+        ev = trainer.evaluate()
+    t, ref, evc = counter.totals("train"), counter.totals("train", "reference"), counter.totals("eval")
+    p = {"step": trainer.step, "x": None, "dit_fe": t.dit_forward_equivalents, "dit_forward": t.dit_forward,
+         "dit_backward": t.dit_backward, "lm_te": t.lm_token_equivalents, "lm_forward_tokens": t.lm_forward_tokens,
+         "lm_backward_tokens": t.lm_backward_tokens, "ref_dit_forward": ref.dit_forward,
+         "ref_lm_forward_tokens": ref.lm_forward_tokens, "eval_dit_forward": evc.dit_forward,
+         "eval_lm_forward_tokens": evc.lm_forward_tokens, "wall_s": wall_s, "eval_reward": ev["eval_reward"],
+         **{k: v for k, v in ev.items() if k.startswith("eval_reward_")},
+         "task_rewards": [float(v) for v in ev["_rewards"]]}
+    p["x"] = p[unit_key]
+    return p
+
+
+def _train_x(counter, unit_key) -> int:
+    t = counter.totals("train")
+    return t.dit_forward_equivalents if unit_key == "dit_fe" else t.lm_token_equivalents
+
+
+def run_one(cfg, schedule: Schedule, unit_key: str, log=print, trainer_log=None) -> list:
+    """Train one configuration for one seed on its schedule; returns its evaluation points (step 0 first)."""
+    from unirl_fast.profiling import ComputeCounter
+    from unirl_fast.train import Trainer
+
+    trainer = Trainer(cfg, log=trainer_log or (lambda *a, **k: None))
+    counter = ComputeCounter().attach(trainer.model)
+    if trainer.ref is not None:  # with LoRA the reference is the policy with its adapters off: counted as policy
+        counter.attach(trainer.ref, role="reference")
+    points, wall, cost, grid = [], 0.0, None, list(schedule.grid)
+
+    def evaluate(note=""):
+        points.append(_point(trainer, counter, wall, unit_key))
+        log(f"  step {trainer.step}: {unit_key} {points[-1]['x']}, held-out reward {points[-1]['eval_reward']:.3f}, "
+            f"{wall:.1f} s{note}")
+
+    try:
+        evaluate()
+        while True:
+            x0 = _train_x(counter, unit_key)
+            if schedule.steps is not None and trainer.step >= schedule.steps:
+                break
+            if schedule.budget is not None and (trainer.step >= schedule.max_steps or
+                                                (cost is not None and x0 + cost > schedule.budget)):
+                break
+            t0 = time.perf_counter()
+            trainer.train_step()
+            wall += time.perf_counter() - t0
+            x = _train_x(counter, unit_key)
+            cost = x - x0
+            due = schedule.every is not None and trainer.step % schedule.every == 0
+            while grid and x >= grid[0]:
+                grid.pop(0)
+                due = True
+            if due:
+                evaluate()
+        if points[-1]["step"] != trainer.step:
+            evaluate(" (end)")
+    finally:
+        counter.detach()
+        trainer.reward.close()
+    return points
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="unirl-fast bench --time-to-reward", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--scenario", default="generate", help="the scenario every configuration trains (default generate)")
+    p.add_argument("--config", action="append", metavar="NAME[=FLAGS]",
+                   help="a configuration: a known name (--list) or NAME='--flag value ...'; repeatable")
+    p.add_argument("--configs-file", default=None, help="YAML / JSON: {name: flags string | list | {flag: value}}")
+    p.add_argument("--baseline", default=None, help="the configuration the others are paired with (default: flow_grpo "
+                   "for scenarios that draw, grpo for LM-only ones; added when not requested)")
+    p.add_argument("--common", default="", metavar="FLAGS", help="trainer flags for every configuration")
+    p.add_argument("--trainer-config", default=None, help="trainer preset under every configuration (default tiny; "
+                   "smoke with --smoke)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --smoke)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="the baseline's RL steps (default: its trainer config's)")
+    p.add_argument("--budget", type=float, default=None, help="compute budget of every run in the unit (default: the "
+                   "baseline's compute at --steps, per seed)")
+    p.add_argument("--max-steps", type=int, default=None, help="step cap of a budgeted run (default 10 x the "
+                   "baseline's steps)")
+    p.add_argument("--evals", type=int, default=None, help="evaluations per run after the base one (default 8; 2 with "
+                   "--smoke)")
+    p.add_argument("--target", type=float, default=None, help="held-out reward target (default: the baseline's final, "
+                   "mean over seeds)")
+    p.add_argument("--unit", choices=("auto", *UNITS), default="auto", help="x axis: dit (DiT forward-equivalents; "
+                   "auto for scenarios that draw) or lm (LM token-equivalents; auto for LM-only ones)")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/time_to_reward-SCENARIO-TIME)")
+    p.add_argument("--base-cache", default=None, help="pretrained base models, shared by the runs (default <out>/base)")
+    p.add_argument("--smoke", action="store_true", help="seconds: smoke trainer preset, 1 seed, 2 configurations")
+    p.add_argument("--list", action="store_true", help="print the known configurations and exit")
+    p.add_argument("--verbose", action="store_true", help="print the trainer's own log lines too")
+    args = p.parse_args(argv)
+    args.trainer_config = args.trainer_config or ("smoke" if args.smoke else "tiny")
+    args.seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 3)
+    args.evals = args.evals if args.evals is not None else (2 if args.smoke else 8)
+    for name in ("seeds", "evals", "steps", "max_steps"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.budget is not None and not args.budget > 0:
+        raise ValueError(f"--budget must be > 0, got {args.budget}")
+    return args
+
+
+def _unit(args) -> tuple:
+    from unirl_fast.train import get_scenario
+
+    unit = args.unit if args.unit != "auto" else ("dit" if get_scenario(args.scenario).draws else "lm")
+    return UNITS[unit]
+
+
+def plan(args) -> dict:
+    """Every run's TrainConfig, checked (trainer preflight included) before any work; and the schedule's numbers."""
+    from unirl_fast.train import get_scenario, preflight
+
+    get_scenario(args.scenario)  # an unknown scenario fails here, naming the valid ones
+    if args.baseline is None:
+        args.baseline = "flow_grpo" if get_scenario(args.scenario).draws else "grpo"
+    specs = config_specs(args)
+    parser = _trainer_parser()
+    common = shlex.split(args.common)
+    parse_flags("--common", common, parser, owned=HARNESS_OWNED)
+    for name, flags in specs.items():
+        parse_flags(f"config {name!r}", flags, parser)
+    base_flags = ["--config", args.trainer_config, "--scenario", args.scenario, *common]
+    out = Path(args.out) if args.out else RESULTS_DIR / (
+        f"time_to_reward-{args.scenario}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
+        + ("-smoke" if args.smoke else ""))
+    if (out / "runs").exists() or (out / "curves.csv").exists():
+        raise ValueError(f"{out} already holds results: choose another --out (reuse pretrained bases with "
+                         f"--base-cache {out / 'base'})")
+    steps = args.steps or run_config(base_flags, specs[args.baseline], 0, out / "probe", None, args.baseline).steps
+    max_steps = args.max_steps or 10 * steps
+    cfgs = {}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for name, flags in specs.items():
+            own = steps if name == args.baseline and args.budget is None else max_steps
+            cfg = run_config(base_flags, flags, seed, out / "runs" / f"{name}-seed{seed}", own, name)
+            preflight(cfg)
+            cfgs[name, seed] = cfg
+    return {"specs": specs, "out": out, "steps": steps, "max_steps": max_steps, "cfgs": cfgs,
+            "base_flags": base_flags}
+
+
+def _schedule(args, p, name, baseline_points) -> Schedule:
+    if args.budget is not None:
+        return Schedule(grid=tuple(args.budget * k / args.evals for k in range(1, args.evals + 1)),
+                        budget=args.budget, max_steps=p["max_steps"])
+    if name == args.baseline:
+        return Schedule(steps=p["steps"], every=max(1, math.ceil(p["steps"] / args.evals)))
+    return Schedule(grid=tuple(q["x"] for q in baseline_points[1:]), budget=baseline_points[-1]["x"],
+                    max_steps=p["max_steps"])
+
+
+def _link_base(run_dir: Path, cache: Path):
+    """The run directory's base/ -> the shared cache: pretraining once per seed (and pretraining settings)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "base").symlink_to(cache.resolve(), target_is_directory=True)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.list:
+        for name, flags in CONFIGS.items():
+            print(f"{name:12s} {' '.join(flags) or '(the scenario defaults)'}")
+        return {}
+    p = plan(args)
+    unit_key, xlabel = _unit(args)
+    out, cache = p["out"], Path(args.base_cache) if args.base_cache else p["out"] / "base"
+    runs = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        base_points = None
+        for name in p["specs"]:
+            cfg = p["cfgs"][name, seed]
+            print(f"[{name} seed {seed}] {' '.join(p['specs'][name]) or '(defaults)'}", flush=True)
+            _link_base(Path(cfg.run_dir), cache)
+            points = run_one(cfg, _schedule(args, p, name, base_points), unit_key,
+                             trainer_log=print if args.verbose else None)
+            base_points = points if name == args.baseline else base_points
+            runs.append({"config": name, "seed": seed, "flags": list(p["specs"][name]), "points": points})
+            (out / "runs.json").write_text(json.dumps({"settings": _settings(args, p, unit_key), "runs": runs}))
+    return write_outputs(out, runs, args, p, unit_key, xlabel)
+
+
+def _settings(args, p, unit_key) -> dict:
+    return {"scenario": args.scenario, "baseline": args.baseline,
+            "configs": {k: list(v) for k, v in p["specs"].items()}, "trainer_config": args.trainer_config,
+            "common": args.common, "seeds": args.seeds,
+            "first_seed": args.first_seed, "baseline_steps": p["steps"], "budget": args.budget,
+            "max_steps": p["max_steps"], "evals": args.evals, "unit": unit_key, **env_columns()}
+
+
+def write_outputs(out: Path, runs, args, p, unit_key, xlabel) -> dict:
+    target, per_seed, per_config = summarize(runs, args.baseline, args.target)
+    env = env_columns()
+    curves = [{"config": r["config"], "seed": r["seed"], "eval": i, **{k: v for k, v in pt.items()
+                                                                     if k != "task_rewards"}}
+              for r in runs for i, pt in enumerate(r["points"])]
+    append_rows("curves.csv", curves, out)
+    append_rows("summary.csv", [{k: v for k, v in r.items() if not k.startswith("_")} | {"unit": unit_key, **env}
+                                for r in per_seed + per_config], out)
+    n = len({r["seed"] for r in runs})
+    title = f"{args.scenario}: held-out reward vs training compute, {n} seed{'s' if n > 1 else ''} (band: min-max)"
+    plot_curves(runs, target, xlabel, out / "time_to_reward.png", title)
+    table = format_table(per_seed, per_config, unit_key)
+    how = "given (--target)" if args.target is not None else \
+        f"the final held-out reward of {args.baseline!r} at its budget, mean over {n} seed{'s' if n > 1 else ''}"
+    budgets = ", ".join(f"s{r['seed']}: {r['points'][-1]['x']}" for r in runs if r["config"] == args.baseline)
+    text = "\n".join([
+        f"# Time to reward: {args.scenario}", "",
+        f"Target {target:.4f}: {how}. x: {xlabel} (`{unit_key}`), training only (evaluation counted apart). Budget: "
+        + (f"{args.budget:g} for every run" if args.budget is not None else
+           f"the baseline's compute at {p['steps']} steps ({budgets})") + f"; {args.evals} evaluations per run.",
+        f"Trainer preset `{args.trainer_config}`" + (f", common flags `{args.common}`" if args.common else "")
+        + f"; device {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}. Wall-clock: the RL "
+        "steps only, on a shared machine: noisy; the counts are exact.", "",
+        "Configurations: " + "; ".join(f"`{k}`: `{' '.join(v) or '(defaults)'}`" for k, v in p["specs"].items()),
+        "", table, ""])
+    (out / "report.md").write_text(text)
+    print("\n" + text + f"\nresults: {out}")
+    return {"out_dir": out, "target": target, "per_seed": per_seed, "per_config": per_config, "runs": runs}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"time_to_reward: {e}", file=sys.stderr)
+        sys.exit(2)
