@@ -222,3 +222,59 @@ def test_fused_head_matches_verl_and_is_what_verl_imports_after_patch(shape):
     finally:
         uf_verl.unpatch()
     assert (lce.linear_cross_entropy, tf.FusedLinearForPPO) == before
+
+
+class _Engine:
+    """The part of a verl engine `BaseEngine.train_batch` drives; the forward/backward plants a deferred failure."""
+
+    def __init__(self, fail):
+        self.fail, self.steps = fail, 0
+
+    def optimizer_zero_grad(self):
+        pass
+
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        import unirl_fast._checks as C
+
+        C.flag(torch.tensor([False, self.fail]), lambda i: f"logp has a non-finite value at index {i[0]}")
+        return {"metrics": {}}
+
+    def optimizer_step(self):
+        self.steps += 1
+        return 0.0
+
+    def is_mp_src_rank_with_outputs(self):
+        return True
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_actor_update_reads_the_checks_before_the_optimizer_step(patched, monkeypatch, fail):
+    """One read per actor update (train_batch), between the backward and the optimizer step: a failure flagged by an
+    op in the update raises with its message and the optimizer step does not run."""
+    from tensordict import TensorDict
+    from verl.workers.engine.base import BaseEngine
+
+    import unirl_fast._checks as C
+
+    monkeypatch.setattr(C, "_defer_on_cpu", True)
+    engine = type("E", (_Engine, BaseEngine), {"is_param_offload_enabled": False,
+                                                "is_optimizer_offload_enabled": False})(fail)
+    data = TensorDict({}, batch_size=[])
+    if fail:
+        with pytest.raises(C.DeferredCheckError, match="non-finite value at index 1"):
+            engine.train_batch(data, loss_function=None)
+        assert engine.steps == 0
+    else:
+        engine.train_batch(data, loss_function=None)
+        assert engine.steps == 1
+    assert not C._pending and "optimizer_step" not in vars(engine)
+
+
+def test_unpatch_restores_train_batch():
+    from verl.workers.engine.base import BaseEngine
+
+    orig = BaseEngine.train_batch
+    uf_verl.patch(impl="reference")
+    assert BaseEngine.train_batch is not orig
+    uf_verl.unpatch()
+    assert BaseEngine.train_batch is orig

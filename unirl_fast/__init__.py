@@ -34,7 +34,14 @@ def _attach_kernels():
 
 _attach_kernels()
 
-from ._checks import check_pending, checks, get_checks, set_checks  # noqa: E402
+from ._checks import (  # noqa: E402
+    DeferredCheckError,
+    check_pending,
+    check_pending_all_ranks,
+    checks,
+    get_checks,
+    set_checks,
+)
 from .ops import (  # noqa: E402
     cfg_velocity,
     flow_policy_loss,
@@ -52,5 +59,5 @@ __version__ = "0.1.0"
 __all__ = [
     "logprobs_from_logits", "fused_linear_logprobs", "policy_loss", "fused_linear_policy_loss", "group_advantages",
     "flow_sde_step", "flow_step_logprob", "flow_policy_loss", "cfg_velocity", "set_checks", "get_checks", "checks",
-    "check_pending", "__version__",
+    "check_pending", "check_pending_all_ranks", "DeferredCheckError", "__version__",
 ]

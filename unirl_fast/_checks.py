@@ -91,6 +91,11 @@ def full_checks_enabled() -> bool:
     return get_checks() == "full" and not _tracing()
 
 
+class DeferredCheckError(ValueError):
+    """A value check that ran deferred (CUDA tensors) failed; raised by a later checked op or `check_pending()`,
+    with the message of the op and argument it came from."""
+
+
 class _Pending:
     """One deferred flag: [any, a bad index] on its way to pinned host memory, and the event that says it arrived."""
 
@@ -106,7 +111,7 @@ class _Pending:
         bad, where = (int(v) for v in self.host.tolist())
         if not bad:
             return None
-        return ValueError(self.message(_unravel(where, self.shape)))
+        return DeferredCheckError(self.message(_unravel(where, self.shape)))
 
 
 _pending: list = []
@@ -144,12 +149,12 @@ def flag(bad: torch.Tensor, message: Callable[[tuple], str]) -> None:
     packed = torch.stack([any_bad.to(torch.int64), where])
     if bad.device.type == "cuda":
         with device_guard(bad.device):  # the copy and its event on the flag's device and its current stream
-            host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            host = mark_host_resident(torch.empty(2, dtype=torch.int64, pin_memory=True))
             host.copy_(packed, non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(bad.device))
     else:
-        host, event = packed, None
+        host, event = mark_host_resident(packed), None  # stands for the pinned copy the CUDA path reads
     _pending.append(_Pending(host, event, tuple(bad.shape), message))
     if len(_pending) > MAX_PENDING:
         _raise_first([_pending.pop(0)])
@@ -164,8 +169,10 @@ def _raise_first(items) -> None:
 
 
 def poll() -> None:
-    """Raise the first failed deferred check whose result has already reached the host (never waits)."""
-    if not _pending:
+    """Raise the first failed deferred check whose result has already reached the host (never waits). Under a
+    data-parallel process group nothing is raised here: one rank raising alone would leave the others waiting in
+    their next collective, so the flags wait for `check_pending_all_ranks`."""
+    if not _pending or _data_parallel():
         return
     done = []
     while _pending and _pending[0].ready():
@@ -175,10 +182,71 @@ def poll() -> None:
 
 def check_pending() -> None:
     """Wait for every deferred value check and raise the first that failed (one host sync). Call once per
-    training step (the trainer does), or before trusting results computed with checks deferred."""
+    training step before the optimizer step (the trainer does), or before trusting results computed with checks
+    deferred."""
+    err = pending_error()
+    if err is not None:
+        raise err
+
+
+def pending_error() -> DeferredCheckError | None:
+    """Wait for every deferred value check (one host sync) and return the first failure as a ValueError, or None;
+    the queue is emptied either way. `check_pending` raises it; a data-parallel trainer reduces it over the ranks
+    first, so that every rank stops at the same step."""
     items = list(_pending)
     _pending.clear()
-    _raise_first(items)
+    for p in items:
+        err = p.error()
+        if err is not None:
+            return err
+    return None
+
+
+def _data_parallel() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_rank_error(err: ValueError | None) -> ValueError | None:
+    """This rank's `pending_error()` made common to every rank of the default process group: one all-reduce of a
+    flag (on the current CUDA device under NCCL); when any rank failed, every rank gets the first failing rank's
+    error (the messages are gathered on that path only), so all stop at the same step instead of the others waiting
+    in the next collective until its timeout. Without an initialised process group, `err` itself."""
+    import torch.distributed as dist
+
+    if not _data_parallel():
+        return err
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    failed = torch.tensor([0 if err is None else 1], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return None
+    msgs = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, None if err is None else str(err))
+    rank, msg = next((r, m) for r, m in enumerate(msgs) if m is not None)
+    return err if err is not None else DeferredCheckError(f"rank {rank}: {msg}")
+
+
+def check_pending_all_ranks() -> None:
+    """`check_pending` for data-parallel training: raises on every rank when any rank's deferred checks failed."""
+    err = any_rank_error(pending_error())
+    if err is not None:
+        raise err
+
+
+_HOST_RESIDENT = "_unirl_host_resident"
+
+
+def mark_host_resident(t: torch.Tensor) -> torch.Tensor:
+    """Mark a tensor that lives in host memory on every device (a check flag's host copy, an optimizer's step
+    counter): reading it is no device sync, and `profiling.syncs.HostSyncCounter` does not count it."""
+    setattr(t, _HOST_RESIDENT, True)
+    return t
+
+
+def is_host_resident(t) -> bool:
+    return getattr(t, _HOST_RESIDENT, False)
 
 
 def weak(x):

@@ -35,12 +35,13 @@ def _cmd_train(args) -> int:
         print(f"run {cfg.run_dir} is already complete at step {done} of {cfg.steps}: nothing to do (--steps N with "
               f"N > {done} trains on; `unirl-fast eval {cfg.run_dir}` evaluates it)")
         return 0
+    from ._checks import DeferredCheckError
     from .rewards import RewardError
 
     trainer = Trainer(cfg)
     try:
         result = trainer.train()
-    except RewardError as e:  # no made-up reward, no checkpoint of the failed step: stop with the reason
+    except (RewardError, DeferredCheckError) as e:  # no made-up reward, no update from a flagged step: the reason
         print(f"unirl-fast train: stopped at step {trainer.step} (the checkpoints in {cfg.run_dir} hold no step "
               f"after it; rerun the command to resume): {e}", file=sys.stderr)
         if getattr(args, "as_program", False):  # everything the run keeps is written: end now, not after the

@@ -22,6 +22,11 @@ After it, in this process:
   states and the head weight, no logits): `verl.utils.kernel.linear_cross_entropy` (the "triton" backend) and
   `verl.utils.experimental.torch_functional.FusedLinearForPPO` (the "torch" / "liger" backends) are our
   `fused_linear_logprobs`. Without `use_fused_kernels` verl's model forward still builds the logits.
+- every actor update (`verl.workers.engine.base.BaseEngine.train_batch`: zero grad, forward/backward over the
+  micro-batches, optimizer step) reads the deferred value checks of its op calls once, between the last backward
+  and the optimizer step (`check_pending_all_ranks`: one host sync and, across data-parallel ranks, one all-reduce
+  of a flag): a NaN or a bad id flagged by an op raises there with the op's message on every rank, and the
+  optimizer step is skipped.
 
 verl's aggregation modes map onto ours as (the loss is then rescaled by local / global counts when verl passes
 global_batch_info: loss x n_local x dp_size / n_global, which is exactly verl's normaliser):
@@ -38,8 +43,11 @@ Metrics are verl's keys and definitions: actor/pg_clipfrac, actor/ppo_kl, actor/
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .._checks import check_pending_all_ranks
 from ..ops import fused_linear_logprobs as _uf_linear_logprobs
 from ..ops import logprobs_from_logits as _uf_logprobs
 from ..ops import policy_loss
@@ -207,6 +215,24 @@ _FUSED_SITES = (("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy
                 ("verl.utils.experimental.torch_functional", "FusedLinearForPPO", FusedLinearForPPO))
 
 
+def _checked_train_batch(train_batch):
+    """verl's `BaseEngine.train_batch` with the deferred value checks read before its optimizer step (for this call,
+    the engine's own `optimizer_step` runs behind `check_pending_all_ranks`)."""
+    @functools.wraps(train_batch)
+    def checked(self, *args, **kwargs):
+        step = self.optimizer_step
+
+        def checked_step(*a, **k):
+            check_pending_all_ranks()
+            return step(*a, **k)
+        self.optimizer_step = checked_step
+        try:
+            return train_batch(self, *args, **kwargs)
+        finally:
+            del self.optimizer_step
+    return checked
+
+
 def patch(*, impl="auto"):
     """Switch verl (this process) to unirl_fast's policy losses, log-probs and entropy. Idempotent; `unpatch()`
     restores verl's own functions. Raises ImportError without verl, ValueError for a bad impl."""
@@ -245,13 +271,22 @@ def patch(*, impl="auto"):
         if hasattr(mod, attr):
             saved.append((vars(mod), attr, getattr(mod, attr)))
             setattr(mod, attr, fn)
+    try:
+        from verl.workers.engine.base import BaseEngine
+    except ImportError:  # an older verl without the engine API: its actor is not covered
+        BaseEngine = None
+    if BaseEngine is not None:
+        saved.append((BaseEngine, "train_batch", BaseEngine.train_batch))
+        BaseEngine.train_batch = _checked_train_batch(BaseEngine.train_batch)
     _STATE["patched"] = True
 
 
 def unpatch():
     """Undo `patch()`."""
     for table, key, value in reversed(_STATE.pop("saved", [])):
-        if value is None:
+        if isinstance(table, type):
+            setattr(table, key, value)
+        elif value is None:
             table.pop(key, None)
         else:
             table[key] = value

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .. import check_pending, group_advantages
+from .. import group_advantages
+from .._checks import DeferredCheckError, any_rank_error, pending_error
 from ..fp8 import fp8_weight_cache
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
@@ -316,13 +317,13 @@ class Trainer:
                     self.dist.backward(loss, last=start + c.micro_batch >= B)
                 else:
                     loss.backward()
+        self._stop_on_failed_checks()  # before any weight changes: a flagged NaN never reaches the weights
         with timer.phase("optimizer"):
             gnorm = self._optimizer_step()
             if c.ema_decay > 0:
                 with self._full_weights():  # a collective under ZeRO-3: every rank enters, the main one averages
                     if self.ema is not None:
                         self.ema.update()
-        check_pending()  # the step's deferred value checks (NaN/inf, ids, masks), read once: one host sync
         times = timer.finish_step()
         self.step += 1
         rec = {"step": self.step, "reward": b.rewards.mean().item(), "adv_std": adv.float().std().item(),
@@ -332,6 +333,16 @@ class Trainer:
         if self.dist is not None:
             rec = self.dist.reduce_record(rec)
         return rec
+
+    def _stop_on_failed_checks(self):
+        """The step's deferred value checks (NaN/inf, ids, masks), read once before the optimizer step (one host
+        sync): a failure skips the step (no weight, optimizer or EMA update, no checkpoint) and stops the run with
+        the op's message. Under DeepSpeed one all-reduce tells every rank of any rank's failure, so all stop at the
+        same step instead of waiting in the next collective until the timeout."""
+        err = any_rank_error(pending_error())  # the all-reduce only under a process group (DeepSpeed)
+        if err is not None:
+            self.opt.zero_grad(set_to_none=True)
+            raise DeferredCheckError(f"step {self.step + 1} skipped (weights not updated): {err}")
 
     def _throughput(self, b, n_tok, seconds) -> dict:
         """samples/s, generated and trained text tokens/s, images/s, model FLOPs per phase and MFU (None where the
