@@ -19,7 +19,8 @@ import torch
 from unirl_fast import world as W
 from unirl_fast.cli import main
 from unirl_fast.rewards import RewardBatch, RewardError, as_result, build_reward, load_callable, parse_spec
-from unirl_fast.rewards.http import HttpReward, make_server
+from unirl_fast.rewards.http import HttpReward
+from unirl_fast.rewards.server import make_server
 from unirl_fast.tasks import Task
 from unirl_fast.train import PRESETS, Trainer
 from unirl_fast.train.plots import reward_series
@@ -225,8 +226,9 @@ def test_http_always_failing_and_refusing_services(serve):
     def broken(batch):
         raise RuntimeError("the detector crashed")
 
-    with pytest.raises(RewardError, match=r"after 3 attempts .*HTTP 500: .*the detector crashed"):
+    with pytest.raises(RewardError, match=r"after 3 attempts .*HTTP 500: .*the reward failed.*request_id") as e:
         HttpReward(serve(broken), retries=2, backoff=0.01)(_batch(2))
+    assert "detector" not in str(e.value)  # the exception's text stays in the server's log
     url = serve(reward_fns.brightness, token="s3cret")
     with pytest.raises(RewardError, match=r"refused samples 0\.\.1 .*HTTP 401"):  # not retried
         HttpReward(url, retries=5, backoff=10)(_batch(2))
@@ -384,7 +386,9 @@ def test_a_reward_service_that_keeps_failing_stops_the_run_without_a_bad_checkpo
             "--eval-every", "3"]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "stopped at step 1" in err and f"reward service {url}" in err and "the detector crashed" in err
+    assert "stopped at step 1" in err and f"reward service {url}" in err and "the reward failed" in err
+    rid = re.search(r'"request_id": "([0-9a-f]{12})"', err).group(1)  # the client's line names the request id ...
+    assert f"request {rid}: the reward failed" in err and "the detector crashed" in err  # ... the server's log it
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000001"]
     assert [(r["phase"], r["step"]) for r in map(json.loads, open(run / "metrics.jsonl"))] == [("eval", 0),
                                                                                                ("train", 1)]

@@ -332,3 +332,219 @@ def test_a_service_that_dies_mid_run_stops_it_at_once_without_a_checkpoint_of_th
     print(f"exit {exited - t_err:.2f} s after the error line")
     assert exited - t_err < 5  # well under the hanging request's 120 s deadline (measured ~0.1-0.5 s)
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000001"]
+
+
+# the reference server -------------------------------------------------------------------------------------------
+def _png_header_only(w, h) -> str:
+    """A real w x h black RGB PNG, built row by row (never w x h x 3 bytes in memory), as base64."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row, idat = zlib.compressobj(9), b"\0" * (1 + 3 * w), []
+    for _ in range(h):
+        idat.append(z.compress(row))
+    idat.append(z.flush())
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+def _post(port, body: bytes, headers=None, *, tls=None):
+    import http.client
+
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=tls, timeout=30) if tls else \
+        http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/", body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read()), dict(r.getheaders())
+    finally:
+        conn.close()
+
+
+def _raw(port, data: bytes):
+    """Send bytes as they are (a request head that announces more than is sent); the status and JSON answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _samples(n, image=None):
+    return json.dumps({"samples": [{"prompt": f"p{i}", "image": image} for i in range(n)]}).encode()
+
+
+def _vmhwm(pid) -> int:
+    """Peak resident memory of a process, bytes."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
+def test_serve_reward_limits_answer_413_and_bad_requests_400_at_once_and_it_keeps_serving():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    proc = subprocess.Popen([sys.executable, "-m", "unirl_fast.cli", "serve-reward", "reward_fns:brightness",
+                             "--port", "0", "--max-body-mb", "1", "--max-samples", "4", "--quiet"], cwd=HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "at http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        small = _png_header_only(8, 8)
+        assert _post(port, _samples(2, small))[0] == 200  # warm: PIL and torch paths loaded before the baseline
+        before = _vmhwm(proc.pid)
+        huge = _png_header_only(8000, 8000)  # 64 M pixels: 768 MB as float32 once decoded; ~190 kB as sent
+        cases = [
+            ("body", lambda: _raw(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                        b"Content-Length: 209715200\r\n\r\n{"), 413,
+             "the body is 209715200 bytes; this server takes at most 1048576"),
+            ("samples", lambda: _post(port, _samples(5))[:2], 413,
+             "5 samples in one request; this server takes at most 4"),
+            ("pixels", lambda: _post(port, _samples(1, huge))[:2], 413,
+             "sample 0: 'image' is 8000 x 8000 pixels; this server takes at most 16777216 per image"),
+            ("json", lambda: _post(port, b'{"samples": [')[:2], 400, "bad request: not JSON"),
+            ("png", lambda: _post(port, _samples(1, "aGVsbG8="))[:2], 400,
+             "bad request: sample 0: 'image' is not a base64 PNG"),
+            ("shape", lambda: _post(port, json.dumps({"samples": [{"completion": "x"}]}).encode())[:2], 400,
+             "bad request: sample 0: needs a 'prompt' string"),
+        ]
+        for name, send, code, msg in cases:
+            t0 = time.monotonic()
+            status, obj = send()
+            seconds = time.monotonic() - t0
+            print(f"{name}: HTTP {status} in {seconds:.3f} s")
+            assert status == code and obj["error"].startswith(msg) and "\n" not in obj["error"], (name, obj)
+            assert len(obj["request_id"]) == 12 and seconds < 3, (name, seconds)  # answered from headers, at once
+        grew = _vmhwm(proc.pid) - before
+        print(f"peak memory grew by {grew / 2**20:.1f} MiB")
+        assert grew < 100 * 2**20  # the 8000 x 8000 image was never decoded
+        status, obj, _ = _post(port, _samples(3, small))
+        assert status == 200 and len(obj["scores"]) == 3  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_full_server_answers_429_and_the_client_retries_it():
+    from unirl_fast.rewards.server import make_server
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(batch):
+        entered.set()
+        release.wait(30)
+        return [1.0] * len(batch)
+
+    srv = make_server(slow, workers=1, backlog=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        first, _ = [], None
+        th = threading.Thread(target=lambda: first.append(_post(port, _samples(1))), daemon=True)
+        th.start()
+        assert entered.wait(30)
+        status, obj, headers = _post(port, _samples(1))  # the one worker is busy and nothing may wait
+        assert status == 429 and "busy" in obj["error"] and headers["Retry-After"] == "1"
+        threading.Timer(0.5, release.set).start()
+        out = HttpReward(f"http://127.0.0.1:{port}/", retries=6, backoff=0.2)(_batch(2))
+        assert out["scores"].tolist() == [1.0, 1.0]  # 429 is retried until the worker is free
+        th.join(30)
+        assert first[0][0] == 200
+    finally:
+        release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_the_token_is_compared_in_constant_time(monkeypatch):
+    import hmac
+
+    from unirl_fast.rewards import server
+
+    calls, real = [], hmac.compare_digest
+    monkeypatch.setattr(server.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    srv = server.make_server(lambda b: [0.0] * len(b), token="s3cret")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        assert _post(port, _samples(1))[0] == 401
+        assert _post(port, _samples(1), {"Authorization": "Bearer s3cre"})[0] == 401
+        assert _post(port, _samples(1), {"Authorization": "Bearer s3cret"})[0] == 200
+        assert len(calls) == 3
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_failing_reward_shows_the_client_a_request_id_and_logs_the_traceback_under_it():
+    from unirl_fast.rewards.server import make_server
+
+    logged = []
+
+    def leaky(batch):
+        raise RuntimeError("cannot open /srv/secret/weights.bin")
+
+    srv = make_server(leaky, error_log=logged.append)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        status, obj, headers = _post(srv.server_address[1], _samples(1))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert status == 500 and "secret" not in json.dumps(obj) and "RuntimeError" not in json.dumps(obj)
+    assert obj["request_id"] == headers["X-Request-Id"]
+    assert len(logged) == 1 and logged[0].startswith(f"request {obj['request_id']}: the reward failed\nTraceback")
+    assert "cannot open /srv/secret/weights.bin" in logged[0]
+
+
+def _self_signed(tmp_path):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_tls_server_and_a_client_that_verifies_it_with_a_private_ca(tmp_path, monkeypatch):
+    from unirl_fast.rewards.server import make_server
+
+    cert, key = _self_signed(tmp_path)
+    monkeypatch.setenv("TOK", "s3cret")
+    srv = make_server(lambda b: [2.0] * len(b), token="s3cret", certfile=cert, keyfile=key, error_log=lambda t: None)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{srv.server_address[1]}/"
+    try:
+        err, _ = _run(lambda: HttpReward(url, token_env="TOK", retries=3, backoff=5)(_batch(2)))
+        assert isinstance(err, RewardError) and "its TLS certificate was not accepted" in str(err) and \
+            "--reward-ca-file" in str(err), err  # not retried: a certificate does not get better
+        out = HttpReward(url, token_env="TOK", ca_file=cert)(_batch(2))
+        assert out["scores"].tolist() == [2.0, 2.0]
+        with pytest.raises(ValueError, match="--reward-ca-file '/nope.pem' is not a file"):
+            HttpReward(url, ca_file="/nope.pem")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    with pytest.raises(ValueError, match="TLS needs both --certfile and --keyfile"):
+        make_server(lambda b: [], certfile=cert)
+
+
+def test_serve_reward_listens_on_loopback_and_warns_beyond_it():
+    from unirl_fast.cli import build_parser
+    from unirl_fast.rewards.server import exposure_warning
+
+    assert build_parser(["serve-reward", "x:y"]).parse_args(["serve-reward", "x:y"]).host == "127.0.0.1"
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert exposure_warning(host, None, False) is None
+    assert "without a token: anyone who can reach this port" in exposure_warning("0.0.0.0", None, False)
+    assert "without TLS: the token and the samples cross the network" in exposure_warning("::", "t", False)
+    assert exposure_warning("10.1.2.3", "t", True) is None

@@ -173,7 +173,7 @@ def _add_bench_parser(sub) -> None:
 
 def _cmd_serve_reward(args) -> int:
     from .rewards import build_reward
-    from .rewards.http import make_server
+    from .rewards.server import exposure_warning, make_server
 
     token = None
     if args.token_env:
@@ -182,16 +182,25 @@ def _cmd_serve_reward(args) -> int:
             print(f"unirl-fast serve-reward: --token-env {args.token_env}: that environment variable is not set",
                   file=sys.stderr)
             return 2
+    say = (lambda m: print(m, file=sys.stderr, flush=True))
     try:
         reward = build_reward(args.reward, scenario=None, device=args.device)
         server = make_server(reward, args.host, args.port, token=token, label=reward.describe(),
-                             log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+                             log=None if args.quiet else say, error_log=say, workers=args.workers,
+                             backlog=args.backlog, max_body_bytes=int(args.max_body_mb * 2 ** 20),
+                             max_samples=args.max_samples, max_image_pixels=args.max_image_pixels,
+                             max_request_pixels=args.max_request_pixels, certfile=args.certfile,
+                             keyfile=args.keyfile)
     except (ValueError, OSError) as e:
         print(f"unirl-fast serve-reward: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
-    print(f"serving reward {reward.describe()} at http://{host}:{port}/ (POST; GET /health)"
-          + (" with a bearer token" if token else ""), flush=True)
+    warning = exposure_warning(host, token, args.certfile is not None)
+    if warning:
+        say(f"unirl-fast serve-reward: {warning}")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving reward {reward.describe()} at {'https' if args.certfile else 'http'}://{shown}:{port}/ (POST; "
+          f"GET /health)" + (" with a bearer token" if token else ""), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -203,18 +212,37 @@ def _cmd_serve_reward(args) -> int:
 
 
 def _add_serve_reward_parser(sub) -> None:
+    from .rewards import server as srv
+
     sr = sub.add_parser("serve-reward", help="serve a reward over HTTP for `train --reward http://HOST:PORT/`",
                         description="Serve a reward (the weighted sum of the given specs) with the protocol of "
                                     "unirl_fast.rewards.http, for a trainer on another machine: --reward "
-                                    "http://HOST:PORT/")
+                                    "https://HOST:PORT/. Requests over a limit get 413, malformed ones 400, a full "
+                                    "server 429; a failing reward answers 500 with a request id and its traceback "
+                                    "goes to this process's standard error.")
     sr.add_argument("reward", nargs="+", metavar="SPEC[=WEIGHT]",
                     help="pkg.module:function, clip:DIR, pickscore:DIR, answer, format:REGEX")
-    sr.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sr.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: loopback only; any other address exposes the reward to "
+                         "the network: use --token-env and --certfile/--keyfile there)")
     sr.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed)")
     sr.add_argument("--token-env", default=None, metavar="VAR",
                     help="require `Authorization: Bearer $VAR` on every request")
+    sr.add_argument("--certfile", default=None, help="TLS: the server's certificate chain (PEM)")
+    sr.add_argument("--keyfile", default=None, help="TLS: its private key (PEM)")
+    sr.add_argument("--workers", type=int, default=4, help="requests served at once (default 4)")
+    sr.add_argument("--backlog", type=int, default=16,
+                    help="connections that may wait for a worker; more are answered 429 (default 16)")
+    sr.add_argument("--max-body-mb", type=float, default=srv.MAX_BODY_BYTES / 2 ** 20,
+                    help="largest request body in MiB (default %(default)g)")
+    sr.add_argument("--max-samples", type=int, default=srv.MAX_SAMPLES,
+                    help="most samples per request (default %(default)s)")
+    sr.add_argument("--max-image-pixels", type=int, default=srv.MAX_IMAGE_PIXELS,
+                    help="most pixels of one image, read from its PNG header before decoding (default %(default)s)")
+    sr.add_argument("--max-request-pixels", type=int, default=srv.MAX_REQUEST_PIXELS,
+                    help="most pixels of all the images of one request (default %(default)s)")
     sr.add_argument("--device", default=None, help="device of model-based rewards (CLIP): cpu, cuda, cuda:N")
-    sr.add_argument("--quiet", action="store_true", help="do not log each request")
+    sr.add_argument("--quiet", action="store_true", help="do not log each request (errors are still logged)")
     sr.set_defaults(func=_cmd_serve_reward)
 
 

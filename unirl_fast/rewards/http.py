@@ -26,9 +26,7 @@ Client (`HttpReward`), safe by default:
   and RewardError (naming the service, the samples and the first sample's prompt) is raised at once, so a failed run
   exits without waiting on the service. A run never trains on a made-up reward.
 
-Server: `unirl-fast serve-reward SPEC --port N` (SPEC: any reward the trainer takes that needs no scenario, e.g.
-`my_pkg.rewards:score`, `clip:DIR`, `answer`, `format:REGEX`), or `make_server(fn)` in code. Standard library only
-(http.server, threads per request).
+The reference server (`unirl-fast serve-reward`, `make_server`) is in `unirl_fast.rewards.server`.
 """
 from __future__ import annotations
 
@@ -45,7 +43,6 @@ import socket
 import ssl
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import torch
@@ -63,16 +60,6 @@ def encode_png(img) -> str | None:
     buf = io.BytesIO()
     to_pil(img).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def decode_png(text: str) -> torch.Tensor:
-    """Base64 PNG -> float32 [3, H, W] in [-1, 1]."""
-    from PIL import Image
-
-    from ..tasks.base import pil_to_tensor
-
-    with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as im:
-        return pil_to_tensor(im.convert("RGB"))
 
 
 def _jsonable(x):
@@ -340,75 +327,3 @@ class HttpReward:
     def close(self) -> None:
         self._abort()
         self._pool.close()
-
-
-# server ---------------------------------------------------------------------------------------------------------
-def decode_samples(payload) -> RewardBatch:
-    """The request body (parsed) -> a RewardBatch; ValueError names the bad sample."""
-    from ..tasks import Task
-
-    if not isinstance(payload, dict) or not isinstance(payload.get("samples"), list) or not payload["samples"]:
-        raise ValueError("the request must be {\"samples\": [...]} with at least one sample")
-    tasks, texts, fields = [], [], {"image": [], "cycled": [], "source": []}
-    for j, s in enumerate(payload["samples"]):
-        if not isinstance(s, dict) or not isinstance(s.get("prompt"), str):
-            raise ValueError(f"sample {j}: needs a 'prompt' string")
-        meta = s.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise ValueError(f"sample {j}: 'meta' must be an object")
-        tasks.append(Task(s["prompt"], str(s.get("answer") or ""), meta=meta, origin=f"request sample {j}"))
-        texts.append(str(s.get("completion") or ""))
-        for k in fields:
-            try:
-                fields[k].append(None if s.get(k) is None else decode_png(s[k]))
-            except Exception as e:  # binascii / PIL errors: a bad upload, not a server fault
-                raise ValueError(f"sample {j}: {k!r} is not a base64 PNG ({e})") from None
-    stacked = {}
-    for k, v in fields.items():
-        if all(x is None for x in v):
-            stacked[k] = None
-        elif any(x is None for x in v) or len({tuple(x.shape) for x in v}) != 1:
-            raise ValueError(f"{k!r}: every sample needs one, all of the same size")
-        else:
-            stacked[k] = torch.stack(v)
-    return RewardBatch(tasks, texts, stacked["image"], None if stacked["cycled"] is None else list(stacked["cycled"]),
-                       stacked["source"])
-
-
-def make_server(fn, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None, label: str = "reward",
-                log=None) -> ThreadingHTTPServer:
-    """An HTTP server answering the protocol with `fn(RewardBatch)`; port 0 picks a free port
-    (server.server_address[1]). Run it with serve_forever(); stop it with shutdown()."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, code, obj):
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            self._send(200, {"ok": True, "reward": label}) if self.path.rstrip("/") in ("", "/health") else \
-                self._send(404, {"error": f"no such path {self.path!r}"})
-
-        def do_POST(self):
-            if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
-                return self._send(401, {"error": "missing or wrong bearer token"})
-            try:
-                n = int(self.headers.get("Content-Length", 0))
-                batch = decode_samples(json.loads(self.rfile.read(n)))
-            except (ValueError, json.JSONDecodeError) as e:
-                return self._send(400, {"error": f"bad request: {e}"})
-            try:
-                r = as_result(fn(batch), batch, label)
-            except Exception as e:  # the reward's own failure: a 500 the client reports (and retries)
-                return self._send(500, {"error": f"{type(e).__name__}: {e}"})
-            self._send(200, {"scores": r.scores.tolist(), "parts": {k: v.tolist() for k, v in r.parts.items()}})
-
-        def log_message(self, fmt, *args):
-            if log is not None:
-                log(f"{self.address_string()} {fmt % args}")
-
-    return ThreadingHTTPServer((host, port), Handler)
