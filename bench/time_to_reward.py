@@ -13,8 +13,10 @@ owns (the scenario, seed, run directory, steps and the evaluation: it must be th
 Runs: for each seed, the baseline first, then every other configuration. All runs of a seed start from one
 pretrained base model: each run directory's `base/` links to one cache (`--base-cache`, default `<out>/base`), so
 pretraining happens once per seed (and per preset / pretraining settings, which key the cache). Each run drives
-the public `Trainer` (train_step / evaluate) with a `ComputeCounter` attached to the policy and, when there is one,
-the frozen reference copy (profiling.counters: DiT rows and LM tokens, forward and backward, counted by hooks).
+the public `Trainer` (train_step / evaluate) with a `ComputeCounter` attached to the policy, the frozen reference
+copy when there is one, and any other model the trainer keeps ("auxiliary", e.g. an old policy) (profiling.counters:
+DiT rows and LM tokens, forward and backward, counted by hooks); under its `watch()` an expert that is not attached
+stops the run instead of going uncounted.
 
 Compute: the x axis is DiT forward-equivalents (forwards + 2 x backwards, policy and reference together) for the
 scenarios that draw, LM token-equivalents for the LM-only ones (`--unit` to choose). Training compute is every
@@ -192,10 +194,12 @@ def _point(trainer, counter, wall_s, unit_key) -> dict:
     with counter.section("eval"):
         ev = trainer.evaluate()
     t, ref, evc = counter.totals("train"), counter.totals("train", "reference"), counter.totals("eval")
+    aux = counter.totals("train", "auxiliary")
     p = {"step": trainer.step, "x": None, "dit_fe": t.dit_forward_equivalents, "dit_forward": t.dit_forward,
          "dit_backward": t.dit_backward, "lm_te": t.lm_token_equivalents, "lm_forward_tokens": t.lm_forward_tokens,
          "lm_backward_tokens": t.lm_backward_tokens, "ref_dit_forward": ref.dit_forward,
-         "ref_lm_forward_tokens": ref.lm_forward_tokens, "eval_dit_forward": evc.dit_forward,
+         "ref_lm_forward_tokens": ref.lm_forward_tokens, "aux_dit_forward": aux.dit_forward,
+         "aux_lm_forward_tokens": aux.lm_forward_tokens, "eval_dit_forward": evc.dit_forward,
          "eval_lm_forward_tokens": evc.lm_forward_tokens, "wall_s": wall_s, "eval_reward": ev["eval_reward"],
          **{k: v for k, v in ev.items() if k.startswith("eval_reward_")},
          "task_rewards": [float(v) for v in ev["_rewards"]]}
@@ -208,48 +212,68 @@ def _train_x(counter, unit_key) -> int:
     return t.dit_forward_equivalents if unit_key == "dit_fe" else t.lm_token_equivalents
 
 
+def attach_trainer(counter, trainer):
+    """Attach the trainer's policy, its frozen reference and any other model it keeps (e.g. an old policy, as
+    "auxiliary"). With LoRA the reference is the policy with its adapters off: counted as the policy."""
+    import torch
+
+    seen = set()
+    for value in vars(trainer).values():
+        if isinstance(value, torch.nn.Module) and (hasattr(value, "dit") or hasattr(value, "lm")) \
+                and id(value) not in seen:
+            seen.add(id(value))
+            role = "policy" if value is trainer.model else "reference" if value is trainer.ref else "auxiliary"
+            counter.attach(value, role=role)
+    return counter
+
+
 def run_one(cfg, schedule: Schedule, unit_key: str, log=print, trainer_log=None) -> list:
     """Train one configuration for one seed on its schedule; returns its evaluation points (step 0 first)."""
     from unirl_fast.profiling import ComputeCounter
     from unirl_fast.train import Trainer
 
     trainer = Trainer(cfg, log=trainer_log or (lambda *a, **k: None))
-    counter = ComputeCounter().attach(trainer.model)
-    if trainer.ref is not None:  # with LoRA the reference is the policy with its adapters off: counted as policy
-        counter.attach(trainer.ref, role="reference")
-    points, wall, cost, grid = [], 0.0, None, list(schedule.grid)
+    counter = attach_trainer(ComputeCounter(), trainer)
+    points, clock = [], {"wall": 0.0}
 
     def evaluate(note=""):
-        points.append(_point(trainer, counter, wall, unit_key))
+        points.append(_point(trainer, counter, clock["wall"], unit_key))
         log(f"  step {trainer.step}: {unit_key} {points[-1]['x']}, held-out reward {points[-1]['eval_reward']:.3f}, "
-            f"{wall:.1f} s{note}")
+            f"{clock['wall']:.1f} s{note}")
 
     try:
-        evaluate()
-        while True:
-            x0 = _train_x(counter, unit_key)
-            if schedule.steps is not None and trainer.step >= schedule.steps:
-                break
-            if schedule.budget is not None and (trainer.step >= schedule.max_steps or
-                                                (cost is not None and x0 + cost > schedule.budget)):
-                break
-            t0 = time.perf_counter()
-            trainer.train_step()
-            wall += time.perf_counter() - t0
-            x = _train_x(counter, unit_key)
-            cost = x - x0
-            due = schedule.every is not None and trainer.step % schedule.every == 0
-            while grid and x >= grid[0]:
-                grid.pop(0)
-                due = True
-            if due:
-                evaluate()
-        if points[-1]["step"] != trainer.step:
-            evaluate(" (end)")
+        with counter.watch():  # an expert copy the counter is not attached to is an error, not uncounted compute
+            evaluate()
+            _train_loop(trainer, counter, schedule, unit_key, evaluate, clock)
+            if points[-1]["step"] != trainer.step:
+                evaluate(" (end)")
     finally:
         counter.detach()
         trainer.reward.close()
     return points
+
+
+def _train_loop(trainer, counter, schedule, unit_key, evaluate, clock):
+    """RL steps until the schedule's end, evaluating when due; clock["wall"] sums the steps' wall-clock."""
+    cost, grid = None, list(schedule.grid)
+    while True:
+        x0 = _train_x(counter, unit_key)
+        if schedule.steps is not None and trainer.step >= schedule.steps:
+            return
+        if schedule.budget is not None and (trainer.step >= schedule.max_steps or
+                                            (cost is not None and x0 + cost > schedule.budget)):
+            return
+        t0 = time.perf_counter()
+        trainer.train_step()
+        clock["wall"] += time.perf_counter() - t0
+        x = _train_x(counter, unit_key)
+        cost = x - x0
+        due = schedule.every is not None and trainer.step % schedule.every == 0
+        while grid and x >= grid[0]:
+            grid.pop(0)
+            due = True
+        if due:
+            evaluate()
 
 
 def parse_args(argv=None):

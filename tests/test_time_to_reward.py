@@ -101,6 +101,34 @@ def test_sections_roles_copies_and_detach(model):
         ComputeCounter().attach(torch.nn.Linear(2, 2))
 
 
+def test_watch_refuses_an_expert_that_is_not_attached_and_attach_trainer_finds_every_model(model):
+    from types import SimpleNamespace
+
+    from bench.time_to_reward import attach_trainer
+
+    ids, mask = _prompts(model)
+    params = ImageSamplingParams(num_steps=2, sde="ode")
+    old = copy.deepcopy(model)  # e.g. an old policy kept as a copy
+    c = ComputeCounter().attach(model)
+    with c.watch():
+        ImageEngine(model).generate(ids, mask, params)
+        with pytest.raises(RuntimeError, match="Qwen2Model that the ComputeCounter is not attached"):
+            ImageEngine(old).generate(ids, mask, params)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="SanaTransformer2DModel that the ComputeCounter"):
+            old.velocity(torch.randn(ids.shape[0], *model.latent_shape), 0.5, model.condition(ids, mask))
+    ImageEngine(old).generate(ids, mask, params)  # outside the block: nothing watches
+    c.detach()
+    ref = copy.deepcopy(model)
+    trainer = SimpleNamespace(model=model, ref=ref, old_policy=old, alias=model, connector=model.connector)
+    c = attach_trainer(ComputeCounter(), trainer)
+    with c.watch():
+        for m in (model, ref, old):
+            ImageEngine(m).generate(ids, mask, params)
+    B = ids.shape[0]
+    assert [c.totals(role=r).dit_forward for r in ("policy", "reference", "auxiliary")] == [2 * B] * 3
+    c.detach()
+
+
 def test_vlm_decoder_is_counted(model):
     """A vision-language LM's text decoder is hooked: the conditioning pass counts its prompt (image tokens included)
     and queries."""

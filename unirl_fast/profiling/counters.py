@@ -30,6 +30,7 @@ Cost: none when not attached (no hook exists). Attached: shape reads, and for th
 accumulated on the device (no host sync per call; `totals` reads the accumulators, one sync).
 Copies: a hook counts only the module it was attached to, so a `copy.deepcopy` of an attached model (which copies
 the hooks) counts nothing; attach the copy itself, e.g. the trainer's frozen reference with role="reference".
+`watch()` turns a forward of an expert that is not attached into an error, so no copy goes uncounted unnoticed.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 FIELDS = ("dit_forward", "dit_backward", "lm_forward_tokens", "lm_backward_tokens")
-ROLES = ("policy", "reference")
+ROLES = ("policy", "reference", "auxiliary")  # auxiliary: any other copy, e.g. an old policy kept as a module
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class ComputeCounter:
         self._host: dict = {}  # (section, role, field) -> int
         self._device: dict = {}  # (section, role, field) -> 0-dim tensor (mask sums, never synced per call)
         self._handles: list = []
+        self._experts: dict = {}  # id(module) -> module: every attached DiT and LM decoder (for `watch`)
 
     # attaching --------------------------------------------------------------------------------------------------
     def attach(self, model, role: str = "policy") -> "ComputeCounter":
@@ -105,17 +107,37 @@ class ComputeCounter:
             raise TypeError(f"attach needs a model with a .dit or an .lm expert, got {type(model).__name__}")
         if dit is not None:
             self._handles.append(dit.register_forward_hook(self._dit_hook(dit, role), with_kwargs=True))
+            self._experts[id(dit)] = dit
         if lm is not None:
             decoder = lm.get_decoder()
             hook = self._lm_hook(decoder, role, inspect.signature(decoder.forward))
             self._handles.append(decoder.register_forward_hook(hook, with_kwargs=True))
+            self._experts[id(decoder)] = decoder
         return self
+
+    @contextlib.contextmanager
+    def watch(self):
+        """Within the block, a forward of a module of an attached expert's class (the DiT's, the LM decoder's) that
+        is not attached raises a RuntimeError: its compute would otherwise go uncounted (e.g. an old policy kept as a
+        copy of the model). One global forward pre-hook for the block (a type check per module call)."""
+        classes = {type(m) for m in self._experts.values()}
+
+        def check(module, args):
+            if type(module) in classes and self._experts.get(id(module)) is not module:
+                raise RuntimeError(f"a {type(module).__name__} that the ComputeCounter is not attached to ran: its "
+                                   "compute would go uncounted; attach its model (ComputeCounter.attach(model, "
+                                   "role='auxiliary'))")
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
+        try:
+            yield self
+        finally:
+            handle.remove()
 
     def detach(self) -> None:
         """Remove every hook (the counts stay readable)."""
         for h in self._handles:
             h.remove()
-        self._handles = []
+        self._handles, self._experts = [], {}
 
     def __enter__(self):
         return self
