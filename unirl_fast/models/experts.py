@@ -132,3 +132,20 @@ def sdpa_or_flash() -> str:
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def full_sequence_mask(lm, mask: torch.Tensor):
+    """The [B, 1, L, L] causal + padding mask of a whole-sequence LM forward (no cache) from the [B, L] 0/1 mask,
+    in the form the LM's attention takes: bool for SDPA, additive (0 / dtype min) for eager; flash-attention and
+    other kernels get the [B, L] mask back. transformers uses a 4-D mask as given; from a 2-D one it first reads the
+    padding mask on the host to see whether it may drop the mask, one device sync per forward."""
+    impl = getattr(lm.config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        return mask
+    L = mask.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+    keep = causal[None, None] & mask.bool()[:, None, None, :]
+    if impl == "sdpa":
+        return keep
+    dtype = lm.get_input_embeddings().weight.dtype
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)

@@ -31,7 +31,16 @@ from torch import nn
 
 from .config import UnifiedConfig, preset_config
 from .connector import QueryConnector
-from .experts import build_dit, build_lm, build_vae, diffusers_config_dict, dit_widths, lm_config_dict, vae_geometry
+from .experts import (
+    build_dit,
+    build_lm,
+    build_vae,
+    diffusers_config_dict,
+    dit_widths,
+    full_sequence_mask,
+    lm_config_dict,
+    vae_geometry,
+)
 from .tokenizer import CharTokenizer, HFTokenizer
 
 WEIGHTS_NAME = "model.safetensors"  # the single-file layout (read for older checkpoints)
@@ -296,7 +305,8 @@ class UnifiedModel(nn.Module):
         embeds = torch.cat([emb(input_ids), q], 1)
         mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, self.config.num_queries).long()], 1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+        out = self.lm.base_model(inputs_embeds=embeds, attention_mask=full_sequence_mask(self.lm, mask),
+                                 position_ids=pos, use_cache=False)
         return out.last_hidden_state[:, L:]
 
     def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

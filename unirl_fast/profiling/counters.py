@@ -14,7 +14,8 @@ What is counted (per section and per role):
                         it (a tensor hook on the output)
     lm_forward_tokens   non-padding tokens through the LM's text decoder: the ones of the 2-D attention mask over
                         the positions this call feeds (with a KV cache, `cache_position`'s columns: a decode step
-                        counts one token per live row); B x L when there is no 2-D mask
+                        counts one token per live row; a whole-sequence 4-D causal mask counts its last row's
+                        attended tokens); B x L when there is no such mask
     lm_backward_tokens  the tokens of a decoder call whose output received a gradient
 A text rollout thus counts prompt + completion - 1 tokens per row: the last sampled token is never fed back.
 
@@ -214,6 +215,9 @@ def _lm_tokens(a: dict):
         x = a.get("inputs_embeds")
     B, L = x.shape[:2]
     mask = a.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-2:] == (L, L):
+        last = mask[:, 0, -1]  # a whole-sequence causal mask (models.experts.full_sequence_mask): the last query
+        return (last if last.dtype == torch.bool else last == 0).sum()  # row attends every non-padding token
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
         return B * L
     if mask.shape[1] == L:

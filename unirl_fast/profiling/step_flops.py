@@ -71,7 +71,7 @@ def step_flops(model, scenario, cfg, b) -> dict:
         if scenario.edit:
             out["reward"] = cond + K * dit_step
         if scenario.train_dit:
-            S = int(b.traj.trainable.sum())
+            S = b.traj.trained_steps().numel()
             out["train"] += (3 if scenario.train_lm else 1) * _lm_seq(lm, B, Lc + Q, 0) + 3 * S * dit_step
             out["ref"] += (_lm_seq(lm, B, Lc + Q, 0) + S * dit_step) if cfg.beta_velocity > 0 else 0.0
     return out

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import mark_host_resident
+
 
 class RewardError(RuntimeError):
     """A reward could not score a batch (a bad answer, a service that keeps failing). Never a silent 0."""
@@ -78,7 +80,7 @@ def to_pil(img: torch.Tensor):
 
 def _vector(values, n: int, what: str, batch: RewardBatch) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
-        values = values.detach().float().cpu().flatten().tolist()
+        values = values.detach().float().flatten().tolist()  # one device-to-host copy
     elif hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # numpy
         values = values.tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
@@ -89,7 +91,7 @@ def _vector(values, n: int, what: str, batch: RewardBatch) -> torch.Tensor:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             prompt = batch.tasks[i].prompt if i < len(batch) else "?"
             raise RewardError(f"{what}: sample {i} (prompt {prompt!r}) got {v!r}, not a finite number")
-    return torch.tensor(values, dtype=torch.float64)
+    return mark_host_resident(torch.tensor(values, dtype=torch.float64))  # host memory wherever the model runs
 
 
 def as_result(out, batch: RewardBatch, label: str) -> RewardResult:
@@ -132,7 +134,7 @@ class WeightedReward:
         self.terms = terms
 
     def __call__(self, batch: RewardBatch) -> RewardResult:
-        total = torch.zeros(len(batch), dtype=torch.float64)
+        total = mark_host_resident(torch.zeros(len(batch), dtype=torch.float64))
         parts = {}
         for t in self.terms:
             r = as_result(t.fn(batch), batch, t.label)

@@ -84,7 +84,7 @@ class ImageSamplingParams:
             on[self.window_start:end] = True
             if self.sde == "cps":
                 on[T - 1] = False
-        return on
+        return C.mark_host_resident(on)
 
 
 @dataclass
@@ -102,6 +102,14 @@ class ImageTrajectory:
     uncond: Conditioning | None = None
     source_latents: torch.Tensor | None = None
     images: torch.Tensor | None = None
+    train_steps: torch.Tensor | None = None  # [S] long on the device: the trainable steps (see trained_steps)
+
+    def trained_steps(self) -> torch.Tensor:
+        """[S] long, on the trajectory's device: the trainable steps. The sampler makes it once from its host-side
+        schedule (no device read); for a trajectory built without it, `trainable` is read once (one host sync)."""
+        if self.train_steps is None:
+            self.train_steps = self.trainable.nonzero().flatten()
+        return self.train_steps
 
 
 def guided_velocity(model, x, sigma, cond: Conditioning, uncond: Conditioning | None, guidance_scale: float,
@@ -159,21 +167,21 @@ class ImageEngine:
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
             x = noise.float()
-        # the schedule is made on the host and copied once: no device read-back (sync) for sigma_max, and the
-        # steps take device views of it (no per-step host-to-device copy)
-        sig_host = timestep_schedule(T, params.shift, kind=params.schedule)
+        # the schedule and which steps are stochastic are made on the host and copied once: no device read-back
+        # (sync) for sigma_max or a step's kind, and the steps take device views (no per-step host-to-device copy)
+        sig_host = C.mark_host_resident(timestep_schedule(T, params.shift, kind=params.schedule))
         sig = sig_host.to(dev)
-        sigma_max = float(sig_host[1]) if T > 1 else 0.0  # unused by ode
+        sigma_max = sig_host.tolist()[1] if T > 1 else 0.0  # unused by ode
         on = params.stochastic_steps()
+        kinds = [params.sde if o else "ode" for o in on.tolist()]
         samples = torch.empty((T, *shape), device=dev)
         next_samples = torch.empty((T, *shape), device=dev)
         logps = torch.zeros(T, B, device=dev)
         for i in range(T):
             s, s_next = sig[i].expand(B), sig[i + 1].expand(B)
             v = guided_velocity(m, x, s, cond, uncond, params.guidance_scale, source_latents)
-            kind = params.sde if bool(on[i]) else "ode"
             nxt, lp, _, _ = flow_sde_step(v, x, s, s_next, generator=generator, noise_level=params.noise_level,
-                                          sde=kind, sigma_max=sig[1] if kind == "sde" else None,
+                                          sde=kinds[i], sigma_max=sig[1] if kinds[i] == "sde" else None,
                                           impl=self.impl, logprob=params.logprob)
             samples[i], next_samples[i] = x, nxt
             if lp is not None:
@@ -183,7 +191,7 @@ class ImageEngine:
         return ImageTrajectory(samples, next_samples, sig[:-1, None].expand(T, B).contiguous(),
                                sig[1:, None].expand(T, B).contiguous(), logps, on.to(dev), x, cond.detach(),
                                params, sigma_max, None if uncond is None else uncond.detach(), source_latents,
-                               images)
+                               images, train_steps=torch.nonzero(on).flatten().to(dev))
 
 
 def replay_velocity(model, traj: ImageTrajectory, steps, *, rows=None, conditioning: Conditioning | None = None,
@@ -220,7 +228,7 @@ def replay_logprobs(model, traj: ImageTrajectory, *, conditioning: Conditioning 
     Differentiable in the DiT (and in `conditioning` / `uncond` when given, e.g. recomputed with gradients
     through the LM and connector)."""
     p = traj.params
-    idx = traj.trainable.nonzero().flatten() if steps is None else torch.as_tensor(steps, device=traj.samples.device)
+    idx = traj.trained_steps() if steps is None else torch.as_tensor(steps, device=traj.samples.device)
     if idx.numel() == 0:
         raise ValueError("no trainable steps to replay (an all-ODE trajectory has no log-probs)")
     if p.sde == "ode":

@@ -41,7 +41,7 @@ import torch
 
 from .. import _checks as C
 from ..fp8.linear import with_fp8_weight_cache
-from ..models.experts import sdpa_or_flash
+from ..models.experts import full_sequence_mask, sdpa_or_flash
 from ..ops import fused_linear_logprobs
 
 
@@ -245,6 +245,7 @@ class TextEngine:
         logprobs = torch.zeros(B, T, dtype=torch.float32, device=dev)
         valid = torch.zeros(B, T, dtype=torch.bool, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        all_done = _AllDone(dev)
         for t in range(T):
             logp = sampling_logprobs(logits, 1.0 if greedy else params.temperature, params.top_k, params.top_p)
             y = sample_from_logprobs(logp, greedy, generator)
@@ -253,18 +254,20 @@ class TextEngine:
             logprobs[:, t] = torch.where(live, logp.gather(-1, y[:, None])[:, 0], 0.0)
             valid[:, t] = live
             done = done | torch.isin(y, eos)
-            if (t + 1) % params.check_every == 0 or t == T - 1:
+            if (t + 1) % params.check_every == 0:
                 done = self._apply_stop_strings(params, tokens, logprobs, valid, done, t + 1)
-                if bool(done.all()):
-                    break
-            if t == T - 1:
+                all_done.post(done)
+            if t == T - 1 or all_done.seen():
                 break
             feed = torch.where(done, self.pad_token_id, y)[:, None]
             full_mask[:, P + t] = (~done).long()  # the pad fed to a finished row is padding, not a token
             logits = self._decode(feed, next_pos, cache_positions[t:t + 1], full_mask, cache)
             next_pos = next_pos + 1
-        texts = None if self.tokenizer is None else [
-            self.tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, valid)]
+        if T % params.check_every:  # the last step's stop strings (a multiple of check_every was cut above)
+            done = self._apply_stop_strings(params, tokens, logprobs, valid, done, T)
+        texts = None if self.tokenizer is None else [  # one read of the ids and one of the mask for every row
+            self.tokenizer.decode([i for i, k in zip(row, keep) if k]) for row, keep in zip(tokens.tolist(),
+                                                                                          valid.tolist())]
         return TextRolloutOutput(orig_ids, orig_mask, tokens, logprobs, valid, texts, vision)
 
     def _apply_stop_strings(self, params, tokens, logprobs, valid, done, n):
@@ -284,6 +287,33 @@ class TextEngine:
         return done
 
 
+class _AllDone:
+    """Whether every row has finished, learned without a host sync: every `check_every` steps `done.all()` is copied
+    to pinned host memory behind a CUDA event, and the loop stops at the first step where such a copy has arrived
+    (`Event.query()`, never a wait) and says so. A step decoded after every row finished writes only padding (pad
+    id, log-prob 0, mask 0), so the outputs equal an immediate stop's; on a CPU the copy is there at once."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.sent = []  # (host flag, event) oldest first
+
+    def post(self, done):
+        if self.cuda:
+            host = C.mark_host_resident(torch.empty((), dtype=torch.bool, pin_memory=True))
+            host.copy_(done.all(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.sent.append((host, event))
+        else:
+            self.sent.append((C.mark_host_resident(done.all()), None))
+
+    def seen(self) -> bool:
+        while self.sent and (self.sent[0][1] is None or self.sent[0][1].query()):
+            if self.sent.pop(0)[0].item():
+                return True
+        return False
+
+
 def recompute_logprobs(lm, out: TextRolloutOutput, *, temperature: float = 1.0, impl: str = "auto"):
     """Trainer-side log-probs [B, T] fp32 of a rollout's completions under `lm` (0 where masked), computed
     from the final hidden states with `fused_linear_logprobs` (logits never materialised on the Triton path).
@@ -296,7 +326,7 @@ def recompute_logprobs(lm, out: TextRolloutOutput, *, temperature: float = 1.0, 
         hidden = vlm.hidden_states(lm, ids, mask, out.vision, prompt_length=out.prompt_ids.shape[1])
     else:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+        hidden = lm.base_model(input_ids=ids, attention_mask=full_sequence_mask(lm, mask), position_ids=pos,
                                use_cache=False).last_hidden_state
     P = out.prompt_ids.shape[1]
     h = hidden[:, P - 1:-1]

@@ -22,6 +22,7 @@ import torch
 
 from .. import flow_policy_loss, flow_step_logprob, fused_linear_logprobs, fused_linear_policy_loss
 from ..models import vlm
+from ..models.experts import full_sequence_mask
 from ..rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, replay_velocity
 from .config import image_schedule
 
@@ -155,15 +156,16 @@ def score(model, scenario, cfg, b: Batch, generator, *, reward=None, inverse_mod
     rb = RewardBatch(b.tasks, b.completions or [""] * len(b.tasks), b.images, cycled, b.sources)
     res = reward(rb)
     b.rewards = res.scores.float()
-    b.reward_parts = [{**{k: float(v[i]) for k, v in res.parts.items()}, "total": float(res.scores[i])}
-                      for i in range(len(b.tasks))]
+    cols = {k: v.tolist() for k, v in res.parts.items()}  # host tensors, read whole (not one element at a time)
+    b.reward_parts = [{**{k: c[i] for k, c in cols.items()}, "total": s} for i, s in enumerate(res.scores.tolist())]
     return b
 
 
 def _last_hidden(lm, b: Batch, idx, ids, mask, pos):
     """The LM's last hidden states on rows `idx`' prompt + completion (with their images for a VLM rollout)."""
     if b.text.vision is None:
-        return lm.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        return lm.base_model(input_ids=ids, attention_mask=full_sequence_mask(lm, mask),
+                             position_ids=pos).last_hidden_state
     return vlm.hidden_states(lm, ids, mask, b.text.vision.select(idx), prompt_length=b.text.prompt_ids.shape[1])
 
 
@@ -193,7 +195,7 @@ def reference_outputs(ref, scenario, cfg, b: Batch, micro_batch: int) -> Batch:
             logps.append(logp)
         b.ref_logp = torch.cat(logps)
     if scenario.train_dit and b.traj is not None and cfg.beta_velocity > 0:
-        steps = b.traj.trainable.nonzero().flatten()
+        steps = b.traj.trained_steps()
         vs = []
         for idx in chunks:
             cond = ref.condition(b.cond_ids[idx], b.cond_mask[idx], _rows(b.cond_vision, idx))
@@ -232,7 +234,7 @@ def image_loss(model, cfg, b: Batch, idx, adv):
     """Flow-GRPO loss on the trained window of rows `idx`; returns (loss scaled for accumulation, metrics).
     With beta_velocity > 0 the reference velocities come from `reference_outputs` (b.ref_velocity)."""
     traj = b.traj
-    steps = traj.trainable.nonzero().flatten()
+    steps = traj.trained_steps()
     cond = model.condition(b.cond_ids[idx], b.cond_mask[idx], _rows(b.cond_vision, idx))
     v, x = replay_velocity(model, traj, steps, rows=idx, conditioning=cond)
     p = traj.params

@@ -301,7 +301,7 @@ class Trainer:
             if self.dist is not None:
                 n_tok = self.dist.token_norm(n_tok)  # global tokens / world: dapo's rank average = global mean
             for start in range(0, B, c.micro_batch):
-                idx = torch.arange(start, start + c.micro_batch)
+                idx = torch.arange(start, start + c.micro_batch, device=m.device)  # device rows: no H2D copy
                 loss = torch.zeros((), device=m.device)
                 if s.train_lm and b.text is not None:
                     with self._autocast():
@@ -326,8 +326,9 @@ class Trainer:
                         self.ema.update()
         times = timer.finish_step()
         self.step += 1
-        rec = {"step": self.step, "reward": b.rewards.mean().item(), "adv_std": adv.float().std().item(),
-               "grad_norm": float(gnorm), **metrics, **_reward_parts(b.reward_parts), **times}
+        rec = {"step": self.step, "reward": _mean(p["total"] for p in b.reward_parts),
+               **_host_values({"adv_std": adv.float().std(), "grad_norm": gnorm, **metrics}),  # one read
+               **_reward_parts(b.reward_parts), **times}
         rec.update(self._throughput(b, n_local, rec["step_ms"] / 1e3))
         rec.update(self._nvml_record(t0, time.time()))
         if self.dist is not None:
@@ -616,11 +617,29 @@ def _call(fn, *args):
 
 
 def _accumulate(metrics, prefix, loss, m, weight):
-    """Loss values are already scaled for accumulation (they add up); metrics are micro-batch means (weighted)."""
-    metrics[f"{prefix}_loss"] = metrics.get(f"{prefix}_loss", 0.0) + float(loss.detach())
+    """Loss values are already scaled for accumulation (they add up); metrics are micro-batch means (weighted).
+    Summed on the device: the step reads them once (`_host_values`), not once per micro-batch."""
+    metrics[f"{prefix}_loss"] = metrics.get(f"{prefix}_loss", 0.0) + loss.detach().float()
     for k, v in m.items():
         key = f"{prefix}_{k}"
-        metrics[key] = metrics.get(key, 0.0) + float(v) * weight
+        metrics[key] = metrics.get(key, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v) * weight
+
+
+def _host_values(d: dict) -> dict:
+    """d with its tensor values read to Python floats: one stacked copy per device (one host sync for the lot)."""
+    out = dict(d)
+    by_device = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(k)
+    for keys in by_device.values():
+        out.update(zip(keys, torch.stack([d[k].detach().float().reshape(()) for k in keys]).tolist()))
+    return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def _reward_parts(parts, prefix=""):
