@@ -199,9 +199,9 @@ def test_fused_head_matches_verl_and_is_what_verl_imports_after_patch(shape):
     W = torch.randn(V, H, generator=g).requires_grad_()
     labels = torch.randint(0, V, shape, generator=g)
     outs, grads = [], []
+    n = labels.numel()
     for fn in (lambda: verl_fused(h, W, labels, 0.7, 4), lambda: uf_verl.linear_cross_entropy(h, W, labels, 0.7)):
-        logp, ent = fn()
-        assert logp.shape == shape and ent.shape == shape
+        logp, ent = (x.reshape(shape) for x in fn())
         (logp.sum() + 0.3 * ent.sum()).backward()
         outs.append((logp.detach(), ent.detach()))
         grads.append((h.grad.clone(), W.grad.clone()))
@@ -217,6 +217,7 @@ def test_fused_head_matches_verl_and_is_what_verl_imports_after_patch(shape):
         assert linear_cross_entropy is uf_verl.linear_cross_entropy and FusedLinearForPPO is uf_verl.FusedLinearForPPO
         logp, ent = FusedLinearForPPO(impl_backend="torch")(h, W, labels, temperature=0.7)
         torch.testing.assert_close(logp, outs[0][0], rtol=1e-5, atol=1e-5)
+        assert linear_cross_entropy(h, W, labels, 0.7)[0].shape == (n,)  # verl's kernel flattens
         with pytest.raises(ValueError, match="reduction='mean' is not supported"):
             linear_cross_entropy(h, W, labels, 1.0, "mean")
     finally:
@@ -278,3 +279,143 @@ def test_unpatch_restores_train_batch():
     assert BaseEngine.train_batch is not orig
     uf_verl.unpatch()
     assert BaseEngine.train_batch is orig
+
+
+# verl's own functions, taken before any test patches them
+VERL_FNS = {"logprobs_from_logits": verl_F.logprobs_from_logits, "entropy_from_logits": verl_F.entropy_from_logits,
+            "entropy_from_logits_with_chunking": verl_F.entropy_from_logits_with_chunking}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lead", [(11,), (3, 5)], ids=["2d", "3d"])
+def test_logits_drop_ins_return_verls_shape_and_dtype(patched, dtype, lead):
+    """Each swapped function returns verl's shape and dtype for the input rank and dtype, and its values pass the
+    tolerance rule against an fp64 oracle with verl's own function as the baseline."""
+    g = torch.Generator().manual_seed(4)
+    V = 29
+    logits = (3 * torch.randn(*lead, V, generator=g)).to(dtype)
+    labels = torch.randint(0, V, lead, generator=g)
+    x64 = logits.double()
+    want = {"logprobs_from_logits": x64.log_softmax(-1).gather(-1, labels[..., None])[..., 0],
+            "entropy_from_logits": -(x64.softmax(-1) * x64.log_softmax(-1)).sum(-1)}
+    want["entropy_from_logits_with_chunking"] = want["entropy_from_logits"]
+    for name, verl_fn in VERL_FNS.items():
+        args = (logits, labels) if name == "logprobs_from_logits" else (logits,)
+        if name == "entropy_from_logits_with_chunking":
+            args = (logits.reshape(-1, V), 4)  # verl's takes [N, V]; 4-row chunks
+        base, got = verl_fn(*args), getattr(verl_F, name)(*args)
+        assert getattr(verl_F, name) is getattr(uf_verl, name)
+        assert got.shape == base.shape and got.dtype == base.dtype, (name, got.shape, got.dtype, base.dtype)
+        assert_close_rule(got, want[name].reshape(got.shape), base, atol=1e-6, name=name)
+    # verl's GPU path flattens logits and labels, so labels [1, N] with logits [N, V] work there: here too
+    flat = logits.reshape(-1, V)
+    assert verl_F.logprobs_from_logits(flat, labels.reshape(1, -1)).shape == flat.shape[:1]
+    assert uf_verl.entropy_from_logits_with_chunking(logits, 4).shape == lead  # any rank here
+
+
+def test_logprob_dtype_follows_verls_flash_attn_path(patched, monkeypatch):
+    """Where flash-attn's cross-entropy would run, verl returns fp32 log-probs for bf16 logits: so does ours."""
+    logits, labels = torch.randn(6, 13).bfloat16(), torch.randint(0, 13, (6,))
+    monkeypatch.setattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", True, raising=False)
+    assert verl_F.logprobs_from_logits(logits, labels).dtype == torch.float32
+    monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", "1")
+    assert verl_F.logprobs_from_logits(logits, labels).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lead", [(13,), (2, 9), (1, 7)], ids=["2d", "3d", "3d_b1"])
+def test_fused_head_returns_verls_shapes_and_dtypes(patched, dtype, lead):
+    """linear_cross_entropy: fp32 [N] for any input rank (verl's kernel flattens); FusedLinearForPPO: shaped like the
+    labels, log-probs fp32, entropy in the hidden states' dtype, as verl's torch backend (the oracle here)."""
+    import importlib
+
+    tf = importlib.import_module("verl.utils.experimental.torch_functional")
+    g = torch.Generator().manual_seed(2)
+    V, H = 37, 16
+    h = torch.randn(*lead, H, generator=g).to(dtype).requires_grad_()
+    W = torch.randn(V, H, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, lead, generator=g)
+    logp, ent = uf_verl.linear_cross_entropy(h, W, labels, 0.7)
+    assert logp.shape == ent.shape == (labels.numel(),) and logp.dtype == ent.dtype == torch.float32
+    (logp.sum() + ent.sum()).backward()
+    assert h.grad.shape == h.shape and h.grad.dtype == dtype and W.grad.dtype == dtype
+    verl_logp, verl_ent = tf.FusedLinearForPPOFunction.apply(h, W, labels, 0.7, 4)
+    ours = tf.FusedLinearForPPO(impl_backend="torch")(h, W, labels, temperature=0.7)
+    assert tf.FusedLinearForPPO is uf_verl.FusedLinearForPPO
+    for a, b in zip(ours, (verl_logp, verl_ent)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
+        assert_close_rule(a, b.float(), atol=1e-5 if dtype == torch.float32 else 1e-2, name="FusedLinearForPPO")
+    with pytest.raises(ValueError, match="hidden_states must be 2-D or 3-D"):
+        tf.FusedLinearForPPO()(h[None, None], W, labels[None, None])
+
+
+_FRESH = """
+import json, sys
+import unirl_fast.integrations.verl as v
+assert not any(n.startswith("verl.workers.engine") for n in sys.modules), "verl's engines imported too early"
+DEEP = {deep}
+v.patch(impl="reference", deep=DEEP)
+import verl.workers.engine.fsdp.transformer_impl as fsdp
+from verl.trainer.ppo import core_algos
+ours = {{id(f) for f in (v.logprobs_from_logits, v.entropy_from_logits, v.entropy_from_logits_with_chunking,
+                        v.linear_cross_entropy, v.FusedLinearForPPO, v.compute_policy_loss_vanilla,
+                        v.compute_policy_loss_gspo)}}
+
+def holders():
+    return sorted(f"{{n}}.{{a}}" for n, m in list(sys.modules.items()) if n.startswith("verl") and m is not None
+                  for a, x in list(vars(m).items()) if id(x) in ours)
+
+during = holders()
+fsdp_ours = fsdp.logprobs_from_logits is v.logprobs_from_logits
+deep_ours = core_algos.compute_policy_loss_vanilla is v.compute_policy_loss_vanilla
+v.unpatch()
+print(json.dumps(dict(during=during, fsdp_ours=fsdp_ours, deep_ours=deep_ours, after=holders(),
+                      registry=core_algos.get_policy_loss_fn("vanilla") is core_algos.compute_policy_loss_vanilla)))
+"""
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["registry", "deep"])
+def test_unpatch_restores_every_module_in_a_fresh_process(deep):
+    """In a process where patch() is what first imports verl's engines, every module-level name it swapped holds
+    ours while patched and verl's again after unpatch() (a scan of every loaded verl module)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FRESH.format(deep=deep)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["fsdp_ours"] and res["deep_ours"] == deep
+    assert "verl.workers.engine.fsdp.transformer_impl.logprobs_from_logits" in res["during"]
+    assert "verl.utils.torch_functional.entropy_from_logits_with_chunking" in res["during"]
+    assert res["after"] == [] and res["registry"]
+
+
+def test_deep_patch_rebinds_the_module_level_losses():
+    vanilla, gspo = core_algos.compute_policy_loss_vanilla, core_algos.compute_policy_loss_gspo
+    uf_verl.patch(impl="reference")
+    try:
+        assert core_algos.compute_policy_loss_vanilla is vanilla  # registry only
+        uf_verl.patch(impl="reference", deep=True)
+        assert core_algos.compute_policy_loss_vanilla is uf_verl.compute_policy_loss_vanilla
+        assert core_algos.compute_policy_loss_gspo is uf_verl.compute_policy_loss_gspo
+        assert core_algos.get_policy_loss_fn("gspo") is uf_verl.compute_policy_loss_gspo
+    finally:
+        uf_verl.unpatch()
+    assert (core_algos.compute_policy_loss_vanilla, core_algos.compute_policy_loss_gspo) == (vanilla, gspo)
+    assert core_algos.get_policy_loss_fn("vanilla") is vanilla
+    with pytest.raises(ValueError, match="deep must be True or False"):
+        uf_verl.patch(deep="yes")
+
+
+def test_kl_stays_verls_under_the_patch(patched):
+    """The drop-in does not touch verl's KL: an unknown kl_loss_type raises verl's own NotImplementedError."""
+    from verl.workers.utils.losses import ppo_loss
+
+    data, packed, rolled, Vv = _tiny_actor_data(1)
+    logits = torch.randn(packed.shape[0], Vv)
+    lp = verl_F.logprobs_from_logits(logits, rolled)
+    cfg = _config("vanilla", "token-mean", use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="full")
+    with pytest.raises(NotImplementedError):
+        ppo_loss(cfg, {"log_probs": lp, "entropy": verl_F.entropy_from_logits(logits)}, data)

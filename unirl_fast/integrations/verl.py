@@ -16,17 +16,26 @@ After it, in this process:
   (docs/conventions.md): the token log-ratio clamped to +-20 and the dual clip at clip_ratio_c (vanilla), the
   sequence log-ratio capped at 10 (gspo), empty sequences left out of the seq-mean denominators, and the given
   rollout_is_weights multiplied into the policy term.
-- `verl.utils.torch_functional.logprobs_from_logits` / `entropy_from_logits` (and the names the FSDP engine
-  imported) are our `logprobs_from_logits` op: the engine's per-token log-probs and entropies from its logits.
+- `verl.utils.torch_functional.logprobs_from_logits`, `entropy_from_logits` and `entropy_from_logits_with_chunking`
+  (and the names verl's engines, rollout and prefix grouper imported) are our `logprobs_from_logits` op: computed
+  in fp32, returned in the dtype and shape verl's own function returns (log-probs in the logits' dtype, fp32 where
+  verl's flash-attn cross-entropy would run; entropy in the logits' dtype; the chunked entropy in fp32).
 - verl's fused head, which its actor uses with `use_fused_kernels` (log-probs and entropy from the last hidden
-  states and the head weight, no logits): `verl.utils.kernel.linear_cross_entropy` (the "triton" backend) and
-  `verl.utils.experimental.torch_functional.FusedLinearForPPO` (the "torch" / "liger" backends) are our
+  states and the head weight, no logits): `verl.utils.kernel.linear_cross_entropy` (the "triton" backend: fp32
+  [N] outputs for any input rank) and `verl.utils.experimental.torch_functional.FusedLinearForPPO` (the "torch" /
+  "liger" backends: outputs shaped like the labels, entropy in the hidden states' dtype) are our
   `fused_linear_logprobs`. Without `use_fused_kernels` verl's model forward still builds the logits.
 - every actor update (`verl.workers.engine.base.BaseEngine.train_batch`: zero grad, forward/backward over the
   micro-batches, optimizer step) reads the deferred value checks of its op calls once, between the last backward
   and the optimizer step (`check_pending_all_ranks`: one host sync and, across data-parallel ranks, one all-reduce
   of a flag): a NaN or a bad id flagged by an op raises there with the op's message on every rank, and the
   optimizer step is skipped.
+- with `patch(deep=True)`, also `core_algos.compute_policy_loss_vanilla` / `compute_policy_loss_gspo` themselves,
+  for code that calls them by name (verl's own unit tests: tests/test_verl_suite.py runs them so).
+
+`patch()` imports every module it swaps a name in before swapping any, so `unpatch()` gives every one of them verl's
+function back. The KL term is not ours: verl's actor computes it with its own `kl_penalty` / `agg_loss` (an unknown
+kl_loss_type raises verl's error); `kl_options` maps verl's KL names onto our options for use outside verl.
 
 verl's aggregation modes map onto ours as (the loss is then rescaled by local / global counts when verl passes
 global_batch_info: loss x n_local x dp_size / n_global, which is exactly verl's normaliser):
@@ -44,6 +53,8 @@ Metrics are verl's keys and definitions: actor/pg_clipfrac, actor/ppo_kl, actor/
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import torch
 
@@ -167,37 +178,72 @@ def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, 
                         rollout_is_weights)
 
 
+def _labels_like(logits, labels):
+    """labels shaped like logits[..., 0]; verl's flash-attn path flattens both, so any shape with that many elements
+    is accepted there and here."""
+    want = logits.shape[:-1]
+    if labels.shape != want and labels.numel() == want.numel():
+        return labels.reshape(want)
+    return labels
+
+
+def _verl_logprob_dtype(logits):
+    """The dtype verl's own logprobs_from_logits returns: fp32 from flash-attn's cross-entropy (its path when
+    flash-attn is installed and VERL_DISABLE_FLASH_ATTN_CE is not 1), else the logits' (its log_softmax paths)."""
+    fn = sys.modules.get("verl.utils.torch_functional")
+    flash = getattr(fn, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", False)  # verl's own spelling
+    if flash and os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1":
+        return torch.float32
+    return logits.dtype
+
+
 def logprobs_from_logits(logits, labels, inplace_backward=True):
-    """verl's `logprobs_from_logits` signature through our op (fp32 log-probs)."""
-    logp, _ = _uf_logprobs(logits, labels, impl=_STATE.get("impl", "auto"), inplace_backward=bool(inplace_backward))
-    return logp.to(logits.dtype) if logits.dtype == torch.float64 else logp
+    """verl's `logprobs_from_logits` through our op: log-probs shaped logits.shape[:-1], computed in fp32 and returned
+    in the dtype verl's own function returns (`_verl_logprob_dtype`)."""
+    logp, _ = _uf_logprobs(logits, _labels_like(logits, labels), impl=_STATE.get("impl", "auto"),
+                           inplace_backward=bool(inplace_backward))
+    return logp.to(_verl_logprob_dtype(logits))
+
+
+def _entropy(logits):
+    """Entropy [*logits.shape[:-1]] fp32 through our op (one pass; the log-prob of a dummy target is discarded)."""
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return _uf_logprobs(logits, targets, return_entropy=True, impl=_STATE.get("impl", "auto"))[1]
 
 
 def entropy_from_logits(logits):
-    """verl's `entropy_from_logits` through our op (one pass; the log-prob of a dummy target is discarded)."""
-    targets = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    _, ent = _uf_logprobs(logits, targets, return_entropy=True, impl=_STATE.get("impl", "auto"))
-    return ent
+    """verl's `entropy_from_logits` through our op: computed in fp32, returned in the logits' dtype as verl's."""
+    return _entropy(logits).to(logits.dtype)
 
 
-_LOGPROB_SITES = ("verl.utils.torch_functional", "verl.workers.engine.fsdp.transformer_impl",
-                  "verl.workers.engine.automodel.transformer_impl")
+def entropy_from_logits_with_chunking(logits, chunk_size: int = 2048):
+    """verl's `entropy_from_logits_with_chunking`: fp32 entropy, `chunk_size` rows per call of our op (bounding the
+    reference path's fp32 working copy as verl's chunks do; the Triton kernel streams the rows either way)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = [_entropy(flat[i:i + chunk_size]) for i in range(0, flat.shape[0], chunk_size)]
+    out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
+    return out.reshape(logits.shape[:-1])
 
 
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
     """verl's fused head (`verl.utils.kernel.linear_cross_entropy`, its actor's `use_fused_kernels` path): per-token
     (log-probs, entropy) of `labels` from the hidden states and the head weight, through our fused_linear_logprobs
-    (on CUDA the [N, V] logits are never materialised). fp32 outputs shaped like `labels`."""
+    (on CUDA the [N, V] logits are never materialised). As verl's kernel: hidden [..., H] and labels flattened to N
+    tokens, both outputs fp32 [N] whatever the input rank."""
     if reduction != "none":
         _unsupported("reduction", reduction, "verl's actor asks for per-token values ('none'); ours has no other")
     if dist_process_group is not None:
         _unsupported("dist_process_group", dist_process_group, "a vocabulary-parallel head is not supported")
-    return _uf_linear_logprobs(hidden, weight, labels.to(torch.int64), temperature=float(temperature),
-                               return_entropy=True, impl=_STATE.get("impl", "auto"))
+    return _uf_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).to(torch.int64),
+                               temperature=float(temperature), return_entropy=True, impl=_STATE.get("impl", "auto"))
 
 
 class FusedLinearForPPO(torch.nn.Module):
-    """verl's `FusedLinearForPPO` (the same fused path with its "torch" / "liger" backends) through ours."""
+    """verl's `FusedLinearForPPO` (the same fused path with its "torch" / "liger" backends) through ours; as verl's
+    torch backend: hidden [T, H] or [B, T, H], outputs shaped like input_ids, log-probs fp32, entropy in the hidden
+    states' dtype."""
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
         super().__init__()
@@ -206,13 +252,26 @@ class FusedLinearForPPO(torch.nn.Module):
         self.chunk_size, self.impl_backend = chunk_size, impl_backend
 
     def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
-        return linear_cross_entropy(hidden_states, vocab_weights, input_ids, temperature)
+        if hidden_states.ndim not in (2, 3):
+            raise ValueError(f"hidden_states must be 2-D or 3-D (as verl's), got shape {tuple(hidden_states.shape)}")
+        logp, ent = _uf_linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
+                                        temperature=float(temperature), return_entropy=True,
+                                        impl=_STATE.get("impl", "auto"))
+        return logp, ent.to(hidden_states.dtype)
 
 
+_FUNCTIONAL = {"logprobs_from_logits": logprobs_from_logits, "entropy_from_logits": entropy_from_logits,
+               "entropy_from_logits_with_chunking": entropy_from_logits_with_chunking}
+# modules that bind verl's log-prob / entropy functions by name at import ("from ... import logprobs_from_logits")
+_BY_NAME = ("verl.workers.engine.fsdp.transformer_impl", "verl.workers.engine.automodel.transformer_impl",
+            "verl.workers.engine.torchtitan.transformer_impl", "verl.trainer.ppo.prefix_grouper_utils",
+            "verl.workers.rollout.naive.naive_rollout")
 _FUSED_SITES = (("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy", linear_cross_entropy),
                 ("verl.models.mcore.model_forward_fused", "linear_cross_entropy", linear_cross_entropy),
                 ("verl.models.mcore.model_forward_1f1b_overlap", "linear_cross_entropy", linear_cross_entropy),
                 ("verl.utils.experimental.torch_functional", "FusedLinearForPPO", FusedLinearForPPO))
+_DEEP = (("verl.trainer.ppo.core_algos", "compute_policy_loss_vanilla", compute_policy_loss_vanilla),
+         ("verl.trainer.ppo.core_algos", "compute_policy_loss_gspo", compute_policy_loss_gspo))
 
 
 def _checked_train_batch(train_batch):
@@ -233,52 +292,67 @@ def _checked_train_batch(train_batch):
     return checked
 
 
-def patch(*, impl="auto"):
-    """Switch verl (this process) to unirl_fast's policy losses, log-probs and entropy. Idempotent; `unpatch()`
-    restores verl's own functions. Raises ImportError without verl, ValueError for a bad impl."""
+def _sites(deep):
+    """(module, attribute, ours) for every module-level name patch() swaps."""
+    sites = [("verl.utils.torch_functional", a, fn) for a, fn in _FUNCTIONAL.items()]
+    sites += [(m, a, fn) for m in _BY_NAME for a, fn in _FUNCTIONAL.items()]
+    sites += list(_FUSED_SITES)
+    return sites + list(_DEEP) if deep else sites
+
+
+def _import_all(names):
+    """Import every module patch() will touch before touching any: a module first imported after a swap would bind
+    ours by name and unpatch() could not give it verl's back. Modules whose own dependencies are missing (engines
+    not installed) are not used in this process and are skipped; Megatron's only when that engine is loaded."""
     import importlib
 
+    mods = {}
+    for name in dict.fromkeys(names):
+        if name.startswith("verl.models.mcore") and name not in sys.modules:
+            continue
+        try:
+            mods[name] = importlib.import_module(name)
+        except ImportError:
+            continue
+    return mods
+
+
+def patch(*, impl="auto", deep=False):
+    """Switch verl (this process) to unirl_fast's policy losses, log-probs and entropy. Idempotent; `unpatch()`
+    restores verl's own functions. deep=True also rebinds core_algos' module-level `compute_policy_loss_vanilla` /
+    `compute_policy_loss_gspo` (what code calling them by name, such as verl's own unit tests, reaches; modules that
+    imported them by name before the call keep verl's). Raises ImportError without verl, ValueError for a bad impl."""
     from verl.trainer.ppo import core_algos
 
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if not isinstance(deep, bool):
+        raise ValueError(f"deep must be True or False, got {deep!r}")
     _STATE["impl"] = impl
     if _STATE.get("patched"):
-        return
+        if _STATE["deep"] == deep:
+            return
+        unpatch()
+    sites = _sites(deep)
+    mods = _import_all(m for m, _, _ in sites)
+    try:
+        from verl.workers.engine.base import BaseEngine
+    except ImportError:  # an older verl without the engine API: its actor is not covered
+        BaseEngine = None
     saved = _STATE["saved"] = []
     ours = {"vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo}
     for name in LOSS_MODES:
         saved.append((core_algos.POLICY_LOSS_REGISTRY, name, core_algos.POLICY_LOSS_REGISTRY.get(name)))
         core_algos.POLICY_LOSS_REGISTRY[name] = ours[name]
-    for mod_name in _LOGPROB_SITES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:  # an engine whose own dependencies are missing is not used in this process either
-            continue
-        for attr, fn in (("logprobs_from_logits", logprobs_from_logits), ("entropy_from_logits", entropy_from_logits)):
-            if hasattr(mod, attr):
-                saved.append((vars(mod), attr, getattr(mod, attr)))
-                setattr(mod, attr, fn)
-    import sys
-
-    for mod_name, attr, fn in _FUSED_SITES:  # the fused head: verl's HF models import it at call time
-        if mod_name.startswith("verl.models.mcore") and mod_name not in sys.modules:
-            continue  # Megatron's modules bind it at import; patch them only when that engine is loaded
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        if hasattr(mod, attr):
+    for mod_name, attr, fn in sites:
+        mod = mods.get(mod_name)
+        if mod is not None and hasattr(mod, attr):
             saved.append((vars(mod), attr, getattr(mod, attr)))
             setattr(mod, attr, fn)
-    try:
-        from verl.workers.engine.base import BaseEngine
-    except ImportError:  # an older verl without the engine API: its actor is not covered
-        BaseEngine = None
     if BaseEngine is not None:
         saved.append((BaseEngine, "train_batch", BaseEngine.train_batch))
         BaseEngine.train_batch = _checked_train_batch(BaseEngine.train_batch)
-    _STATE["patched"] = True
+    _STATE.update(patched=True, deep=deep)
 
 
 def unpatch():
