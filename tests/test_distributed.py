@@ -29,6 +29,7 @@ pytest.importorskip("deepspeed")
 
 from unirl_fast.cli import main  # noqa: E402
 from unirl_fast.train import PRESETS, TrainConfig, Trainer  # noqa: E402
+from unirl_fast.train.checkpoint import read_entry  # noqa: E402
 from unirl_fast.train.distributed import check_world, deepspeed_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +136,8 @@ def test_two_ranks_train_and_resume(stage, tmp_path, capsys):
     ck = a / "checkpoints" / "step-0000002"
     assert (a / "checkpoints" / "latest").read_text() == ck.name
     names = {f.name for f in ck.iterdir()}
-    assert {"model.pt", "state.pt", "state-rank0.pt", "state-rank1.pt", "ds", "ema.pt"} <= names
+    assert {"model.safetensors", "state.json", "state-rank0.json", "state-rank1.json", "ds", "ema.json"} <= names
+    assert not [n for n in names if n.endswith(".pt")]  # no pickle of ours (DeepSpeed's own files are under ds/)
     assert (a / "rewards.png").is_file() and (a / "samples_after.png").is_file()
 
     # restart from the step-1 checkpoint (as if the run had died after it) and compare step 2
@@ -150,13 +152,11 @@ def test_two_ranks_train_and_resume(stage, tmp_path, capsys):
     for key in ("reward", "grad_norm", "text_loss", "image_loss", "text_entropy_mean", "image_velocity_mse"):
         assert _close(again[2][key], lines[2][key]), (key, again[2][key], lines[2][key])
     assert _close(again[3]["eval_reward"], lines[3]["eval_reward"])
-    import torch
-
-    wa = torch.load(ck / "model.pt")
-    wb = torch.load(b / "checkpoints" / "step-0000002" / "model.pt")
+    wa = read_entry(ck, "model")
+    wb = read_entry(b / "checkpoints" / "step-0000002", "model")
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-5
 
-    # one process reads the consolidated model.pt for `unirl-fast eval`, but will not train on without the
+    # one process reads the consolidated model for `unirl-fast eval`, but will not train on without the
     # partitioned optimizer state
     assert main(["eval", str(a)]) == 0
     assert _close(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_reward"],
@@ -260,7 +260,7 @@ def test_two_ranks_train_the_vision_language_expert(stage, tmp_path):
 @pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])
 def test_two_ranks_train_lora_save_only_the_trained_weights_resume_and_export(stage, tmp_path):
     """LoRA on both experts under ZeRO: the reference is the policy with its adapters off (full weights gathered at
-    stage 3); checkpoints hold only adapters and connector (model.pt and DeepSpeed's own module states); a restart
+    stage 3); checkpoints hold only adapters and connector (model and DeepSpeed's own module states); a restart
     from step 1 gives step 2 again; one process exports the run with the adapters merged."""
     pytest.importorskip("peft")
     run = tmp_path / "a"
@@ -269,9 +269,7 @@ def test_two_ranks_train_lora_save_only_the_trained_weights_resume_and_export(st
             *_stage_args(stage, tmp_path)]
     rcs, outs = _env_launch(base + ["--steps", "2"])
     assert rcs == [0, 0], outs[0][-4000:] + outs[1][-4000:]
-    import torch
-
-    sd = torch.load(run / "checkpoints" / "step-0000002" / "model.pt")
+    sd = read_entry(run / "checkpoints" / "step-0000002", "model")
     assert sd and all("lora_" in k or k.startswith("connector.") for k in sd)
     lines = _lines(run)
     b = tmp_path / "b"  # restart from the step-1 checkpoint: step 2 again, the same
@@ -284,7 +282,7 @@ def test_two_ranks_train_lora_save_only_the_trained_weights_resume_and_export(st
     again = _lines(b)
     for key in ("reward", "grad_norm", "text_loss", "image_loss"):
         assert _close(again[2][key], lines[2][key]), (key, again[2][key], lines[2][key])
-    sb = torch.load(b / "checkpoints" / "step-0000002" / "model.pt")
+    sb = read_entry(b / "checkpoints" / "step-0000002", "model")
     assert set(sb) == set(sd) and max((sd[k] - sb[k]).abs().max().item() for k in sd) < 1e-5
     p = subprocess.run([sys.executable, "-m", "unirl_fast.cli", "export", str(b), str(tmp_path / "out")], cwd=ROOT,
                        env=_env(), capture_output=True, text=True, timeout=600)

@@ -156,16 +156,16 @@ def test_ema_weights_average_updates_are_evaluated_and_resume(tmp_path):
 
 def test_checkpoint_crash_mid_save_keeps_last_good(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2)}, "state": {"step": 1}})
-    real = torch.save
+    real = ckpt.write_entry
     calls = []
 
-    def flaky(obj, f, *a, **k):
+    def flaky(directory, name, obj):
         calls.append(1)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real(obj, f, *a, **k)
+        return real(directory, name, obj)
 
-    monkeypatch.setattr(torch, "save", flaky)
+    monkeypatch.setattr(ckpt, "write_entry", flaky)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, 2, {"model": {"w": torch.zeros(2)}, "state": {"step": 2}})
     latest = ckpt.latest_checkpoint(tmp_path)

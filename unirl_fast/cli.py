@@ -37,8 +37,13 @@ def _cmd_train(args) -> int:
         return 0
     from ._checks import DeferredCheckError
     from .rewards import RewardError
+    from .train.checkpoint import CheckpointError
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except CheckpointError as e:  # a file the safe loader refuses (DeepSpeed's, found only while loading)
+        print(f"unirl-fast train: {e}", file=sys.stderr)
+        return 2
     try:
         result = trainer.train()
     except (RewardError, DeferredCheckError) as e:  # no made-up reward, no update from a flagged step: the reason
@@ -64,7 +69,13 @@ def _cmd_eval(args) -> int:
     except ValueError as e:
         print(f"unirl-fast eval: {e}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, readonly=True)  # reads the run; writes only its result line
+    from .train.checkpoint import CheckpointError
+
+    try:
+        trainer = Trainer(cfg, readonly=True)  # reads the run; writes only its result line
+    except CheckpointError as e:
+        print(f"unirl-fast eval: {e}", file=sys.stderr)
+        return 2
     res = {k: v for k, v in trainer.evaluate().items() if not k.startswith("_")}
 
     out = append_eval(args.run_dir, {"step": trainer.step, "eval_prompts": cfg.eval_prompts,
@@ -258,7 +269,7 @@ def _cmd_export(args) -> int:
         cfg = saved_config(args.run_dir)
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"{args.out!r} exists and is not empty")
-        trainer = Trainer(cfg, readonly=True, log=lambda *a: print(*a, file=sys.stderr))
+        trainer = Trainer(cfg, readonly=True, reward=False, log=lambda *a: print(*a, file=sys.stderr))
     except (ValueError, FileNotFoundError) as e:
         print(f"unirl-fast export: {e}", file=sys.stderr)
         return 2

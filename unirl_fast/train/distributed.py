@@ -43,11 +43,13 @@ Base model: rank 0 pretrains (or loads) first and writes the cache, the others w
 no two ranks write one directory; every rank ends with the same bits.
 
 Checkpoints keep the single-process layout and guarantees (checkpoint.py): all ranks write into `step-N.tmp/`
-(DeepSpeed's partitioned model/optimizer files under `ds/`, `state-rank<r>.pt` with each rank's RNG states), rank 0
-adds the consolidated `model.pt` (what `unirl-fast eval` reads) and `state.pt`, fsyncs everything, renames the
-directory into place and swaps `latest`. Resume loads the engine state with DeepSpeed (same world size required)
-and each rank's RNG states, so a resumed run continues as the uninterrupted one. Multi-node runs need `run_dir`
-on a shared file system.
+(DeepSpeed's partitioned model/optimizer files under `ds/`, `state-rank<r>` with each rank's RNG states), rank 0
+adds the consolidated `model` (what `unirl-fast eval` reads) and `state`, fsyncs everything, renames the directory
+into place and swaps `latest`. Resume loads the engine state with DeepSpeed (same world size required) and each
+rank's RNG states, so a resumed run continues as the uninterrupted one. DeepSpeed's own files are pickles that its
+readers load with weights_only=False; during the resume every torch.load is a weights_only=True load that allows
+only the few DeepSpeed classes its checkpoints hold (DEEPSPEED_GLOBALS), so a crafted ds/ file runs nothing.
+Multi-node runs need `run_dir` on a shared file system.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import fsync_tree, publish_checkpoint
+from .checkpoint import fsync_tree, publish_checkpoint, read_entry, weights_only_loads, write_entry
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -114,6 +116,23 @@ def deepspeed_config(cfg, world: int) -> dict:
                              f"{cfg.deepspeed_config}")
         out.update(user)
         out["zero_optimization"] = zero
+    return out
+
+
+# the classes DeepSpeed's ZeRO-2 / ZeRO-3 checkpoint files pickle besides tensors, numbers, strings and containers
+# (read from the files DeepSpeed 0.19 writes; plain data holders: a dataclass, an enum, the loss scaler's settings)
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def deepspeed_safe_globals() -> list:
+    """DEEPSPEED_GLOBALS as classes: what the safe reader of a resume allows."""
+    import importlib
+
+    out = []
+    for name in DEEPSPEED_GLOBALS:
+        mod, _, attr = name.rpartition(".")
+        out.append(getattr(importlib.import_module(mod), attr))
     return out
 
 
@@ -257,7 +276,7 @@ class DeepSpeedRuntime:
 
     # checkpoints ----------------------------------------------------------------------------------------------
     def save(self, trainer, state: dict, extra: dict | None = None) -> Path:
-        """extra: name -> object the main rank saves beside model.pt (e.g. the EMA weights)."""
+        """extra: name -> object the main rank saves beside the model (e.g. the EMA weights)."""
         root = Path(trainer.run_dir) / "checkpoints"
         final, tmp = root / f"step-{trainer.step:07d}", root / f"step-{trainer.step:07d}.tmp"
         if self.is_main:
@@ -268,17 +287,15 @@ class DeepSpeedRuntime:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         dist.barrier()
-        lora = bool(trainer.lora)  # LoRA: only the trained weights (adapters, connector), in ds/ and model.pt alike
+        lora = bool(trainer.lora)  # LoRA: only the trained weights (adapters, connector), in ds/ and model alike
         self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=lora)
-        torch.save({**state, "world_size": self.world}, tmp / f"state-rank{self.rank}.pt")
+        write_entry(tmp, f"state-rank{self.rank}", {**state, "world_size": self.world})
         with self.full_weights():
             model_sd = {k: v.detach().cpu().clone() for k, v in trainer._trained_state().items()} \
                 if self.is_main else None
         if self.is_main:
-            torch.save(model_sd, tmp / "model.pt")
-            torch.save(state, tmp / "state.pt")
-            for name, obj in (extra or {}).items():
-                torch.save(obj, tmp / f"{name}.pt")
+            for name, obj in {"model": model_sd, "state": state, **(extra or {})}.items():
+                write_entry(tmp, name, obj)
         dist.barrier()
         if self.is_main:
             fsync_tree(tmp)
@@ -288,22 +305,22 @@ class DeepSpeedRuntime:
 
     def resume(self, trainer, path) -> dict:
         path = Path(path)
-        f = path / f"state-rank{self.rank}.pt"
-        if not (path / "ds").is_dir() or not f.is_file():
+        name = f"state-rank{self.rank}"
+        if not (path / "ds").is_dir() or not any((path / f"{name}{e}").is_file() for e in (".json", ".pt")):
             raise ValueError(f"checkpoint {path} was not written by a {self.world}-rank DeepSpeed run (no ds/ or "
-                             f"{f.name}); resume it the way it was written")
-        st = torch.load(f, map_location="cpu", weights_only=False)
+                             f"{name}); resume it the way it was written")
+        st = read_entry(path, name)
         if st["world_size"] != self.world:
             raise ValueError(f"checkpoint {path} was written by {st['world_size']} ranks; this run has {self.world}")
-        load_path, _ = self.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False,
-                                                   load_module_strict=not trainer.lora)  # LoRA: trained weights only
+        with weights_only_loads(deepspeed_safe_globals()):  # DeepSpeed's readers pass weights_only=False
+            load_path, _ = self.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False,
+                                                       load_module_strict=not trainer.lora)  # LoRA: trained only
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the engine state from {path / 'ds'}")
-        ema = path / "ema.pt"
         if trainer.ema is not None:  # only the main rank keeps (and reads) the EMA
-            trainer._load_ema(torch.load(ema, map_location="cpu", weights_only=False) if ema.is_file() else None,
-                              path)
+            has = any((path / f"ema{e}").is_file() for e in (".safetensors", ".json", ".pt"))
+            trainer._load_ema(read_entry(path, "ema") if has else None, path)
         return st
 
 

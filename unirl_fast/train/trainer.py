@@ -26,7 +26,7 @@ from .._checks import DeferredCheckError, any_rank_error, pending_error
 from ..fp8 import fp8_weight_cache
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_run_files, latest_checkpoint, load_checkpoint, read_entry, save_checkpoint, write_entry
 from .config import check_reward_specs, resolve_device, reward_specs, use_device, with_image_schedule
 from .distributed import requested as _distributed_requested
 from .plots import N_SHOW
@@ -37,10 +37,11 @@ from .scenarios import get_scenario
 
 
 class Trainer:
-    def __init__(self, cfg, log=print, model=None, readonly=False):
+    def __init__(self, cfg, log=print, model=None, readonly=False, reward=True):
         """model: an already built UnifiedModel to train instead of the pretrained world model (the profiler passes
         a random-init preset model); None pretrains (or loads cfg.model_path). readonly: evaluate an existing run
-        without writing to its directory (`unirl-fast eval`): no config check against config.json either."""
+        without writing to its directory (`unirl-fast eval`): no config check against config.json either.
+        reward=False: no reward is built (`export`: nothing the run's config names is imported or contacted)."""
         self.readonly = readonly
         cfg = with_image_schedule(cfg)  # config.json records the schedule sampled with, not "auto"
         run_info = None if readonly else preflight(cfg)  # before any model is built or file written (validates cfg)
@@ -57,6 +58,8 @@ class Trainer:
         self.log = log
         self.scenario = get_scenario(cfg.scenario)
         self.run_dir = Path(cfg.run_dir)
+        if readonly:  # eval / export: a checkpoint whose pickle would run code is refused before any work
+            check_run_files(self.run_dir)
         if self.is_main and not readonly:
             create_or_resume(cfg, run_info)
         torch.manual_seed(cfg.seed)
@@ -112,9 +115,9 @@ class Trainer:
         self.train_tasks = taskset.train
         self.eval_tasks = taskset.eval[: cfg.eval_prompts]
         self.reward = build_run_reward(cfg, self.scenario, resolve_device(cfg) if self.dist is None else
-                                       self.model.device)
+                                       self.model.device) if reward else None
         log(f"tasks: {cfg.tasks} ({len(taskset.train)} train, {len(taskset.eval)} held-out); reward: "
-            f"{self.reward.describe()}")
+            f"{self.reward.describe() if reward else 'not built'}")
         self.step = 0
         self.history = []
         self._init_profiling()
@@ -480,7 +483,8 @@ class Trainer:
 
     def _save_samples(self, columns, name, before=False):
         """A labelled sample sheet; at the end of the run also samples.png, the base and the final model side by
-        side (the base's samples are kept in samples_before.pt for that, so a resumed run can draw it too)."""
+        side (the base's samples are kept in samples_before.json / .safetensors for that, so a resumed run can draw
+        it too)."""
         from .plots import save_samples
 
         if not self.is_main:
@@ -488,9 +492,9 @@ class Trainer:
         title = f"{self.cfg.scenario}: held-out tasks, {', '.join(columns)}"
         save_samples(columns, self.run_dir / name, title)
         if before:
-            torch.save(columns, self.run_dir / "samples_before.pt")
-        elif (self.run_dir / "samples_before.pt").is_file():
-            both = {**torch.load(self.run_dir / "samples_before.pt", weights_only=False), **columns}
+            write_entry(self.run_dir, "samples_before", columns)
+        elif any((self.run_dir / f"samples_before{e}").is_file() for e in (".json", ".pt")):
+            both = {**read_entry(self.run_dir, "samples_before"), **columns}
             save_samples(both, self.run_dir / "samples.png", f"{self.cfg.scenario}: held-out tasks before and "
                                                              "after RL")
 
@@ -509,6 +513,7 @@ def preflight(cfg) -> dict:
     Returns check_run_dir's answer."""
     cfg.validate()
     info = check_run_dir(cfg)
+    check_run_files(cfg.run_dir)  # a checkpoint whose pickle would run code: refused here, read by nothing
     scenario = get_scenario(cfg.scenario)
     info["tasks"] = load_run_tasks(cfg, scenario)  # a bad row or file fails here, with its file and line
     check_tasks_unchanged(cfg.run_dir, info["tasks"])
