@@ -47,6 +47,7 @@ from .ops import (  # noqa: E402
     flow_policy_loss,
     flow_sde_step,
     flow_step_logprob,
+    forward_process_loss,
     fused_linear_logprobs,
     fused_linear_policy_loss,
     group_advantages,
@@ -58,6 +59,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "logprobs_from_logits", "fused_linear_logprobs", "policy_loss", "fused_linear_policy_loss", "group_advantages",
-    "flow_sde_step", "flow_step_logprob", "flow_policy_loss", "cfg_velocity", "set_checks", "get_checks", "checks",
-    "check_pending", "check_pending_all_ranks", "DeferredCheckError", "__version__",
+    "flow_sde_step", "flow_step_logprob", "flow_policy_loss", "cfg_velocity", "forward_process_loss", "set_checks",
+    "get_checks", "checks", "check_pending", "check_pending_all_ranks", "DeferredCheckError", "__version__",
 ]

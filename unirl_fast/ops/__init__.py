@@ -2,6 +2,7 @@
 from ._dispatch import triton_installed
 from .advantages import group_advantages
 from .flow import cfg_velocity, flow_policy_loss, flow_sde_step, flow_step_logprob
+from .forward_loss import forward_process_loss
 from .logprobs import fused_linear_logprobs, logprobs_from_logits
 from .policy_loss import fused_linear_policy_loss, policy_loss
 
@@ -9,6 +10,7 @@ if triton_installed():  # register the Triton paths; without triton every op run
     from . import (  # noqa: F401
         advantages_triton,
         flow_triton,
+        forward_loss_triton,
         fused_linear_policy_loss_triton,
         logprobs_triton,
         policy_loss_triton,
@@ -16,5 +18,5 @@ if triton_installed():  # register the Triton paths; without triton every op run
 
 __all__ = [
     "logprobs_from_logits", "fused_linear_logprobs", "policy_loss", "fused_linear_policy_loss", "group_advantages",
-    "flow_sde_step", "flow_step_logprob", "flow_policy_loss", "cfg_velocity",
+    "flow_sde_step", "flow_step_logprob", "flow_policy_loss", "cfg_velocity", "forward_process_loss",
 ]

@@ -1,6 +1,7 @@
 """fp32 eager PyTorch oracles for every op (FORMULAS.md sections 1-5). Tests and benchmarks import these."""
 from .advantages import group_advantages_ref
 from .flow import flow_policy_loss_ref, flow_sde_step_ref, flow_step_logprob_ref
+from .forward_loss import forward_process_loss_ref
 from .logprobs import fused_linear_logprobs_ref, logprobs_from_logits_ref
 from .policy_loss import policy_loss_ref
 
@@ -17,4 +18,5 @@ def fused_linear_policy_loss_ref(hidden, weight, targets, old_logp, advantages, 
 __all__ = [
     "logprobs_from_logits_ref", "fused_linear_logprobs_ref", "policy_loss_ref", "fused_linear_policy_loss_ref",
     "group_advantages_ref", "flow_sde_step_ref", "flow_step_logprob_ref", "flow_policy_loss_ref",
+    "forward_process_loss_ref",
 ]
