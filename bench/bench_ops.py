@@ -5,7 +5,7 @@ scripts (bench_<op>.py) hold the full docs/benchmarks.md comparisons on the GPU.
 
 Throughput formula (the column `GB/s` or `TFLOP/s`): log-prob ops count the logits bytes read once
 (logits input) or the 2NHV head FLOPs; flow ops count velocity + sample + noise read and next_sample +
-mean written once, fp32.
+mean written once, fp32; forward_process_loss counts its five [N, D] inputs read and dL/dv written once.
 
     python bench/bench_ops.py --smoke
 """
@@ -53,6 +53,8 @@ def _cases(dev, smoke):
     noise = torch.randn_like(x)
     sig = torch.full((fb,), 0.8, device=dev)
     flow_bytes = 5 * x.numel() * 4
+    t_rows, adv_rows = 0.05 + 0.9 * torch.rand(fb, device=dev), torch.randn(fb, device=dev)
+    v_old, v_ref = v.detach() + 0.1 * noise, v.detach() - 0.1 * noise
 
     def fwd_bwd(loss_of):
         def run():
@@ -88,6 +90,12 @@ def _cases(dev, smoke):
         ("flow_sde_step", "B{}x{}".format(fb, "x".join(map(str, fs))), "GB/s", flow_bytes, {
             "ours": lambda: U.flow_sde_step(v.detach(), x, sig, sig - 0.1, noise=noise),
             "eager_ref": lambda: R.flow_sde_step_ref(v.detach(), x, sig, sig - 0.1, noise=noise),
+        }),
+        ("forward_process_loss", "nft N{}x{}".format(fb, "x".join(map(str, fs))), "GB/s", 6 * x.numel() * 4, {
+            "ours": fwd_bwd(lambda: U.forward_process_loss(v, v_old, x, noise, t_rows, adv_rows, v_ref=v_ref,
+                                                           beta_kl=1e-4)[0]),
+            "eager_ref": fwd_bwd(lambda: R.forward_process_loss_ref(v, v_old, x, noise, t_rows, adv_rows, v_ref=v_ref,
+                                                                    beta_kl=1e-4)[0]),
         }),
     ]
 

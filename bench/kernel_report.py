@@ -21,6 +21,9 @@ Columns (one row per distinct kernel x constexprs x config x grid):
                      pipelined cp.async / TMA copies), "no" (a streaming loop that waits on each slice), "-" (no loop)
     wgmma            Hopper warpgroup MMA in the PTX (yes / no / "mma.sync" for Ampere-style MMA)
     bytes_iter       bytes one program loads per iteration of its streaming loop (whole kernel when it has none)
+    traffic          for kernels that read part of their input twice (forward_process_loss at D > 8192): the bytes
+                     counted once each way / the bytes the kernel moves when every re-read misses L2 (a worst case;
+                     blank: every input is read once, or the plan does not model it). est_bw is multiplied by it.
     est_bw           an ESTIMATE of the share of copy bandwidth, by Little's law: an H100 SM needs about 48 KiB in
                      flight to approach its ~3 TB/s copy rate; in flight ~ programs/SM x bytes_iter x duty, where
                      duty = 1 when a load is always outstanding (prefetch reg / async) and 0.5 when loads and the
@@ -62,7 +65,7 @@ H100 = dict(sms=132, regs=65536, reg_unit=256, smem=228 * 1024, smem_reserved=10
 INFLIGHT_TARGET = 48 * 1024
 COLUMNS = ["op", "shape", "kernel", "constexprs", "config", "num_warps", "num_stages", "grid", "regs", "local",
            "spill_st", "spill_ld", "smem", "warps_per_sm", "progs_per_sm", "waves", "ld", "st", "prefetch", "wgmma",
-           "bytes_iter", "est_bw", "error"]
+           "bytes_iter", "traffic", "est_bw", "error"]
 
 
 # ------------------------------------------------------------------------------------------------ compiling
@@ -219,6 +222,19 @@ def plan_flow(B, C, h, w, T=10):
     KL.flow_policy_loss_bwd(f32(1), dlogp, True, xr, xr, xr, xr, sr, 0.01, 0.01)
 
 
+def plan_forward_loss(B, C, h, w, T=10):
+    """DiffusionNFT and AWM on N = T x B rows, all five inputs bf16; -> {kernel: traffic} (see the module doc)."""
+    from unirl_fast.kernels import forward_loss as K
+
+    N, D = T * B, C * h * w
+    x, r = meta(N, D), f32(N)
+    for algo in K.ALGOS:
+        K.forward_process_loss_fwd(x, x, x, x, x, r, r, algo=algo, nft_beta=1.0, adv_clip=5.0, awm_power=0.25,
+                                   beta_kl=1e-4, beta_old=1.0, write_grad=True)
+    H = K.row_plan(D, torch.device("meta"))[2]
+    return {"_forward_loss_fwd_kernel": (5 + 1) / (5 * (1 + H / D) + 1)} if H else {}
+
+
 def plan_fp8(M, N, K):
     from unirl_fast.kernels import fp8_gemm as KG
     from unirl_fast.kernels import fp8_quant as KQ
@@ -248,6 +264,8 @@ def plans(shapes: str):
                 lambda: plan_advantages(8192 if shapes != "smoke" else 64, 8)))
     for name, s in flow.items():
         out.append(("flow", name, lambda s=s: plan_flow(*s)))
+    for name, s in flow.items():
+        out.append(("forward_loss", name, lambda s=s: plan_forward_loss(*s)))
     for name, s in fp8.items():
         out.append(("fp8", name, lambda s=s: plan_fp8(*s)))
     return out
@@ -342,7 +360,7 @@ def _load_bytes(line: str) -> int:
 
 def loops(ttgir: str) -> list:
     """Streaming loops of the TTGIR: [{"bytes": loaded per iteration, "prefetch": reg/async/no}] (innermost
-    loops that load; a loop is found by its scf.for line and its closing brace at the same indentation)."""
+    loops that load inputs; a loop is found by its scf.for line and its closing brace at the same indentation)."""
     lines = ttgir.splitlines()
     found = []
     for i, line in enumerate(lines):
@@ -356,7 +374,9 @@ def loops(ttgir: str) -> list:
             body.append(nxt)
         if any("scf.for" in b for b in body):
             continue  # not innermost
-        loads = {m.group(1): b for b in body if (m := re.match(r"\s*(%[\w.]+)(?::\d+)? = tt\.load", b))}
+        # volatile loads read other programs' partial sums (the last program's cross-program reduction), not input
+        loads = {m.group(1): b for b in body
+                 if (m := re.match(r"\s*(%[\w.]+)(?::\d+)? = tt\.load", b)) and "isVolatile = true" not in b}
         if not loads and not any("async_copy" in b or "async_tma" in b for b in body):
             continue
         yielded = next((b for b in reversed(body) if "scf.yield" in b), "")
@@ -380,7 +400,8 @@ def analyse(kernel, workdir: Path) -> dict:
         prefetch, bytes_iter = main["prefetch"], main["bytes"]
     else:
         prefetch = "-"
-        bytes_iter = sum(_load_bytes(line) for line in ttgir.splitlines() if " = tt.load" in line) or None
+        bytes_iter = sum(_load_bytes(line) for line in ttgir.splitlines()
+                         if " = tt.load" in line and "isVolatile = true" not in line) or None
     est = None
     if mma == "no" and bytes_iter:
         duty = 1.0 if prefetch in ("reg", "async") else 0.5
@@ -398,9 +419,9 @@ def report(shapes="bench", ops=None, log=print) -> list:
         for op, shape, fn in plans(shapes):
             if ops and op not in ops:
                 continue
-            start = len(rec.launches)
+            start, traffic = len(rec.launches), {}
             try:
-                fn()
+                traffic = fn() or {}
             except Exception as e:  # noqa: BLE001 - a compile error is a finding, reported as a row
                 rows.append({"op": op, "shape": shape, "kernel": "?", "error": f"{type(e).__name__}: {e}"[:300]})
                 log(f"compile error in {op} {shape}:\n{traceback.format_exc()[-2000:]}")
@@ -413,6 +434,10 @@ def report(shapes="bench", ops=None, log=print) -> list:
                        "constexprs": " ".join(f"{k}={v}" for k, v in consts.items()), "config": config or "",
                        "grid": "x".join(map(str, grid)), **analyse(kernel, Path(tmp))}
                 row["waves"] = round(math.prod(grid) / max(row["progs_per_sm"] * H100["sms"], 1), 2)
+                if name in traffic:
+                    row["traffic"] = round(traffic[name], 2)
+                    if row["est_bw"] is not None:
+                        row["est_bw"] = round(row["est_bw"] * traffic[name], 2)
                 rows.append(row)
     return rows
 
@@ -449,7 +474,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", choices=("bench", "smoke"), default="bench")
     p.add_argument("--ops", nargs="*", default=None, help="only these ops (logprobs, fused_linear_logprobs, "
-                                                          "fused_linear_policy_loss, group_advantages, flow, fp8)")
+                                                          "fused_linear_policy_loss, group_advantages, flow, "
+                                                          "forward_loss, fp8)")
     p.add_argument("--out", default=None, help="folder for kernel_report.csv / .md "
                                                "(default bench/results/kernel_report-triton-<version>)")
     p.add_argument("--check", action="store_true", help="exit 1 on a compile error or a spill")

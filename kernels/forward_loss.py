@@ -143,7 +143,7 @@ def _forward_loss_fwd_kernel(
     N, D, H,
     # strides (rows; the latent part of every [N, D] tensor is contiguous)
     s_v, s_vo, s_x0, s_eps, s_vr, s_dv, s_t, s_a,
-    ALGO: tl.constexpr, HAS_REF: tl.constexpr, HAS_OLD: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    ALGO: tl.constexpr, HAS_REF: tl.constexpr, HAS_OLD: tl.constexpr, WRITE_GRAD: tl.constexpr, STREAM: tl.constexpr,
     NPART: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr,
     BF16_RNE_BITS: tl.constexpr,
 ):
@@ -165,18 +165,19 @@ def _forward_loss_fwd_kernel(
     acc_k = tl.zeros([BLOCK], dtype=tl.float32)
     acc_o = tl.zeros([BLOCK], dtype=tl.float32)
     # sweep 1 over the head: sums only; register double buffer (the next step's loads issued before this step's math)
-    n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_b, o_b < H, HAS_REF, HAS_OLD)
-    for h0 in range(0, H, BLOCK):
-        e1, e2, kd, od = _errors(n_v, n_vo, n_x0, n_eps, n_vr, t, b, ALGO, HAS_REF, HAS_OLD)
-        o_n = h0 + BLOCK + o_b
-        n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_n, o_n < H, HAS_REF, HAS_OLD)
-        acc_s1 += e1 * e1
-        if ALGO == 0:
-            acc_a1 += tl.abs(e1)
-            acc_a2 += tl.abs(e2)
-            acc_s2 += e2 * e2
-        acc_k += kd * kd
-        acc_o += od * od
+    if STREAM:
+        n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_b, o_b < H, HAS_REF, HAS_OLD)
+        for h0 in range(0, H, BLOCK):
+            e1, e2, kd, od = _errors(n_v, n_vo, n_x0, n_eps, n_vr, t, b, ALGO, HAS_REF, HAS_OLD)
+            o_n = h0 + BLOCK + o_b
+            n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_n, o_n < H, HAS_REF, HAS_OLD)
+            acc_s1 += e1 * e1
+            if ALGO == 0:
+                acc_a1 += tl.abs(e1)
+                acc_a2 += tl.abs(e2)
+                acc_s2 += e2 * e2
+            acc_k += kd * kd
+            acc_o += od * od
     # the row's last part, kept in registers
     o_t = H + tl.arange(0, TAIL)
     m_t = o_t < D
@@ -193,11 +194,15 @@ def _forward_loss_fwd_kernel(
         s_a1, s_a2, s_s1, s_s2, s_k, s_o, t, A, b, adv_clip, p, eps_p, beta_kl, beta_old, inv_d, inv_n, ALGO)
     if WRITE_GRAD:
         _store_dx(p_dv + o_t, c1 * f1 + c2 * f2 + ck * fk + co * fo, m_t, BF16_RNE_BITS)
-        # sweep 2 over the head in reverse: dL/dv
+    if WRITE_GRAD and STREAM:
+        # sweep 2 over the head in reverse (what sweep 1 read last first): dL/dv, again double-buffered
+        o_p = H - BLOCK + o_b
+        n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_p, o_p >= 0, HAS_REF, HAS_OLD)
         for j in range(0, H, BLOCK):
+            e1, e2, kd, od = _errors(n_v, n_vo, n_x0, n_eps, n_vr, t, b, ALGO, HAS_REF, HAS_OLD)
             o_r = H - BLOCK - j + o_b
-            r_v, r_vo, r_x0, r_eps, r_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_r, o_r < H, HAS_REF, HAS_OLD)
-            e1, e2, kd, od = _errors(r_v, r_vo, r_x0, r_eps, r_vr, t, b, ALGO, HAS_REF, HAS_OLD)
+            o_p = o_r - BLOCK
+            n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_p, o_p >= 0, HAS_REF, HAS_OLD)
             _store_dx(p_dv + o_r, c1 * e1 + c2 * e2 + ck * kd + co * od, o_r < H, BF16_RNE_BITS)
     p_row = p_part + i_n * NPART
     tl.store(p_row + 0, loss)
@@ -255,7 +260,7 @@ def forward_process_loss_fwd(v, v_old, x0, noise, v_ref, t, adv, *, algo, nft_be
         N, D, H,
         v.stride(0), vo.stride(0), x0.stride(0), noise.stride(0), vr.stride(0), dv.stride(0) if write_grad else 0,
         t.stride(0), adv.stride(0),
-        ALGO=ALGOS[algo], HAS_REF=v_ref is not None, HAS_OLD=v_old is not None, WRITE_GRAD=write_grad,
+        ALGO=ALGOS[algo], HAS_REF=v_ref is not None, HAS_OLD=v_old is not None, WRITE_GRAD=write_grad, STREAM=H > 0,
         NPART=NPART, BLOCK=BLOCK, TAIL=TAIL, BLOCK_N=min(64 * warps, max(16, triton.next_power_of_2(N))),
         BF16_RNE_BITS=write_grad and dv.dtype == torch.bfloat16 and interpreting(), num_warps=warps)
     return out, dv

@@ -194,7 +194,7 @@ def test_gpu_suite_smoke_runs_every_step(tmp_path):
     p = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), str(out), "--smoke"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=1500)
     steps = list(csv.DictReader(open(out / "steps.csv")))
-    benches = ["bench_policy_loss", "bench_logprobs", "bench_flow", "bench_fp8", "bench_checks"]
+    benches = ["bench_policy_loss", "bench_logprobs", "bench_flow", "bench_forward_loss", "bench_fp8", "bench_checks"]
     assert [s["step"] for s in steps] == ["install", "pytest", "report", *benches, "profile"]
     assert p.returncode == 0 and all(s["rc"] == "0" for s in steps), (steps, p.stdout[-3000:], p.stderr[-3000:])
     assert (out / "kernel_report_smoke.csv").is_file()

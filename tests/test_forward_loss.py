@@ -315,3 +315,23 @@ def test_bad_inputs(case):
     with pytest.raises(exc) as info:
         call()
     assert fragment in str(info.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lat", [(16, 64, 64), (32, 16, 16)], ids=["sd3", "dcae"])
+@pytest.mark.parametrize("algo", ["nft", "awm"])
+def test_bench_shapes_gpu(algo, lat):
+    """The docs/benchmarks.md shapes on the GPU (N = 32 x 10 rows, bf16): D = 65536 streams a head and re-reads it,
+    D = 8192 stays in registers."""
+    torch.set_default_device("cuda")
+    try:
+        d = _inputs((320,) + lat, torch.bfloat16)
+    finally:
+        torch.set_default_device(None)
+    g = torch.tensor(0.7, device="cuda")
+    kw = _options(algo, True, True)
+    ours, ref = _run(d, "triton", g, **kw), _run(d, "reference", g, **kw)
+    assert_close_rule(ours[0], ref[0], atol=1e-5, name="loss")
+    for k in ref[1]:
+        assert_close_rule(ours[1][k], ref[1][k], atol=1e-5, name=k)
+    assert_close_rule(ours[2], ref[2], atol=8e-3, name="dL/dv (bf16)")

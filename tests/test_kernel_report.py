@@ -39,7 +39,7 @@ def _rows(rows, kernel, **where):
 
 def test_every_op_compiles_without_spills(report_rows):
     assert {r["op"] for r in report_rows} == {"logprobs", "fused_linear_logprobs", "fused_linear_policy_loss",
-                                             "group_advantages", "flow", "fp8"}
+                                             "group_advantages", "flow", "forward_loss", "fp8"}
     assert not [r for r in report_rows if r["error"]]
     assert all(int(r["spill_st"]) == 0 and int(r["spill_ld"]) == 0 for r in report_rows)
     gemm = _rows(report_rows, "_fp8_gemm_kernel")
@@ -66,6 +66,16 @@ def test_flow_replay_and_loss_fit_one_wave(report_rows):
                    "_flow_policy_loss_bwd_kernel", "_flow_sde_step_fwd_kernel"):
         for r in _rows(report_rows, kernel):
             assert float(r["waves"]) <= 1.0, r
+
+
+def test_forward_loss_reads_short_rows_once(report_rows):
+    """forward_process_loss: rows of D <= 8192 (DC-AE) are held in registers (no streaming loop, read once, estimate
+    >= 0.8 of copy); SD3's D = 65536 streams its head with prefetch and is charged for re-reading it (traffic < 1)."""
+    for r in _rows(report_rows, "_forward_loss_fwd_kernel", shape="B32x32x16x16"):
+        assert r["prefetch"] == "-" and r["traffic"] == "" and float(r["est_bw"]) >= 0.8, r
+        assert r["ld"].startswith("16B") and r["st"].startswith("16B"), r
+    for r in _rows(report_rows, "_forward_loss_fwd_kernel", shape="B32x16x64x64"):
+        assert r["prefetch"] == "reg" and 0 < float(r["traffic"]) < 1, r
 
 
 def test_policy_loss_uses_the_gpu_at_long_rows(report_rows):
