@@ -136,6 +136,52 @@ def _finish(p_part, p_cnt, p_out, N, inv_n, NPART: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def _head_sums(p_v, p_vo, p_x0, p_eps, p_vr, H, t, b, ALGO: tl.constexpr, HAS_REF: tl.constexpr,
+               HAS_OLD: tl.constexpr, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    """Sweep 1 over the head [0, H): (sum |e1|, sum |e2|, sum e1^2, sum e2^2, sum kd^2, sum od^2); the next step's
+    loads are issued before this step's math (a register double buffer)."""
+    o_b = tl.arange(0, BLOCK)
+    acc_a1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_a2 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_s1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_s2 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK], dtype=tl.float32)
+    if STREAM:
+        n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_b, o_b < H, HAS_REF, HAS_OLD)
+        for h0 in range(0, H, BLOCK):
+            e1, e2, kd, od = _errors(n_v, n_vo, n_x0, n_eps, n_vr, t, b, ALGO, HAS_REF, HAS_OLD)
+            o_n = h0 + BLOCK + o_b
+            n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_n, o_n < H, HAS_REF, HAS_OLD)
+            acc_s1 += e1 * e1
+            if ALGO == 0:
+                acc_a1 += tl.abs(e1)
+                acc_a2 += tl.abs(e2)
+                acc_s2 += e2 * e2
+            acc_k += kd * kd
+            acc_o += od * od
+    # [BLOCK] -> scalar, six times
+    return (tl.sum(acc_a1, 0), tl.sum(acc_a2, 0), tl.sum(acc_s1, 0), tl.sum(acc_s2, 0), tl.sum(acc_k, 0),
+            tl.sum(acc_o, 0))
+
+
+@triton.jit
+def _head_grad(p_v, p_vo, p_x0, p_eps, p_vr, p_dv, H, t, b, c1, c2, ck, co, ALGO: tl.constexpr,
+               HAS_REF: tl.constexpr, HAS_OLD: tl.constexpr, BLOCK: tl.constexpr, BF16_RNE_BITS: tl.constexpr):
+    """Sweep 2 over the head in reverse (what sweep 1 read last comes first, the part most likely still in L2):
+    dL/dv = c1 e1 + c2 e2 + ck kd + co od, again double-buffered."""
+    o_b = tl.arange(0, BLOCK)
+    o_p = H - BLOCK + o_b
+    n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_p, o_p >= 0, HAS_REF, HAS_OLD)
+    for j in range(0, H, BLOCK):
+        e1, e2, kd, od = _errors(n_v, n_vo, n_x0, n_eps, n_vr, t, b, ALGO, HAS_REF, HAS_OLD)
+        o_r = H - BLOCK - j + o_b
+        o_p = o_r - BLOCK
+        n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_p, o_p >= 0, HAS_REF, HAS_OLD)
+        _store_dx(p_dv + o_r, c1 * e1 + c2 * e2 + ck * kd + co * od, o_r < H, BF16_RNE_BITS)
+
+
+@triton.jit
 def _forward_loss_fwd_kernel(
     p_v, p_vo, p_x0, p_eps, p_vr, p_t, p_a, p_dv, p_part, p_cnt, p_out,
     b, adv_clip, p, eps_p, beta_kl, beta_old, inv_d, inv_n,
@@ -157,53 +203,23 @@ def _forward_loss_fwd_kernel(
     p_eps += i_n * s_eps
     p_vr += i_n * s_vr
     p_dv += i_n * s_dv
-    o_b = tl.arange(0, BLOCK)
-    acc_a1 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_a2 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_s1 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_s2 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_k = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_o = tl.zeros([BLOCK], dtype=tl.float32)
-    # sweep 1 over the head: sums only; register double buffer (the next step's loads issued before this step's math)
-    if STREAM:
-        n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_b, o_b < H, HAS_REF, HAS_OLD)
-        for h0 in range(0, H, BLOCK):
-            e1, e2, kd, od = _errors(n_v, n_vo, n_x0, n_eps, n_vr, t, b, ALGO, HAS_REF, HAS_OLD)
-            o_n = h0 + BLOCK + o_b
-            n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_n, o_n < H, HAS_REF, HAS_OLD)
-            acc_s1 += e1 * e1
-            if ALGO == 0:
-                acc_a1 += tl.abs(e1)
-                acc_a2 += tl.abs(e2)
-                acc_s2 += e2 * e2
-            acc_k += kd * kd
-            acc_o += od * od
-    # the row's last part, kept in registers
+    h_a1, h_a2, h_s1, h_s2, h_k, h_o = _head_sums(p_v, p_vo, p_x0, p_eps, p_vr, H, t, b, ALGO, HAS_REF, HAS_OLD,
+                                                  STREAM, BLOCK)
+    # the row's last part [H, D), kept in registers across the row reduction
     o_t = H + tl.arange(0, TAIL)
     m_t = o_t < D
     t_v, t_vo, t_x0, t_eps, t_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_t, m_t, HAS_REF, HAS_OLD)
     f1, f2, fk, fo = _errors(t_v, t_vo, t_x0, t_eps, t_vr, t, b, ALGO, HAS_REF, HAS_OLD)
-    # [BLOCK] and [TAIL] -> scalar, one per sum
-    s_s1 = tl.sum(acc_s1, 0) + tl.sum(f1 * f1, 0)
-    s_a1 = tl.sum(acc_a1, 0) + tl.sum(tl.abs(f1), 0)
-    s_a2 = tl.sum(acc_a2, 0) + tl.sum(tl.abs(f2), 0)
-    s_s2 = tl.sum(acc_s2, 0) + tl.sum(f2 * f2, 0)
-    s_k = tl.sum(acc_k, 0) + tl.sum(fk * fk, 0)
-    s_o = tl.sum(acc_o, 0) + tl.sum(fo * fo, 0)
+    # [TAIL] -> scalar, one per sum
     loss, policy, kl, od_row, x1, x2, c1, c2, ck, co = _row_scalars(
-        s_a1, s_a2, s_s1, s_s2, s_k, s_o, t, A, b, adv_clip, p, eps_p, beta_kl, beta_old, inv_d, inv_n, ALGO)
+        h_a1 + tl.sum(tl.abs(f1), 0), h_a2 + tl.sum(tl.abs(f2), 0), h_s1 + tl.sum(f1 * f1, 0),
+        h_s2 + tl.sum(f2 * f2, 0), h_k + tl.sum(fk * fk, 0), h_o + tl.sum(fo * fo, 0), t, A, b, adv_clip, p, eps_p,
+        beta_kl, beta_old, inv_d, inv_n, ALGO)
     if WRITE_GRAD:
         _store_dx(p_dv + o_t, c1 * f1 + c2 * f2 + ck * fk + co * fo, m_t, BF16_RNE_BITS)
-    if WRITE_GRAD and STREAM:
-        # sweep 2 over the head in reverse (what sweep 1 read last first): dL/dv, again double-buffered
-        o_p = H - BLOCK + o_b
-        n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_p, o_p >= 0, HAS_REF, HAS_OLD)
-        for j in range(0, H, BLOCK):
-            e1, e2, kd, od = _errors(n_v, n_vo, n_x0, n_eps, n_vr, t, b, ALGO, HAS_REF, HAS_OLD)
-            o_r = H - BLOCK - j + o_b
-            o_p = o_r - BLOCK
-            n_v, n_vo, n_x0, n_eps, n_vr = _load5(p_v, p_vo, p_x0, p_eps, p_vr, o_p, o_p >= 0, HAS_REF, HAS_OLD)
-            _store_dx(p_dv + o_r, c1 * e1 + c2 * e2 + ck * kd + co * od, o_r < H, BF16_RNE_BITS)
+        if STREAM:
+            _head_grad(p_v, p_vo, p_x0, p_eps, p_vr, p_dv, H, t, b, c1, c2, ck, co, ALGO, HAS_REF, HAS_OLD, BLOCK,
+                       BF16_RNE_BITS)
     p_row = p_part + i_n * NPART
     tl.store(p_row + 0, loss)
     tl.store(p_row + 1, policy)
