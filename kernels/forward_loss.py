@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import launch_guard
 from .flow import counters
 from .logprobs import _store_dx
 
@@ -264,6 +265,7 @@ def grad_dtype(v_dtype):
     return torch.float32 if v_dtype == torch.float16 else v_dtype
 
 
+@launch_guard
 def forward_process_loss_fwd(v, v_old, x0, noise, v_ref, t, adv, *, algo, nft_beta, adv_clip, awm_power, beta_kl,
                              beta_old, write_grad):
     """[N, D] row views (contiguous latent part) and [N] t / advantages -> (out [6] fp32, dL/dv [N, D] | None)."""

@@ -165,6 +165,14 @@ def s_flow_policy_loss(device):
     loss.backward()
 
 
+def s_forward_process_loss(device):
+    v, x, t, _ = _flow(device)
+    for algo in ("nft", "awm"):
+        loss, _ = U.forward_process_loss(v, v.detach() + 0.1, x, x + 1.0, t, torch.randn(2, device=device),
+                                         algo=algo, v_ref=v.detach() - 0.1, beta_kl=0.1, impl="triton")
+        loss.backward()
+
+
 def s_quantize_fp8(device):
     for grouping in ("1x128", "128x1", "128x128"):
         triton_impl("quantize_fp8")(torch.randn(128, 256, device=device), grouping)
@@ -185,6 +193,7 @@ SAMPLES = {
     "policy_loss": s_policy_loss, "fused_linear_policy_loss": s_fused_linear_policy_loss,
     "group_advantages": s_group_advantages, "flow_sde_step": s_flow_sde_step,
     "flow_step_logprob": s_flow_step_logprob, "flow_policy_loss": s_flow_policy_loss,
+    "forward_process_loss": s_forward_process_loss,
     "quantize_fp8": s_quantize_fp8, "quantize_fp8_dual": s_quantize_fp8_dual,
 }
 
