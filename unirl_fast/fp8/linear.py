@@ -239,6 +239,11 @@ def with_fp8_weight_cache(attr: str):
     return deco
 
 
+def has_fp8_layers(module: nn.Module) -> bool:
+    """Whether any submodule is an FP8Linear (such a module is not torch.compile-friendly: see the limits above)."""
+    return any(isinstance(m, FP8Linear) for m in module.modules())
+
+
 def invalidate_fp8_weights(module: nn.Module | None = None) -> None:
     """Drop the cached FP8 weights of every FP8Linear in `module` (all live ones when None)."""
     for m in (_LIVE if module is None else module.modules()):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks as C
-from ..fp8.linear import with_fp8_weight_cache
+from ..fp8.linear import has_fp8_layers, with_fp8_weight_cache
 from ..models.unified import Conditioning
 from ..ops import cfg_velocity, flow_sde_step, flow_step_logprob
 from ..ops.flow import LOGPROB_KINDS
@@ -133,10 +133,30 @@ class ImageEngine:
         >>> logp = replay_logprobs(model, traj)          # [T_train, B], differentiable in the DiT
     """
 
-    def __init__(self, model, *, impl: str = "auto"):
+    def __init__(self, model, *, impl: str = "auto", compile: bool = False):
+        """compile: run each sampler step (DiT velocity, guidance and `flow_sde_step`) as one
+        torch.compile(fullgraph=True) graph; None = on when the model is on CUDA and has no FP8Linear layer (True
+        with one is an error: their weight cache reads storage pointers). Keep a compiling engine for many calls
+        (a trainer keeps one per run): its graphs belong to it. The noise is drawn outside the graph, exactly as
+        the op draws it, so compiled and eager sampling use the same random numbers."""
         C.check_impl(impl)
         self.model = model
         self.impl = impl  # the SDE step's backend ("reference" = eager PyTorch; "triton" never falls back)
+        fp8 = has_fp8_layers(model)
+        if compile and fp8:
+            raise ValueError("compile=True: this model has FP8Linear layers, whose weight cache a compiled graph "
+                             "cannot hold; use compile=None or False")
+        self.compile = (model.device.type == "cuda" and not fp8) if compile is None else bool(compile)
+        self._step = torch.compile(self.step, fullgraph=True, dynamic=False) if self.compile else self.step
+
+    def step(self, x, s, s_next, noise, sigma_max, cond, uncond, source_latents, params, kind):
+        """One sampler step: (next sample, log-prob or None) from x at sigmas s -> s_next ([B] device tensors);
+        noise [B, ...] standard normal (None for an ODE step)."""
+        v = guided_velocity(self.model, x, s, cond, uncond, params.guidance_scale, source_latents)
+        nxt, lp, _, _ = flow_sde_step(v, x, s, s_next, noise=noise, noise_level=params.noise_level, sde=kind,
+                                      sigma_max=sigma_max if kind == "sde" else None, impl=self.impl,
+                                      logprob=params.logprob)
+        return nxt, lp
 
     @torch.no_grad()
     @with_fp8_weight_cache("model")  # one FP8 weight quantization per layer per call
@@ -179,10 +199,9 @@ class ImageEngine:
         logps = torch.zeros(T, B, device=dev)
         for i in range(T):
             s, s_next = sig[i].expand(B), sig[i + 1].expand(B)
-            v = guided_velocity(m, x, s, cond, uncond, params.guidance_scale, source_latents)
-            nxt, lp, _, _ = flow_sde_step(v, x, s, s_next, generator=generator, noise_level=params.noise_level,
-                                          sde=kinds[i], sigma_max=sig[1] if kinds[i] == "sde" else None,
-                                          impl=self.impl, logprob=params.logprob)
+            eps = None if kinds[i] == "ode" else torch.randn(shape, generator=generator, device=dev,
+                                                             dtype=torch.float32)  # as flow_sde_step draws it
+            nxt, lp = self._step(x, s, s_next, eps, sig[1], cond, uncond, source_latents, params, kinds[i])
             samples[i], next_samples[i] = x, nxt
             if lp is not None:
                 logps[i] = lp

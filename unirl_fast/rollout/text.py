@@ -9,17 +9,23 @@ Per decode step t, for each of B sequences (left-padded prompts, so they all end
     record y and logp[y]: the log-prob of the distribution that actually sampled y, which is what truncated
     importance sampling (TIS) needs to correct the rollout/trainer mismatch.
 
-The KV cache is a transformers `StaticCache` of length P + max_new_tokens allocated once (and reused while the
-batch shape stays the same), so the decode step has static shapes: on CUDA it is wrapped in
-`torch.compile(mode="reduce-overhead")` (CUDA graphs) by default. Attention is PyTorch SDPA (or flash-attn 2 when
-the LM was built with it). Positions count only attended tokens, so left padding does not shift them.
+The KV cache is a transformers `StaticCache`, one per batch size the engine sees (a trainer's rollout batch and its
+evaluation micro-batch), allocated once and reused by every later call; it grows (one new allocation) only when a
+call needs more than P + max_new_tokens columns than it holds, and a shorter call uses it with the extra columns
+masked. So the decode step has static shapes: on CUDA it is wrapped in `torch.compile(fullgraph=True,
+mode="reduce-overhead")` (one graph, CUDA graphs) by default; on a CPU it runs eager (tests/test_compiled_steps.py
+traces it with fullgraph under inductor on a CPU). An LM with FP8Linear layers decodes eager (their weight cache
+reads storage pointers, which a graph cannot). Attention is PyTorch SDPA (or flash-attn 2 when the LM was built
+with it). Positions count only attended tokens, so left padding does not shift them.
 
 Stopping: a sequence is done after it emits an EOS id (the EOS token is kept in the completion and its mask) or
 when its decoded completion contains a stop string (the completion is cut after the token that completes the
 stop string). Done rows keep being fed a pad token (static shapes) but their outputs are masked: mask = 0,
 token = pad, logp = 0; the attention mask is 0 at that pad's position (padding for attention and for
 `profiling.counters`, which counts the tokens fed: prompt + completion - 1 per row). Finished batches and stop
-strings are checked every `check_every` steps (one host sync each) so the loop does not sync per token.
+strings are checked every `check_every` steps; the finished-batch flag reaches the host through a pinned copy and a
+CUDA event that is never waited for (the loop stops a few steps later at most), so decoding never syncs; stop
+strings, when given, are read on the host at those checks (one sync each).
 
 Vision-language LMs (Qwen2-VL class, `models.vlm`): `generate(..., vision=VisionInputs)` prefills once from the
 prompt embeddings with the image features scattered in and the model's M-RoPE positions (`get_rope_index`, padding
@@ -40,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks as C
-from ..fp8.linear import with_fp8_weight_cache
+from ..fp8.linear import has_fp8_layers, with_fp8_weight_cache
 from ..models.experts import full_sequence_mask, sdpa_or_flash
 from ..ops import fused_linear_logprobs
 
@@ -137,7 +143,9 @@ class TextEngine:
     Args:
         lm: the causal LM; its weights are used in place (no copy). pad_token_id: fed to finished rows and written
         after the end of completions (default: lm.config.pad_token_id, else 0). compile: wrap the decode forward
-        in torch.compile(mode="reduce-overhead"); None = on when the LM is on CUDA. tokenizer: for stop strings
+        in torch.compile(fullgraph=True; mode="reduce-overhead" on CUDA); None = on when the LM is on CUDA and has
+        no FP8Linear layer (True with one is an error). Keep one engine for many calls (a trainer keeps one per
+        run): the compiled step and the caches belong to it. tokenizer: for stop strings
         and decoded texts (anything with `decode`). attn_implementation: "auto" switches the LM (in place, so
         the trainer's forward uses it too) to flash_attention_2 when flash-attn is installed and the LM is on CUDA
         in fp16/bf16, and otherwise leaves it as built (SDPA for `UnifiedModel`); None never changes it.
@@ -157,16 +165,20 @@ class TextEngine:
         pad = pad_token_id if pad_token_id is not None else getattr(lm.config, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
         device = next(lm.parameters()).device
-        self.compile = device.type == "cuda" if compile is None else bool(compile)
+        fp8 = has_fp8_layers(lm)
+        if compile and fp8:
+            raise ValueError("compile=True: this LM has FP8Linear layers, whose weight cache a compiled graph cannot "
+                             "hold; use compile=None (eager decode for FP8 LMs) or compile=False")
+        self.compile = (device.type == "cuda" and not fp8) if compile is None else bool(compile)
         bucket = (64 if self.compile else 1) if prompt_bucket is None else prompt_bucket
         if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket <= 0:
             raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
         self.prompt_bucket = bucket
         # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` warns, then goes away)
         self._cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        self._cache = None
-        self._cache_key = None
-        self._decode = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if self.compile \
+        self._caches = {}  # (batch, device, dtype) -> (StaticCache, its length)
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs where there is a GPU
+        self._decode = torch.compile(self._forward, fullgraph=True, dynamic=False, mode=mode) if self.compile \
             else self._forward
 
     def _forward(self, ids, pos, cache_pos, mask, cache):
@@ -187,16 +199,19 @@ class TextEngine:
         next_pos = mask[:, :ids.shape[1]].sum(-1, keepdim=True) + delta.to(ids.device)
         return out.logits[:, -1].float(), next_pos.unsqueeze(0).expand(3, -1, -1).contiguous()
 
-    def _static_cache(self, B, max_len, device, dtype):
+    def _static_cache(self, B, needed, device, dtype):
+        """(the cache for batch size B, its length >= needed): reused (reset) when it is long enough, else replaced
+        by one of length `needed` (a longer request grows it; a shorter one masks the extra columns)."""
         from transformers import StaticCache
 
-        key = (B, max_len, device, dtype)
-        if self._cache_key == key:
-            self._cache.reset()
+        key = (B, device, dtype)
+        cache, length = self._caches.get(key, (None, 0))
+        if cache is not None and length >= needed:
+            cache.reset()
         else:
-            self._cache = StaticCache(config=self.lm.config, max_cache_len=max_len)
-            self._cache_key = key
-        return self._cache
+            cache, length = StaticCache(config=self.lm.config, max_cache_len=needed), needed
+            self._caches[key] = (cache, length)
+        return cache, length
 
     def _check_inputs(self, input_ids, attention_mask):
         C.check_tensor("input_ids", input_ids, ndim=2, integer=True)
@@ -232,8 +247,8 @@ class TextEngine:
         T, dev = params.max_new_tokens, input_ids.device
         greedy = params.temperature == 0
         eos = torch.tensor(_eos_ids(self.lm, params), dtype=torch.long, device=dev)
-        full_mask = torch.cat([mask, mask.new_ones(B, T)], 1)
-        cache = self._static_cache(B, P + T, dev, self.lm.dtype)
+        cache, L = self._static_cache(B, P + T, dev, self.lm.dtype)
+        full_mask = torch.cat([mask, mask.new_ones(B, T), mask.new_zeros(B, L - P - T)], 1)
         if vision is None:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self._forward(input_ids, pos, torch.arange(P, device=dev), full_mask, cache)

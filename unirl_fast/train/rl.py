@@ -87,11 +87,29 @@ def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
                                guidance_scale=cfg.guidance_scale, logprob=cfg.flow_logprob, schedule=schedule)
 
 
+@dataclass
+class Engines:
+    """A run's rollout engines: the trainer makes them once (`rollout_engines`), so the text engine's static KV cache
+    is allocated once per batch size and reused every step, and on CUDA the decode step and the image sampler step
+    are compiled once (fullgraph; CUDA graphs for the decode)."""
+    text: TextEngine
+    image: ImageEngine
+
+
+def rollout_engines(model, cfg, *, compile=None) -> Engines:
+    """The engines over `model` (compile: None = on CUDA unless FP8 layers; see TextEngine / ImageEngine)."""
+    tok = model.tokenizer
+    return Engines(TextEngine(model.lm, pad_token_id=tok.pad_token_id, tokenizer=tok, compile=compile),
+                   ImageEngine(model, impl=cfg.impl, compile=compile))
+
+
 @torch.no_grad()
-def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=False, phase=_no_phase) -> Batch:
+def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=False, phase=_no_phase,
+            engines: Engines | None = None) -> Batch:
     """Text then image rollout; `phase(name)` (a context-manager factory, e.g. PhaseTimer.phase) brackets each part
-    as "text_rollout" / "image_rollout"."""
+    as "text_rollout" / "image_rollout". engines: the run's (`rollout_engines`); None makes eager ones for this call."""
     tok, dev = model.tokenizer, model.device
+    engines = engines if engines is not None else rollout_engines(model, cfg, compile=False)
     b = Batch(tasks, group_ids)
     sees = sees_images(model, scenario)
     vision = vlm.process_images(model.lm, task_images(tasks, model.config.image_size).to(dev)) if sees else None
@@ -101,8 +119,7 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens,
                                     temperature=0.0 if eval_mode else cfg.temperature,
                                     eos_token_ids=(tok.eos_token_id,))
-            b.text = TextEngine(model.lm, pad_token_id=tok.pad_token_id, tokenizer=tok, compile=False).generate(
-                ids, mask, params, generator=generator, vision=vision)
+            b.text = engines.text.generate(ids, mask, params, generator=generator, vision=vision)
             b.completions = [c.strip() for c in b.text.texts]
     if scenario.draws:
         with phase("image_rollout"):
@@ -118,10 +135,9 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
                 _, which = torch.unique(group_ids, return_inverse=True)
                 noise = torch.randn((int(which.max()) + 1, *model.latent_shape), generator=generator, device=dev)
                 noise = noise[which.to(dev)]
-            engine = ImageEngine(model, impl=cfg.impl)
-            b.traj = engine.generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
-                                     source_images=b.sources, generator=generator, noise=noise,
-                                     vision=b.cond_vision)
+            b.traj = engines.image.generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
+                                            source_images=b.sources, generator=generator, noise=noise,
+                                            vision=b.cond_vision)
             b.images = b.traj.images
     return b
 

@@ -31,7 +31,7 @@ from .config import check_reward_specs, resolve_device, reward_specs, use_device
 from .distributed import requested as _distributed_requested
 from .plots import N_SHOW
 from .pretrain import pretrain, world_model_config
-from .rl import image_loss, reference_outputs, rollout, score, text_loss
+from .rl import image_loss, reference_outputs, rollout, rollout_engines, score, text_loss
 from .rundir import check_run_dir, check_tasks_unchanged, create_or_resume, trim_metrics
 from .scenarios import get_scenario
 
@@ -120,6 +120,7 @@ class Trainer:
             f"{self.reward.describe() if reward else 'not built'}")
         self.step = 0
         self.history = []
+        self.engines = None  # the rollout engines, made on first use (_engines)
         self._init_profiling()
         self._fwd = _call
         if self.dist is not None:
@@ -289,7 +290,7 @@ class Trainer:
         m.eval()
         t0 = time.time()
         with self._full_weights(), self._autocast():
-            b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase)
+            b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase, engines=self._engines())
         with timer.phase("reward"), self._full_weights(), self._autocast(), self._cycle_model() as inverse:
             score(m, s, c, b, self.gen, reward=self.reward, inverse_model=inverse)
             adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
@@ -380,6 +381,15 @@ class Trainer:
         self.opt.step()
         return gnorm
 
+    def _engines(self):
+        """The run's rollout engines, made on first use and kept: one static KV cache per batch size (the step's and
+        the evaluation's), compiled decode and sampler steps on CUDA; eager under ZeRO-3, whose gathered weights
+        move between calls."""
+        if self.engines is None:
+            zero3 = self.dist is not None and self.dist.stage == 3
+            self.engines = rollout_engines(self.model, self.cfg, compile=False if zero3 else None)
+        return self.engines
+
     def _cycle_model(self):
         """Who edits back for the cycle-consistency reward (a context yielding the model): the policy (None) or the
         frozen reference."""
@@ -415,7 +425,8 @@ class Trainer:
         for start in range(0, len(tasks_all), c.micro_batch):
             tasks = tasks_all[start:start + c.micro_batch]
             with self._autocast():
-                b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True)
+                b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True,
+                            engines=self._engines())
             with self._autocast(), self._cycle_model() as inverse:
                 score(m, self.scenario, c, b, gen, reward=self.reward, inverse_model=inverse)
             rewards.append(b.rewards)
