@@ -66,6 +66,13 @@ CONFIGS = {
     "window2": ("--sde-window", "2"),
     "group4": ("--group-size", "4"),
     "steps6": ("--image-steps", "6"),
+    # the forward-process algorithms (train.forward_rl) with their published settings: an ODE rollout of the
+    # evaluation's image_steps and every timestep of the first 90 % of that schedule trained per sample
+    "nft": ("--image-algo", "nft"),
+    "awm": ("--image-algo", "awm"),
+    # the same with a 4-step rollout and 2 trained timesteps per sample (what the world needs: see README)
+    "nft_fast": ("--image-algo", "nft", "--rollout-steps", "4", "--fp-timesteps", "2"),
+    "awm_fast": ("--image-algo", "awm", "--rollout-steps", "4", "--fp-timesteps", "2"),
 }
 # what the harness owns; a configuration may not set the evaluation either (--common may: it is the same for all)
 HARNESS_OWNED = ("scenario", "seed", "run_dir", "steps", "eval_every", "save_every")

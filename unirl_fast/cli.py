@@ -41,7 +41,8 @@ def _cmd_train(args) -> int:
 
     try:
         trainer = Trainer(cfg)
-    except CheckpointError as e:  # a file the safe loader refuses (DeepSpeed's, found only while loading)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:  # a checkpoint the run cannot use (a
+        # file the safe loader refuses, another algorithm's state)
         print(f"unirl-fast train: {e}", file=sys.stderr)
         return 2
     try:
@@ -443,15 +444,17 @@ the change is recorded in resumes.jsonl. A run already at --steps reports that i
 
 def _effective_defaults(argv):
     """The TrainConfig that --config / --scenario on this command line give, for the help's defaults."""
-    from .train.config import PRESETS, SCENARIOS, train_preset
+    from .train.config import ALGO_DEFAULTS, PRESETS, SCENARIOS, train_preset
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default="tiny")
     pre.add_argument("--scenario", default=None)
+    pre.add_argument("--image-algo", default=None)
     known, _ = pre.parse_known_args(argv or [])
     config = known.config if known.config in PRESETS else "tiny"
     scenario = known.scenario if known.scenario in SCENARIOS else None
-    return train_preset(config, scenario)
+    algo = known.image_algo if known.image_algo in ALGO_DEFAULTS else None
+    return train_preset(config, scenario, algo)
 
 
 def build_parser(argv=None) -> argparse.ArgumentParser:

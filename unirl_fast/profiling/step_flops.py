@@ -9,6 +9,9 @@ Lc, Q connector queries, S trained window steps, K denoising steps, c = 2 with C
     reward         edit scenarios only: the inverse edit (its own conditioning + K DiT forwards, ODE)
     ref            text: reference LM forward over B x (P + T) with the head on the T completion tokens (beta > 0);
                    image: reference conditioning + one DiT forward over S x c*B rows (beta_velocity > 0)
+    old            nft / awm: the old policy's conditioning + one DiT forward over K x B rows (K drawn timesteps;
+                   none when the old policy is the current weights); their train and ref phases count K x B rows
+                   where Flow-GRPO's count its S window steps
     train          3x the forward of the trained parts (fwd + 2x bwd): the text policy forward when the LM trains;
                    the DiT replay over S x c*B rows and the conditioning (3x when the LM trains, else 1x: no
                    backward through a frozen LM)
@@ -70,7 +73,12 @@ def step_flops(model, scenario, cfg, b) -> dict:
         out["image_rollout"] = cond + K * dit_step
         if scenario.edit:
             out["reward"] = cond + K * dit_step
-        if scenario.train_dit:
+        if scenario.train_dit and getattr(b, "fp", None) is not None:  # nft / awm: K drawn timesteps per sample
+            Kf, cond1 = b.fp.t.shape[0], _lm_seq(lm, B, Lc + Q, 0)
+            out["train"] += (3 if scenario.train_lm else 1) * cond1 + 3 * Kf * dit_step
+            out["ref"] += (cond1 + Kf * dit_step) if cfg.beta_velocity > 0 else 0.0
+            out["old"] = (cond1 + Kf * dit_step) if b.fp.v_old is not None else 0.0
+        elif scenario.train_dit:
             S = b.traj.trained_steps().numel()
             out["train"] += (3 if scenario.train_lm else 1) * _lm_seq(lm, B, Lc + Q, 0) + 3 * S * dit_step
             out["ref"] += (_lm_seq(lm, B, Lc + Q, 0) + S * dit_step) if cfg.beta_velocity > 0 else 0.0

@@ -119,7 +119,9 @@ class TrainConfig:
     tis_cap: float = _f(2.0, "truncated importance sampling cap on the rollout / training log-prob ratio")
     temperature: float = _f(1.0, "sampling temperature of the text rollouts (and of the scored log-probs)")
     max_new_tokens: int = _f(40, "longest completion")
-    image_steps: int = _f(8, "sampler steps per image")
+    image_steps: int = _f(8, "sampler steps per image (evaluation; training rollouts too unless --rollout-steps)")
+    rollout_steps: int | None = _f(None, "sampler steps of the training rollouts (default: image_steps); nft / awm "
+                                   "draw their trained timesteps from the image_steps schedule whatever this is")
     timestep_schedule: str = _f("auto", "sigma schedule of rollout, replay and eval: linspace (DanceGRPO's shifted "
                                 "linspace(1, 0)), diffusers (FlowMatchEulerDiscreteScheduler's sigmas: Flow-GRPO, SD3 "
                                 "pipelines), auto (what the --dit-path pipeline's scheduler config implies, else "
@@ -138,6 +140,28 @@ class TrainConfig:
     cycle_back: str = _f("policy", "edit scenarios: who makes the inverse edit of the cycle reward, the policy or the "
                          "frozen reference (a fixed reward)", ("policy", "reference"))
     guidance_scale: float = _f(1.0, "classifier-free guidance scale (1 = CFG-free, UniGRPO)")
+    image_algo: str = _f("flow_grpo", "RL of the image expert: flow_grpo (log-probs of SDE denoising steps), nft "
+                         "(DiffusionNFT) or awm (Advantage Weighted Matching): flow matching on the forward (noising) "
+                         "process of ODE rollouts; each brings its published defaults (ALGO_DEFAULTS), flags override",
+                         ("flow_grpo", "nft", "awm"))
+    adv_std: str = _f("group", "advantage scale: group (each prompt group's reward std, GRPO) or global (the batch's, "
+                      "as Flow-GRPO, DiffusionNFT and AWM); the LM and the DiT share the advantage",
+                      ("group", "global"))
+    fp_timesteps: int | None = _f(None, "nft / awm: trained timesteps per sample (default: every index of the range "
+                                  "below)")
+    fp_timestep_fraction: float = _f(0.9, "nft / awm: the trained timesteps are drawn from the first "
+                                     "int(image_steps x fraction) sigmas of the schedule (from the noisy end)")
+    fp_timestep_sampling: str = _f("uniform", "nft / awm: uniform (K distinct indices per sample; DiffusionNFT) or "
+                                   "stratified (one per equal stratum, t = 1 left out; AWM)", ("uniform", "stratified"))
+    fp_adv_clip: float = _f(5.0, "nft / awm: advantages clipped to +-this (A_max); nft maps them to [0, 1], awm "
+                            "divides by it")
+    nft_beta: float = _f(1.0, "nft: how far the implicit positive / negative policies step from the old one (b)")
+    awm_power: float = _f(0.25, "awm: power p of the generalised-Huber weighting ((m + 1e-10)^p - 1e-10^p) t / p")
+    beta_old: float = _f(0.0, "awm: weight of mean (v - v_old)^2, the KL to the old (EMA) policy (AWM: 1)")
+    old_decay_rate: float = _f(0.001, "nft / awm: the old policy o <- d o + (1 - d) w after step n, d = "
+                               "min(old_decay_rate x n, old_decay_max)")
+    old_decay_max: float = _f(0.5, "nft / awm: cap of that decay (NFT 0.5, AWM 0.3; 0: the old policy is the weights "
+                              "at the start of each step and costs no forward)")
     format_weight: float = _f(0.2, "weight of the format part of the reward")
     impl: str = _f("auto", "op backend: auto (Triton kernels on CUDA, PyTorch elsewhere), triton (never falls back; "
                    "needs CUDA), reference (eager PyTorch everywhere)", ("auto", "triton", "reference"))
@@ -163,6 +187,10 @@ class TrainConfig:
             object.__setattr__(self, "reward", (self.reward,))
         elif isinstance(self.reward, list):  # read back from JSON
             object.__setattr__(self, "reward", tuple(self.reward))
+
+    @property
+    def train_rollout_steps(self) -> int:
+        return self.image_steps if self.rollout_steps is None else self.rollout_steps
 
     @property
     def batch_size(self) -> int:
@@ -193,8 +221,11 @@ class TrainConfig:
             image_schedule(self)
         except ValueError as e:
             bad(str(e))
-        if not 1 <= self.sde_window <= self.image_steps:
-            bad(f"sde_window must be in [1, image_steps={self.image_steps}], got {self.sde_window}")
+        if self.rollout_steps is not None and self.rollout_steps < 1:
+            bad(f"rollout_steps must be >= 1, got {self.rollout_steps}")
+        if not 1 <= self.sde_window <= self.train_rollout_steps:
+            bad(f"sde_window must be in [1, {self.train_rollout_steps}] (the training rollout's steps), got "
+                f"{self.sde_window}")
         for f in dataclasses.fields(self):
             options = f.metadata.get("choices")
             if options and getattr(self, f.name) not in options:
@@ -268,6 +299,18 @@ class TrainConfig:
                     bad(f"{name}: {e}")
         if self.temperature <= 0:
             bad(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if not 0.0 < self.fp_timestep_fraction <= 1.0:
+            bad(f"fp_timestep_fraction must be in (0, 1], got {self.fp_timestep_fraction}")
+        for name in ("fp_adv_clip", "nft_beta", "awm_power"):
+            if not getattr(self, name) > 0:
+                bad(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("beta_old", "old_decay_rate", "beta_velocity"):
+            if not getattr(self, name) >= 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.old_decay_max < 1.0:
+            bad(f"old_decay_max must be in [0, 1), got {self.old_decay_max}")
+        if self.fp_timesteps is not None and self.fp_timesteps < 1:
+            bad(f"fp_timesteps must be >= 1, got {self.fp_timesteps}")
         if self.impl == "triton":
             from ..ops._dispatch import choose
 
@@ -315,13 +358,29 @@ SCENARIO_DEFAULTS = {"generate": dict(sde_type="cps", noise_level=0.7, sde_windo
                      "reason-edit": dict(prompts_per_step=16)}
 
 
-def train_preset(name: str, scenario: str | None = None) -> TrainConfig:
-    """The named trainer preset for a scenario: `tiny` takes the scenario's measured defaults (SCENARIO_DEFAULTS)."""
+# The forward-process algorithms' published settings (DiffusionNFT: config/nft.py and base.py; AWM:
+# config/dgx_awm.py), on top of the preset and the scenario's defaults; flags still override them. Both normalise
+# the advantages by the std of the whole batch, train 90 % of the schedule's timesteps, clip advantages at 5 and keep
+# the old policy as a slow average of the trained weights. beta_velocity is their weight of mean (v - v_ref)^2.
+ALGO_DEFAULTS = {"nft": dict(image_algo="nft", adv_std="global", beta_velocity=1e-4, nft_beta=1.0,
+                             fp_timestep_sampling="uniform", fp_timestep_fraction=0.9, old_decay_max=0.5),
+                 "awm": dict(image_algo="awm", adv_std="global", beta_velocity=1e-3, beta_old=1.0, awm_power=0.25,
+                             fp_timestep_sampling="stratified", fp_timestep_fraction=0.9, old_decay_max=0.3)}
+
+
+def train_preset(name: str, scenario: str | None = None, image_algo: str | None = None) -> TrainConfig:
+    """The named trainer preset for a scenario: `tiny` takes the scenario's measured defaults (SCENARIO_DEFAULTS);
+    an image algorithm other than flow_grpo brings its published settings (ALGO_DEFAULTS)."""
     if name not in PRESETS:
         raise ValueError(f"unknown trainer config {name!r}; choose one of {sorted(PRESETS)}")
     base = PRESETS[name]
     scenario = base.scenario if scenario is None else scenario
     extra = SCENARIO_DEFAULTS.get(scenario, {}) if name == "tiny" else {}
+    if image_algo not in (None, "flow_grpo"):
+        if image_algo not in ALGO_DEFAULTS:
+            raise ValueError(f"bad config: image_algo must be one of flow_grpo, {', '.join(ALGO_DEFAULTS)}; got "
+                             f"{image_algo!r}")
+        extra = {**extra, **ALGO_DEFAULTS[image_algo]}
     return dataclasses.replace(base, scenario=scenario, **extra)
 
 
@@ -477,7 +536,7 @@ def config_from_args(args) -> TrainConfig:
     preset = args.config or from_file.pop("config", None) or "tiny"
     from_file.pop("config", None)
     scenario = getattr(args, "scenario", None) or from_file.get("scenario")
-    base = train_preset(preset, scenario)
+    base = train_preset(preset, scenario, getattr(args, "image_algo", None) or from_file.get("image_algo"))
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
             if getattr(args, f.name, None) is not None}
     if isinstance(over.get("reward"), list):

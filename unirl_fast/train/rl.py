@@ -42,6 +42,7 @@ class Batch:
     reward_parts: list = None
     ref_logp: torch.Tensor = None  # [B, T] the frozen reference's completion log-probs (beta > 0)
     ref_velocity: torch.Tensor = None  # [S, B, C, h, w] its velocities on the trained window (beta_velocity > 0)
+    fp: object = None  # forward_rl.ForwardBatch: timesteps, noise and frozen velocities of nft / awm
     cond_vision: object = None  # VisionInputs the LM sees while conditioning the DiT (a VLM editing), else None
 
 
@@ -77,12 +78,15 @@ def _rows(vision, idx):
 
 
 def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
-    """The sampler of a training rollout, or of an evaluation (ODE); one schedule for both (and so for replay)."""
+    """The sampler of a rollout: the ODE for evaluation and for the forward-process algorithms (nft / awm train on
+    the clean samples, not on the steps), else the SDE window Flow-GRPO scores; one schedule for all (and so for
+    replay)."""
     schedule, shift = image_schedule(cfg)
-    if eval_mode:
-        return ImageSamplingParams(num_steps=cfg.image_steps, shift=shift, sde="ode",
-                                   guidance_scale=cfg.guidance_scale, schedule=schedule)
-    return ImageSamplingParams(num_steps=cfg.image_steps, shift=shift, sde=cfg.sde_type,
+    steps = cfg.image_steps if eval_mode else cfg.train_rollout_steps
+    if eval_mode or cfg.image_algo != "flow_grpo":
+        return ImageSamplingParams(num_steps=steps, shift=shift, sde="ode", guidance_scale=cfg.guidance_scale,
+                                   schedule=schedule)
+    return ImageSamplingParams(num_steps=steps, shift=shift, sde=cfg.sde_type,
                                noise_level=cfg.noise_level, window_start=0, window_size=cfg.sde_window,
                                guidance_scale=cfg.guidance_scale, logprob=cfg.flow_logprob, schedule=schedule)
 
@@ -210,7 +214,11 @@ def reference_outputs(ref, scenario, cfg, b: Batch, micro_batch: int) -> Batch:
                                             b.text.completion_ids[idx], temperature=cfg.temperature, impl=cfg.impl)
             logps.append(logp)
         b.ref_logp = torch.cat(logps)
-    if scenario.train_dit and b.traj is not None and cfg.beta_velocity > 0:
+    if scenario.train_dit and b.fp is not None and cfg.beta_velocity > 0:  # nft / awm: at the drawn (x_t, t)
+        from .forward_rl import frozen_velocities
+
+        b.fp.v_ref = frozen_velocities(ref, b, b.fp, micro_batch)
+    elif scenario.train_dit and b.traj is not None and cfg.beta_velocity > 0:
         steps = b.traj.trained_steps()
         vs = []
         for idx in chunks:

@@ -26,9 +26,12 @@ from .._checks import DeferredCheckError, any_rank_error, pending_error
 from ..fp8 import fp8_weight_cache
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
+from . import forward_rl
 from .checkpoint import check_run_files, latest_checkpoint, load_checkpoint, read_entry, save_checkpoint, write_entry
 from .config import check_reward_specs, resolve_device, reward_specs, use_device, with_image_schedule
 from .distributed import requested as _distributed_requested
+from .ema import ParamEMA
+from .forward_rl import forward_image_loss
 from .plots import N_SHOW
 from .pretrain import pretrain, world_model_config
 from .rl import image_loss, reference_outputs, rollout, rollout_engines, score, text_loss
@@ -108,6 +111,9 @@ class Trainer:
         self.ema = None  # the averaged weights evaluation uses (ema_decay > 0), kept by the process that evaluates
         if cfg.ema_decay > 0 and self.is_main:
             self.ema = ParamEMA(self.model, cfg.ema_decay)
+        self.old = None  # nft / awm: the old policy, a slow average of the trained weights (forward_rl)
+        if cfg.image_algo != "flow_grpo" and forward_rl.needs_old(cfg) and not forward_rl.old_is_current(cfg):
+            self.old = forward_rl.OldPolicy(self.model, cfg.old_decay_rate, cfg.old_decay_max)
         self.opt = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator(device=self.model.device).manual_seed(cfg.seed)
@@ -243,6 +249,7 @@ class Trainer:
                 self._no_optim_state = path
             st = ck["state"]
             self._load_ema(ck.get("ema"), path)
+            self._load_old_policy(ck.get("old_policy"), path)
         self.step, self.history = st["step"], st["history"]
         if self.is_main and not self.readonly:
             dropped = trim_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -262,10 +269,20 @@ class Trainer:
                              "written without --ema-decay; resume it with --ema-decay 0")
         self.ema.load_state_dict(state)
 
+    def _load_old_policy(self, state, path):
+        if self.old is None:
+            return
+        if state is None:
+            raise ValueError(f"checkpoint {path} holds no old policy but image_algo {self.cfg.image_algo!r} needs "
+                             "one: it was written by another algorithm or version; start a new --run-dir")
+        self.old.load_state_dict(state)
+
     def save(self):
         st = {"step": self.step, "history": self.history, "py_rng": self.rng.getstate(),
               "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
+        if self.old is not None:
+            extra["old_policy"] = self.old.state_dict()
         if self.dist is not None:
             return self.dist.save(self, st, extra)
         return save_checkpoint(self.run_dir, self.step, {"model": self._trained_state(),
@@ -293,7 +310,9 @@ class Trainer:
             b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase, engines=self._engines())
         with timer.phase("reward"), self._full_weights(), self._autocast(), self._cycle_model() as inverse:
             score(m, s, c, b, self.gen, reward=self.reward, inverse_model=inverse)
-            adv = group_advantages(b.rewards, gid, impl=c.impl).to(m.device)
+            adv = group_advantages(b.rewards, gid, std=c.adv_std, impl=c.impl).to(m.device)
+        if c.image_algo != "flow_grpo" and s.train_dit and b.traj is not None:
+            self._forward_process_batch(b, timer)
         ref_weights = self._full_weights() if self.ref is None else contextlib.nullcontext()  # LoRA: the policy's
         with timer.phase("ref"), ref_weights, self._reference() as ref, fp8_weight_cache(ref), self._autocast():
             reference_outputs(ref, s, c, b, c.micro_batch)  # frozen: one FP8 quantization per layer and step
@@ -314,7 +333,8 @@ class Trainer:
                     _accumulate(metrics, "text", lt, mt, c.micro_batch / B)
                 if s.train_dit and b.traj is not None:
                     with self._autocast():
-                        li, mi = self._fwd(image_loss, m, c, b, idx, adv[idx])
+                        li, mi = self._fwd(forward_image_loss if b.fp is not None else image_loss, m, c, b, idx,
+                                           adv[idx])
                     loss = loss + li
                     _accumulate(metrics, "image", li, mi, c.micro_batch / B)
                 if self.dist is not None:
@@ -324,6 +344,8 @@ class Trainer:
         self._stop_on_failed_checks()  # before any weight changes: a flagged NaN never reaches the weights
         with timer.phase("optimizer"):
             gnorm = self._optimizer_step()
+            if self.old is not None:
+                self.old.update()
             if c.ema_decay > 0:
                 with self._full_weights():  # a collective under ZeRO-3: every rank enters, the main one averages
                     if self.ema is not None:
@@ -338,6 +360,15 @@ class Trainer:
         if self.dist is not None:
             rec = self.dist.reduce_record(rec)
         return rec
+
+    def _forward_process_batch(self, b, timer):
+        """nft / awm: draw each sample's timesteps and noise, then the old policy's velocities on them (unless the
+        old policy is the current weights: the loss then takes the detached current velocity)."""
+        c, m = self.cfg, self.model
+        b.fp = forward_rl.draw(c, b, self.gen)
+        if self.old is not None:
+            with timer.phase("old"), self.old.swapped_in(), self._autocast():
+                b.fp.v_old = forward_rl.frozen_velocities(m, b, b.fp, c.micro_batch)
 
     def _stop_on_failed_checks(self):
         """The step's deferred value checks (NaN/inf, ids, masks), read once before the optimizer step (one host
@@ -529,6 +560,7 @@ def preflight(cfg) -> dict:
     info["tasks"] = load_run_tasks(cfg, scenario)  # a bad row or file fails here, with its file and line
     check_tasks_unchanged(cfg.run_dir, info["tasks"])
     check_reward_specs(cfg, scenario)  # imports a callable, looks for a CLIP directory: loads no model
+    forward_rl.check_config(cfg, scenario)
     if cfg.fp8 and cfg.model_path is None and cfg.lm_path is None:
         from ..fp8 import convert_to_fp8
         from ..models import UnifiedModel
@@ -560,55 +592,6 @@ def build_run_reward(cfg, scenario, device):
                 allow_insecure_token=cfg.reward_allow_insecure_token, ca_file=cfg.reward_ca_file)
     return build_reward(reward_specs(cfg), scenario=scenario, format_weight=cfg.format_weight, device=device,
                         http_options=http)
-
-
-class ParamEMA:
-    """Exponential moving average of a model's trained (requires_grad) weights, the model Flow-GRPO evaluates.
-    After the n-th update (n = 0, 1, ...): e <- d e + (1 - d) w with d = min(decay, (1 + n) / (10 + n)), so the
-    first averages lean on the newest weights instead of the base model's. Kept in fp32."""
-
-    def __init__(self, model, decay: float):
-        self.decay, self.n = decay, 0
-        self.params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-        self.shadow = {k: p.detach().float().clone() for k, p in self.params.items()}
-
-    @torch.no_grad()
-    def update(self):
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
-        for k, p in self.params.items():
-            self.shadow[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
-        self.n += 1
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """The averaged weights in place of the trained ones for the duration (restored even on an error)."""
-        saved = {k: p.detach().clone() for k, p in self.params.items()}
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(self.shadow[k])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for k, p in self.params.items():
-                    p.copy_(saved[k])
-
-    @torch.no_grad()
-    def copy_to_model(self):
-        """Write the averaged weights into the model (for an export; the trained ones are not kept)."""
-        for k, p in self.params.items():
-            p.copy_(self.shadow[k])
-
-    def state_dict(self) -> dict:
-        return {"n": self.n, "decay": self.decay, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
-
-    def load_state_dict(self, state: dict):
-        if set(state["shadow"]) != set(self.shadow):
-            raise ValueError(f"EMA state has weights {sorted(set(state['shadow']) ^ set(self.shadow))[:4]} that do "
-                             "not match this model's trained ones (another scenario or model?)")
-        self.n = int(state["n"])
-        for k, v in state["shadow"].items():
-            self.shadow[k].copy_(v)
 
 
 def _nvml_index(dev) -> int:
