@@ -4,6 +4,7 @@ reward, on the embedded world, over several seeds, paired against a baseline.
     unirl-fast bench --time-to-reward --scenario generate --config flow_grpo --config window2 --seeds 3
     unirl-fast bench --time-to-reward --config "fast=--image-steps 6 --sde-window 3" --config flow_grpo
     unirl-fast bench --time-to-reward --smoke            # seconds: CI's end-to-end check
+    unirl-fast bench --time-to-reward --merge OUT_S0 OUT_S1 OUT_S2 --out OUT   # seeds run as parallel processes
 
 Configurations: a name from CONFIGS (trainer flags on top of the scenario's defaults; `--list` prints them), a
 new one as `--config "NAME=--flag value ..."`, or a YAML / JSON `--configs-file` ({name: "flags" | [flags] |
@@ -313,6 +314,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="seconds: smoke trainer preset, 1 seed, 2 configurations")
     p.add_argument("--list", action="store_true", help="print the known configurations and exit")
     p.add_argument("--verbose", action="store_true", help="print the trainer's own log lines too")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="report together the runs of several result folders (e.g. seeds run as parallel processes "
+                   "with --first-seed / --seeds 1 and one --base-cache): their settings must match; writes --out")
     args = p.parse_args(argv)
     args.trainer_config = args.trainer_config or ("smoke" if args.smoke else "tiny")
     args.seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 3)
@@ -383,8 +387,45 @@ def _link_base(run_dir: Path, cache: Path):
     (run_dir / "base").symlink_to(cache.resolve(), target_is_directory=True)
 
 
+def merge(args) -> dict:
+    """One report from the runs.json of several result folders run with the same settings (other seeds)."""
+    loads = []
+    for d in args.merge:
+        path = Path(d) / "runs.json"
+        if not path.is_file():
+            raise ValueError(f"--merge {d}: no runs.json (not a time-to-reward result folder, or still running)")
+        loads.append(json.loads(path.read_text()))
+    same = ("scenario", "baseline", "configs", "trainer_config", "common", "baseline_steps", "budget", "evals", "unit")
+    first = loads[0]["settings"]
+    for d, ld in zip(args.merge[1:], loads[1:]):
+        diff = [k for k in same if ld["settings"].get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"--merge {d}: settings {diff} differ from {args.merge[0]}'s")
+    runs = [r for ld in loads for r in ld["runs"]]
+    seen = [(r["config"], r["seed"]) for r in runs]
+    if len(set(seen)) != len(seen):
+        raise ValueError("--merge: a configuration and seed appear in two folders")
+    if args.out is None:
+        raise ValueError("--merge needs --out (the folder of the combined report)")
+    out = Path(args.out)
+    if (out / "curves.csv").exists():
+        raise ValueError(f"{out} already holds results: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for k in ("scenario", "baseline", "trainer_config", "common", "budget", "evals"):
+        setattr(args, k, first[k])
+    args.seeds = len({r["seed"] for r in runs})
+    p = {"steps": first["baseline_steps"], "specs": {k: tuple(v) for k, v in first["configs"].items()}}
+    unit_key = first["unit"]
+    xlabel = next(label for key, label in UNITS.values() if key == unit_key)
+    (out / "runs.json").write_text(json.dumps({"settings": {**first, "seeds": args.seeds, "merged": args.merge},
+                                               "runs": runs}))
+    return write_outputs(out, runs, args, p, unit_key, xlabel)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.list:
         for name, flags in CONFIGS.items():
             print(f"{name:12s} {' '.join(flags) or '(the scenario defaults)'}")

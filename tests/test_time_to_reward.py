@@ -312,3 +312,27 @@ def test_configurations_from_a_file_and_the_command_line(tmp_path):
     assert list(specs) == ["flow_grpo", "short", "listed", "mapped", "window2", "mine"]  # the baseline first
     assert specs["mapped"] == ("--sde-window", "1", "--group-noise") and specs["mine"] == ("--lr-dit", "1e-4")
     assert specs["short"] == ("--image-steps", "4", "--sde-window", "2")
+
+
+def test_merge_reports_seeds_run_as_separate_processes(tmp_path, capsys):
+    """Seeds run apart (--first-seed, one base cache) and merged give one report over both seeds; mismatched
+    settings or a seed in two folders are refused."""
+    from unirl_fast.cli import main
+
+    cache = tmp_path / "base"
+    for seed in (0, 1):
+        assert main(["bench", "--time-to-reward", "--smoke", "--first-seed", str(seed), "--base-cache", str(cache),
+                     "--out", str(tmp_path / f"s{seed}")]) == 0
+    assert main(["bench", "--time-to-reward", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out",
+                 str(tmp_path / "all")]) == 0
+    summary = _csv(tmp_path / "all" / "summary.csv")
+    assert sorted((r["config"], r["seed"]) for r in summary) == sorted(
+        [(c, s) for c in ("flow_grpo", "window1") for s in ("0", "1", "all")])
+    rows = _csv(tmp_path / "all" / "curves.csv")
+    finals = [float([r for r in rows if r["config"] == "flow_grpo" and r["seed"] == s][-1]["eval_reward"])
+              for s in ("0", "1")]
+    assert float(summary[0]["target"]) == pytest.approx(sum(finals) / 2)
+    capsys.readouterr()
+    assert main(["bench", "--time-to-reward", "--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out",
+                 str(tmp_path / "dup")]) == 2
+    assert "appear in two folders" in capsys.readouterr().err
