@@ -63,6 +63,18 @@ def checks(mode: str | None):
         set_checks(prev)
 
 
+@contextlib.contextmanager
+def paused_in_loop():
+    """For the steps of a decode or sampler loop after its first: in mode "cheap" the per-call value checks are
+    off (no check work per layer call or per step); the loop checks its first step as usual and its outputs once
+    (the rollout engines do). Mode "full" keeps checking every call; "off" stays off."""
+    if get_checks() != "cheap":
+        yield
+        return
+    with checks("off"):
+        yield
+
+
 def get_checks() -> str:
     """The mode in force: set_checks() if called, else UNIRL_FAST_VALUE_CHECKS (unset: "cheap")."""
     if _mode is not None:

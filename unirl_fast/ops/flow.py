@@ -75,6 +75,22 @@ def _sigma_rules(sde, has_smax, logprob):
     return rules
 
 
+def check_schedule(sigmas, kinds, sigma_max, logprob="gaussian") -> None:
+    """A sampler's whole schedule against the step rules, once per trajectory and on the host (Python floats: no
+    device work): sigmas [T + 1] (a list), kinds [T] ("sde" | "cps" | "ode"), sigma_max the schedule's
+    second-largest sigma. Raises ValueError naming the step."""
+    if not C.value_checks_enabled():
+        return
+    for i, kind in enumerate(kinds):
+        if kind == "ode":
+            continue
+        s, n = sigmas[i], sigmas[i + 1]
+        for test, what in _sigma_rules(kind, kind == "sde", logprob):
+            if not test(s, n, sigma_max):
+                raise ValueError(f"schedule step {i}: {what}; got sigma={s!r}, sigma_next={n!r}, "
+                                 f"sigma_max={sigma_max!r}")
+
+
 def _check_sigmas(sde, sigma, sigma_next, sigma_max, sig, nxt, smax, logprob):
     """Every sigma rule in one check: on the host at once for Python floats (free), else one device flag for the
     whole batch (no host sync), whose message finds the failing rule and values on the error path only."""

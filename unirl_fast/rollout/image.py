@@ -22,6 +22,7 @@ Memory: 2 T B C h w fp32 for the record (at 512 px, DC-AE: 2 * 10 * 64 * 32 * 16
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ from .. import _checks as C
 from ..fp8.linear import has_fp8_layers, with_fp8_weight_cache
 from ..models.unified import Conditioning
 from ..ops import cfg_velocity, flow_sde_step, flow_step_logprob
-from ..ops.flow import LOGPROB_KINDS
+from ..ops.flow import LOGPROB_KINDS, check_schedule
 from .schedule import SCHEDULES, timestep_schedule
 
 SDE_KINDS = ("sde", "cps", "ode")
@@ -194,6 +195,7 @@ class ImageEngine:
         sigma_max = sig_host.tolist()[1] if T > 1 else 0.0  # unused by ode
         on = params.stochastic_steps()
         kinds = [params.sde if o else "ode" for o in on.tolist()]
+        check_schedule(sig_host.tolist(), kinds, sigma_max, params.logprob)  # once, on the host
         samples = torch.empty((T, *shape), device=dev)
         next_samples = torch.empty((T, *shape), device=dev)
         logps = torch.zeros(T, B, device=dev)
@@ -201,11 +203,15 @@ class ImageEngine:
             s, s_next = sig[i].expand(B), sig[i + 1].expand(B)
             eps = None if kinds[i] == "ode" else torch.randn(shape, generator=generator, device=dev,
                                                              dtype=torch.float32)  # as flow_sde_step draws it
-            nxt, lp = self._step(x, s, s_next, eps, sig[1], cond, uncond, source_latents, params, kinds[i])
+            with C.paused_in_loop() if i else contextlib.nullcontext():  # step 0 checked: weights, first inputs
+                nxt, lp = self._step(x, s, s_next, eps, sig[1], cond, uncond, source_latents, params, kinds[i])
             samples[i], next_samples[i] = x, nxt
             if lp is not None:
                 logps[i] = lp
             x = nxt
+        C.check_finite("the trajectory's log-probs (a later sampler step produced NaN/inf; set_checks('full') checks "
+                       "every step)", logps)
+        C.check_finite("the final latents (a sampler step produced NaN/inf; set_checks('full') checks every step)", x)
         images = m.decode_latents(x) if params.decode else None
         return ImageTrajectory(samples, next_samples, sig[:-1, None].expand(T, B).contiguous(),
                                sig[1:, None].expand(T, B).contiguous(), logps, on.to(dev), x, cond.detach(),

@@ -276,10 +276,13 @@ class TextEngine:
                 break
             feed = torch.where(done, self.pad_token_id, y)[:, None]
             full_mask[:, P + t] = (~done).long()  # the pad fed to a finished row is padding, not a token
-            logits = self._decode(feed, next_pos, cache_positions[t:t + 1], full_mask, cache)
+            with C.paused_in_loop():  # no check work per layer call; the prefill was checked, the outputs are below
+                logits = self._decode(feed, next_pos, cache_positions[t:t + 1], full_mask, cache)
             next_pos = next_pos + 1
         if T % params.check_every:  # the last step's stop strings (a multiple of check_every was cut above)
             done = self._apply_stop_strings(params, tokens, logprobs, valid, done, T)
+        C.check_finite("the sampled tokens' log-probs (a decode step produced NaN/inf logits; set_checks('full') "
+                       "checks every layer call)", logprobs, where=valid)
         texts = None if self.tokenizer is None else [  # one read of the ids and one of the mask for every row
             self.tokenizer.decode([i for i, k in zip(row, keep) if k]) for row, keep in zip(tokens.tolist(),
                                                                                           valid.tolist())]
