@@ -481,3 +481,23 @@ def test_fp8linear_gpu_backends_vs_emulation(backend, m, k, n):
         layer.weight.grad = None
     for got, want in zip(*outs):
         assert scale_free_err(got, want) < SAME_OPERANDS_BOUND
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_emulation_exact_under_bf16_autocast(x_dtype):
+    """--fp8 --precision bf16: the emulated GEMMs ignore autocast (they are the exact fp32 emulation), so a layer
+    under bf16 autocast gives the same output and gradients as without it (before: the dequantized fp32 matmul ran
+    in bf16 under autocast, ~8e-3 off)."""
+    torch.manual_seed(0)
+    layer = FP8Linear(256, 128, backend="emulation")
+    x = torch.randn(9, 256, dtype=x_dtype)
+    outs = []
+    for autocast in (False, True):
+        xi = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(xi)
+        (y.float() * torch.linspace(-1, 1, 128)).sum().backward()
+        outs.append((y.detach(), xi.grad, layer.weight.grad.clone()))
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype and torch.equal(a, b)

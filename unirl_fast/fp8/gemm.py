@@ -5,7 +5,8 @@
 with sa one scale per row and 128 of K, sb one per 128x128 block ("block", weights) or per row and 128 of K
 ("row", the token-grouped wgrad operand).
 
-- "emulation": dequantize both to fp32 and run an fp32 matmul (CPU and any device; the numerics oracle).
+- "emulation": dequantize both to fp32 and run an fp32 matmul (CPU and any device; the numerics oracle), with
+  autocast off, so it stays exact under bf16 autocast (`--fp8 --precision bf16`).
 - "scaled_mm": blockwise `torch._scaled_mm`, scales in the layouts its checks name (`scaled_mm_scales`): A scales
   [M, K/128] outer-dim-major; B scales [K/128, N/128] with 16-byte aligned strides (128x128 weights) or
   [K/128, N] outer-dim-major (the token-grouped wgrad operand; the layout used before, strides (1, K/128), was
@@ -32,7 +33,9 @@ PROBE_BOUND = 1e-5
 
 
 def gemm_emulation(a, sa, bt, sb, out_dtype=torch.bfloat16):
-    return (dequantize_fp8(a, sa) @ dequantize_fp8(bt, sb).t()).to(out_dtype)
+    # autocast off: under --precision bf16 autocast would run this fp32 GEMM in bf16 (not the exact emulation)
+    with torch.autocast(a.device.type, enabled=False):
+        return (dequantize_fp8(a, sa) @ dequantize_fp8(bt, sb).t()).to(out_dtype)
 
 
 def scaled_mm_scales(sa, sb, n: int):
