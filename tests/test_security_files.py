@@ -177,3 +177,115 @@ def test_eval_and_export_reimport_a_reward_module_without_leaving_the_directory_
                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
         res = json.loads(out.stdout.strip().splitlines()[-1])
         assert res == {"rc": 0, "left": [], "imported": imported}, (args[0], res, out.stderr[-2000:])
+
+
+# task data ------------------------------------------------------------------------------------------------------
+def _png(path, colour=(200, 0, 0)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+    return path
+
+
+def test_a_task_path_that_leaves_the_data_directory_is_refused_naming_file_and_line(tmp_path, capsys):
+    from unirl_fast.tasks import load_tasks
+    from unirl_fast.train.scenarios import get_scenario
+
+    edit = get_scenario("edit")
+    data = tmp_path / "data"
+    _png(data / "img" / "a.png")
+    outside = _png(tmp_path / "elsewhere" / "b.png")
+    (data / "img" / "link.png").symlink_to(outside)
+    for bad in ("../elsewhere/b.png", str(outside), "img/../../elsewhere/b.png", "img/link.png", "/etc/passwd"):
+        rows = [{"prompt": "make it blue", "image": "img/a.png"}, {"prompt": "make it green", "image": bad}]
+        (data / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(ValueError, match=rf"p\.jsonl:2: image '{bad}' is outside the data directory .*"
+                                             r"--allow-outside-paths"):
+            load_tasks(str(data / "p.jsonl"), edit)
+    (data / "p.csv").write_text(f"prompt,image\nmake it blue,img/a.png\nmake it red,img/a.png\n"
+                                f"make it green,{outside}\n")
+    with pytest.raises(ValueError, match=r"p\.csv:4: image .* is outside the data directory"):
+        load_tasks(str(data / "p.csv"), edit)
+    rows = [{"prompt": f"make it {c}", "image": "img/a.png" if c != "green" else "../elsewhere/b.png"}
+            for c in ("blue", "green", "red", "cyan", "pink")]
+    (data / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ts = load_tasks(str(data / "p.jsonl"), edit, allow_outside_paths=True)  # asked for: allowed
+    assert str(outside.resolve()) in {t.image for t in ts.train + ts.eval}
+    argv = ["train", "--config", "smoke", "--scenario", "edit", "--reward", "cycle", "--tasks", str(data / "p.jsonl"),
+            "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "p.jsonl:2: image '../elsewhere/b.png' is outside the data directory" in err[0]
+    assert not (tmp_path / "run").exists()
+    from unirl_fast.train import preflight
+
+    cfg = dataclasses.replace(SMOKE, scenario="edit", reward=("cycle",), tasks=str(data / "p.jsonl"),
+                              run_dir=str(tmp_path / "run"), allow_outside_paths=True)
+    assert preflight(cfg)["tasks"].name == str(data / "p.jsonl")  # the flag lets it through
+
+
+def _image_dataset(path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    imgs = [Image.new("RGB", (16, 16), c) for c in ((200, 0, 0), (0, 0, 200), (0, 200, 0), (200, 200, 0))]
+    feats = datasets.Features({"prompt": datasets.Value("string"), "image": datasets.Image(),
+                               "inverse": datasets.Value("string")})
+    rows = lambda ids: {"prompt": [f"make the square {i}" for i in ids], "image": [imgs[i] for i in ids],  # noqa: E731
+                        "inverse": ["undo"] * len(ids)}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows([0, 1, 2]), features=feats),
+                          "test": datasets.Dataset.from_dict(rows([3]), features=feats)}).save_to_disk(str(path))
+    return imgs
+
+
+FINGERPRINT = ("import sys; from unirl_fast.tasks import load_tasks; from unirl_fast.train.scenarios import "
+               "get_scenario; print(load_tasks(sys.argv[1], get_scenario('edit')).fingerprint()['sha1'])")
+
+
+def test_a_datasets_directory_with_images_has_one_fingerprint_in_every_process_and_resumes(tmp_path):
+    from unirl_fast.tasks import load_tasks
+    from unirl_fast.train.scenarios import get_scenario
+
+    _image_dataset(tmp_path / "ds")
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    sums = [subprocess.run([sys.executable, "-c", FINGERPRINT, str(tmp_path / "ds")], capture_output=True, text=True,
+                           env=env, timeout=300).stdout.strip() for _ in range(2)]
+    here = load_tasks(str(tmp_path / "ds"), get_scenario("edit")).fingerprint()["sha1"]
+    assert len(sums[0]) == 40 and sums == [here, here]
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "unirl_fast.cli", "train", "--config", "smoke", "--scenario", "edit", "--reward",
+            "cycle", "--tasks", str(tmp_path / "ds"), "--run-dir", str(run), "--steps"]
+    for steps in ("1", "2"):  # the second process resumes: its fingerprint must match tasks.json
+        out = subprocess.run([*argv, steps], capture_output=True, text=True, env=env, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout and [r["step"] for r in _records(run)] == [1, 2]
+    assert json.loads((run / "tasks.json").read_text())["sha1"] == here
+
+
+def test_dataset_images_are_decoded_when_a_task_uses_them(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from unirl_fast.tasks import DatasetImage, load_image, load_tasks
+    from unirl_fast.train.scenarios import get_scenario
+
+    imgs = _image_dataset(tmp_path / "ds")
+    decoded, real = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(1) or real(self))
+    ts = load_tasks(str(tmp_path / "ds"), get_scenario("edit"))
+    assert decoded == [] and all(isinstance(t.image, DatasetImage) for t in ts.train + ts.eval)
+    src = ts.eval[0].source_image(16)
+    assert decoded and torch.equal(src, load_image(imgs[3], 16))  # decoded now, for this task
+
+
+def test_a_task_files_fingerprint_is_what_earlier_versions_recorded(tmp_path):
+    """Run directories created before image contents were hashed still resume: for tasks without in-memory images
+    the fingerprint is unchanged (the value below is what the previous version computed for this file)."""
+    from unirl_fast.tasks import load_tasks
+    from unirl_fast.train.scenarios import get_scenario
+
+    rows = [{"prompt": "a red square", "answer": "red", "tag": "colors", "include": [{"class": "square", "count": 1}]},
+            {"prompt": "two blue circles"}, {"prompt": "a green star", "context": "c", "n": 3}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fp = load_tasks(str(tmp_path / "p.jsonl"), get_scenario("generate"), eval_fraction=0.4).fingerprint()
+    assert fp["sha1"] == "ddcda1bbdae3e26e75326cbcc8ce58c9dc721671"

@@ -548,3 +548,21 @@ def test_serve_reward_listens_on_loopback_and_warns_beyond_it():
     assert "without a token: anyone who can reach this port" in exposure_warning("0.0.0.0", None, False)
     assert "without TLS: the token and the samples cross the network" in exposure_warning("::", "t", False)
     assert exposure_warning("10.1.2.3", "t", True) is None
+
+
+def test_eval_sends_a_token_only_when_its_own_command_line_says_so(tmp_path, serve, monkeypatch, capsys):
+    """A run directory's config.json names its reward URLs and token variable: `eval` of it sends no token unless
+    --reward-token-env is given to eval itself."""
+    record, seen = _recorder()
+    url, _ = serve(record)
+    monkeypatch.setenv("UNIRL_REWARD_TOKEN", "s3cret")
+    run = tmp_path / "run"
+    assert main(["train", "--config", "smoke", "--scenario", "generate", "--steps", "1", "--run-dir", str(run),
+                 "--tasks", str(_prompts(tmp_path / "p.jsonl")), "--reward", url + "/"]) == 0
+    assert seen and all(auth == "Bearer s3cret" for _, _, auth in seen)  # the trainer's own command line
+    seen.clear()
+    assert main(["eval", str(run)]) == 0
+    assert seen and all(auth is None for _, _, auth in seen)
+    seen.clear()
+    assert main(["eval", str(run), "--reward-token-env", "UNIRL_REWARD_TOKEN"]) == 0
+    assert seen and all(auth == "Bearer s3cret" for _, _, auth in seen)

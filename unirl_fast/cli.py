@@ -65,6 +65,9 @@ def _cmd_eval(args) -> int:
     from .train.rundir import append_eval, saved_config
 
     over = {k: getattr(args, k) for k in ("eval_prompts", "eval_samples") if getattr(args, k) is not None}
+    # the token goes only where this command line says: config.json may come from anyone
+    over.update(reward_token_env=args.reward_token_env or "",
+                reward_allow_insecure_token=args.reward_allow_insecure_token)
     try:
         cfg = saved_config(args.run_dir, **over)  # one process reads the run
     except ValueError as e:
@@ -74,7 +77,7 @@ def _cmd_eval(args) -> int:
 
     try:
         trainer = Trainer(cfg, readonly=True)  # reads the run; writes only its result line
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         print(f"unirl-fast eval: {e}", file=sys.stderr)
         return 2
     res = {k: v for k, v in trainer.evaluate().items() if not k.startswith("_")}
@@ -482,6 +485,11 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--eval-prompts", type=int, default=None)
     ev.add_argument("--eval-samples", type=int, default=None, help="images per held-out task")
+    ev.add_argument("--reward-token-env", default=None, metavar="VAR",
+                    help="send the bearer token in $VAR to the run's reward services (not taken from the run's "
+                         "config.json: a run directory from elsewhere names its own URLs)")
+    ev.add_argument("--reward-allow-insecure-token", action="store_true",
+                    help="also send it to a plain http:// service on another machine")
     ev.set_defaults(func=_cmd_eval)
     _add_bench_parser(sub)
     _add_serve_reward_parser(sub)

@@ -5,7 +5,7 @@
 Every source yields tasks with the same attributes (`Task`), the embedded world included; see `sources` for the
 file formats and the split rule.
 """
-from .base import Task, TaskSet, load_image
+from .base import DatasetImage, Task, TaskSet, load_image
 from .sources import EVAL_SPLITS, load_tasks
 
-__all__ = ["Task", "TaskSet", "load_image", "load_tasks", "EVAL_SPLITS"]
+__all__ = ["DatasetImage", "Task", "TaskSet", "load_image", "load_tasks", "EVAL_SPLITS"]

@@ -27,7 +27,7 @@ import torch
 class Task:
     prompt: str
     answer: str = ""
-    image: Any = None  # str path (absolute) | PIL.Image.Image | None
+    image: Any = None  # str path (absolute) | DatasetImage | PIL.Image.Image | None
     context: str = ""
     inverse: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)
@@ -46,15 +46,19 @@ class TaskSet:
 
     def fingerprint(self) -> dict:
         """What a run directory records of its data (tasks.json): the counts and a hash of every task's text fields,
-        image path and meta, in order, so a resume notices a changed file (image contents are not hashed)."""
+        image and meta, in order, so a resume notices a changed file. An image file counts by its path, an image
+        of a `datasets` directory (or any image in memory, a meta value included) by a hash of its content: the
+        same data gives the same fingerprint in every process."""
         import hashlib
         import json
 
         h = hashlib.sha1()
         for side in (self.train, self.eval):
             for t in side:
-                row = [t.prompt, t.answer, t.image if isinstance(t.image, str) else repr(t.image), t.context,
-                       t.inverse, repr(sorted(t.meta.items(), key=lambda kv: str(kv[0])))]
+                meta = sorted(((k, _stable(v)) for k, v in t.meta.items()), key=lambda kv: str(kv[0]))
+                image = t.image if isinstance(t.image, str) else _stable(t.image)
+                image = image if isinstance(image, str) else repr(image)  # as earlier versions hashed it (None too)
+                row = [t.prompt, t.answer, image, t.context, t.inverse, repr(meta)]
                 h.update(json.dumps(row).encode())
             h.update(b"|")
         return {"tasks": self.name, "train": len(self.train), "eval": len(self.eval), "sha1": h.hexdigest()}
@@ -65,6 +69,41 @@ class TaskSet:
         if not self.eval:
             raise ValueError(f"task source {self.name!r} has no held-out tasks (give rows a split, or raise "
                              "--eval-fraction)")
+
+
+class DatasetImage:
+    """An image cell of a `datasets` directory, decoded when used: the (memory-mapped) dataset, the row and the
+    column, and `digest`, the sha1 of the encoded bytes, for the fingerprint. Tasks hold these instead of decoded
+    images, so a dataset larger than RAM works."""
+
+    __slots__ = ("dataset", "row", "column", "digest")
+
+    def __init__(self, dataset, row: int, column: str, digest: str):
+        self.dataset, self.row, self.column, self.digest = dataset, row, column, digest
+
+    def open(self):
+        """The image, decoded now (a PIL image)."""
+        import io
+
+        from PIL import Image
+
+        return Image.open(io.BytesIO(self.dataset[self.row][self.column]["bytes"]))
+
+    def __repr__(self) -> str:
+        return f"DatasetImage(row {self.row}, sha1 {self.digest[:12]})"
+
+
+def _stable(value):
+    """A value as the fingerprint hashes it: images by their content (a PIL image's repr holds a memory address)."""
+    import hashlib
+
+    if isinstance(value, DatasetImage):
+        return f"sha1:{value.digest}"
+    if hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size"):  # a PIL image
+        return f"pil:{value.mode}:{value.size}:{hashlib.sha1(value.tobytes()).hexdigest()}"
+    if isinstance(value, (bytes, bytearray)):
+        return f"bytes:{hashlib.sha1(value).hexdigest()}"
+    return value
 
 
 def load_image(image, size: int, *, origin: str = "") -> torch.Tensor:
@@ -84,6 +123,12 @@ def load_image(image, size: int, *, origin: str = "") -> torch.Tensor:
             raise ValueError(f"{where}image {str(image)!r} cannot be read as an image ({e})") from None
     elif isinstance(image, Image.Image):
         pil = image.convert("RGB")
+    elif isinstance(image, DatasetImage):
+        try:
+            with image.open() as im:
+                pil = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{where}image {image!r} cannot be read as an image ({e})") from None
     else:
         raise ValueError(f"{where}image must be a path or a PIL image, got {type(image).__name__}")
     if pil.size != (size, size):

@@ -6,10 +6,11 @@
     DIR                   a Hugging Face `datasets` directory (`save_to_disk`), read with `datasets.load_from_disk`
 
 Rows (JSON keys, CSV columns, dataset columns): `prompt` (required), `image` (a path relative to the file or
-directory; a dataset's Image column works too), `answer`, `context`, `inverse`, `split` ("train", or "eval" /
-"test" / "validation" for held-out); every other key goes to the task's `meta` for the reward. GenEval's
-`evaluation_metadata.jsonl` reads as it is: its `tag`, `include` and `exclude` land in `meta` (checked for
-GenEval's shape: include is a list of {"class": str, "count": int, ...}).
+directory, inside it unless `allow_outside_paths`; a dataset's Image column works too, its cells kept encoded and
+decoded when a step uses them, fingerprinted by a hash of their bytes), `answer`, `context`, `inverse`, `split`
+("train", or "eval" / "test" / "validation" for held-out); every other key goes to the task's `meta` for the
+reward. GenEval's `evaluation_metadata.jsonl` reads as it is: its `tag`, `include` and `exclude` land in `meta`
+(checked for GenEval's shape: include is a list of {"class": str, "count": int, ...}).
 
 Split: as given (a `split` key on every row, or a dataset's splits); when the rows give none, derived from a
 seeded hash of the prompt: a prompt lands in the held-out split when crc32(f"{split_seed}:{prompt}") falls in the
@@ -19,21 +20,23 @@ sits on both sides. A bad row is an error naming the file and the line (or the d
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import zlib
 from pathlib import Path
 
-from .base import Task, TaskSet
+from .base import DatasetImage, Task, TaskSet
 
 EVAL_SPLITS = ("eval", "test", "validation", "valid", "held-out", "heldout")
 KNOWN_KEYS = ("prompt", "answer", "image", "context", "inverse", "split")
 
 
 def load_tasks(spec: str, scenario, *, eval_fraction: float = 0.2, split_seed: int = 0,
-               vision: bool = False) -> TaskSet:
+               vision: bool = False, allow_outside_paths: bool = False) -> TaskSet:
     """Tasks of `spec` ("world", a .jsonl / .json / .csv file or a datasets directory) for `scenario`, checked
     for what the scenario needs (edits need a source image on every task; understanding a context to read, or with
-    vision=True, a run whose LM has a vision tower, an image to look at)."""
+    vision=True, a run whose LM has a vision tower, an image to look at). An image path that leaves the file's
+    directory (absolute, or through '..' or a link) is refused unless allow_outside_paths."""
     if spec == "world":
         from .world import world_tasks
 
@@ -51,7 +54,7 @@ def load_tasks(spec: str, scenario, *, eval_fraction: float = 0.2, split_seed: i
     else:
         raise ValueError(f"tasks {spec!r}: unknown file type {path.suffix!r} (.jsonl, .json, .csv, or a datasets "
                          "directory)")
-    tasks = [(_task(row, where, base), row.get("split") if split is None else split)
+    tasks = [(_task(row, where, base, allow_outside_paths), row.get("split") if split is None else split)
              for row, where, base, split in rows]
     if not tasks:
         raise ValueError(f"tasks {spec!r} holds no rows")
@@ -113,9 +116,16 @@ def _dataset_rows(path: Path):
         if "prompt" not in ds.column_names:
             raise ValueError(f"tasks {str(path)!r}{'' if name is None else f' split {name!r}'}: no 'prompt' column "
                              f"(columns: {ds.column_names})")
+        if isinstance(ds.features.get("image"), datasets.Image):  # cells stay encoded: decoded when a step uses one
+            ds = ds.cast_column("image", datasets.Image(decode=False))
         for i, row in enumerate(ds):
             where = f"{path}[{name + ':' if name else ''}{i}]"
-            yield _check_row(dict(row), where), where, path, split
+            row = _check_row(dict(row), where)
+            cell = row.get("image")
+            if isinstance(cell, dict) and set(cell) == {"bytes", "path"}:
+                row["image"] = DatasetImage(ds, i, "image", hashlib.sha1(cell["bytes"]).hexdigest()) \
+                    if cell["bytes"] is not None else cell["path"]  # a path-only cell: a file, checked as one
+            yield row, where, path, split
 
 
 def _check_row(row, where):
@@ -125,7 +135,7 @@ def _check_row(row, where):
 
 
 # one row -> Task ------------------------------------------------------------------------------------------------
-def _task(row: dict, where: str, base: Path) -> Task:
+def _task(row: dict, where: str, base: Path, allow_outside: bool = False) -> Task:
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
@@ -138,10 +148,14 @@ def _task(row: dict, where: str, base: Path) -> Task:
             raise ValueError(f"{where}: {key!r} must be a string, got {v!r}")
         text[key] = str(v)
     image = row.get("image")
-    if image is not None and not _is_pil(image):
+    if image is not None and not _is_pil(image) and not isinstance(image, DatasetImage):
         if not isinstance(image, str) or not image:
             raise ValueError(f"{where}: 'image' must be a path (relative to {base}), got {image!r}")
         p = Path(image) if Path(image).is_absolute() else base / image
+        if not allow_outside and not p.resolve().is_relative_to(base.resolve()):
+            raise ValueError(f"{where}: image {image!r} is outside the data directory {base} (an absolute path, "
+                             "'..' or a link out of it): a task file names files beside it; pass "
+                             "--allow-outside-paths if you mean it")
         if not p.is_file():
             raise ValueError(f"{where}: image {image!r} does not exist (looked for {p})")
         image = str(p.resolve())

@@ -81,6 +81,8 @@ class TrainConfig:
                                  "world (the embedded world's verifier), format[:REGEX], answer (exact match), cycle "
                                  "(edits), clip:DIR, pickscore:DIR, an http(s):// reward service, or "
                                  "pkg.module:function; see unirl_fast.rewards")
+    allow_outside_paths: bool = _f(False, "let a task file name images outside its own directory (an absolute path, "
+                                   "'..' or a link out of it); refused without this flag")
     eval_fraction: float = _f(0.2, "held-out share of a task file whose rows give no split (a seeded hash of the "
                               "prompt decides)")
     split_seed: int = _f(0, "seed of that derived split")

@@ -24,6 +24,7 @@ from .checkpoint import latest_checkpoint
 
 RESUMABLE = ("steps", "eval_every", "eval_prompts", "eval_samples", "save_every", "keep_checkpoints", "device",
              "impl", "run_dir",  # run_dir: a run directory may be moved or copied
+             "allow_outside_paths",  # where the task files may point, not what the data is: tasks.json checks that
              "reward_timeout", "reward_retries", "reward_concurrency", "reward_batch_size",
              "reward_token_env", "reward_allow_insecure_token",
              "reward_ca_file")  # how a reward service is reached, not what it computes

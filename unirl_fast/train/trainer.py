@@ -580,6 +580,7 @@ def load_run_tasks(cfg, scenario):
     from .pretrain import run_lm_has_vision
 
     return load_tasks(cfg.tasks, scenario, eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed,
+                      allow_outside_paths=cfg.allow_outside_paths,
                       vision=run_lm_has_vision(cfg, scenario))
 
 
