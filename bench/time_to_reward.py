@@ -311,6 +311,9 @@ def parse_args(argv=None):
                    "auto for scenarios that draw) or lm (LM token-equivalents; auto for LM-only ones)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/time_to_reward-SCENARIO-TIME)")
     p.add_argument("--base-cache", default=None, help="pretrained base models, shared by the runs (default <out>/base)")
+    p.add_argument("--resume", action="store_true", help="keep the finished runs of --out's runs.json (same "
+                   "settings) and run the missing ones: an interrupted comparison, or new configurations or seeds "
+                   "against runs already made")
     p.add_argument("--smoke", action="store_true", help="seconds: smoke trainer preset, 1 seed, 2 configurations")
     p.add_argument("--list", action="store_true", help="print the known configurations and exit")
     p.add_argument("--verbose", action="store_true", help="print the trainer's own log lines too")
@@ -325,6 +328,8 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out (the folder whose runs to keep)")
     if args.budget is not None and not args.budget > 0:
         raise ValueError(f"--budget must be > 0, got {args.budget}")
     return args
@@ -354,20 +359,45 @@ def plan(args) -> dict:
     out = Path(args.out) if args.out else RESULTS_DIR / (
         f"time_to_reward-{args.scenario}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
         + ("-smoke" if args.smoke else ""))
-    if (out / "runs").exists() or (out / "curves.csv").exists():
-        raise ValueError(f"{out} already holds results: choose another --out (reuse pretrained bases with "
-                         f"--base-cache {out / 'base'})")
+    if not args.resume and ((out / "runs").exists() or (out / "curves.csv").exists()):
+        raise ValueError(f"{out} already holds results: choose another --out, or --resume to keep its runs and run "
+                         f"the missing ones (reuse pretrained bases with --base-cache {out / 'base'})")
     steps = args.steps or run_config(base_flags, specs[args.baseline], 0, out / "probe", None, args.baseline).steps
-    max_steps = args.max_steps or 10 * steps
-    cfgs = {}
+    p = {"specs": specs, "out": out, "steps": steps, "max_steps": args.max_steps or 10 * steps, "cfgs": {},
+         "base_flags": base_flags, "done": []}
+    if args.resume:
+        p["done"] = _kept_runs(out, _settings(args, p, _unit(args)[0]), specs)
+        p["specs"] = specs = {**{r["config"]: tuple(r["flags"]) for r in p["done"]}, **specs}
+    done = {(r["config"], r["seed"]) for r in p["done"]}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, flags in specs.items():
-            own = steps if name == args.baseline and args.budget is None else max_steps
+            if (name, seed) in done:
+                continue
+            own = steps if name == args.baseline and args.budget is None else p["max_steps"]
             cfg = run_config(base_flags, flags, seed, out / "runs" / f"{name}-seed{seed}", own, name)
             preflight(cfg)
-            cfgs[name, seed] = cfg
-    return {"specs": specs, "out": out, "steps": steps, "max_steps": max_steps, "cfgs": cfgs,
-            "base_flags": base_flags}
+            p["cfgs"][name, seed] = cfg
+    return p
+
+
+COMPARISON = ("scenario", "baseline", "trainer_config", "common", "baseline_steps", "budget", "max_steps", "evals",
+              "unit")
+
+
+def _kept_runs(out: Path, settings: dict, specs: dict) -> list:
+    """--resume: the finished runs of out/runs.json, if they were made with these settings (the same flags for the
+    configurations named in both)."""
+    path = out / "runs.json"
+    if not path.is_file():
+        raise ValueError(f"--resume: {path} does not exist (nothing to keep)")
+    old = json.loads(path.read_text())
+    diff = [f"{k} {old['settings'].get(k)!r} -> {settings[k]!r}" for k in COMPARISON
+            if old["settings"].get(k) != settings[k]]
+    diff += [f"config {r['config']!r} flags {r['flags']} -> {list(specs[r['config']])}" for r in old["runs"]
+             if r["config"] in specs and list(specs[r["config"]]) != r["flags"]]
+    if diff:
+        raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(dict.fromkeys(diff))}")
+    return old["runs"]
 
 
 def _schedule(args, p, name, baseline_points) -> Schedule:
@@ -381,7 +411,13 @@ def _schedule(args, p, name, baseline_points) -> Schedule:
 
 
 def _link_base(run_dir: Path, cache: Path):
-    """The run directory's base/ -> the shared cache: pretraining once per seed (and pretraining settings)."""
+    """The run directory's base/ -> the shared cache: pretraining once per seed (and pretraining settings). A run
+    directory left by an interrupted run (never recorded in runs.json) is started afresh."""
+    import shutil
+
+    if run_dir.exists():
+        print(f"  {run_dir}: left by an interrupted run, removed (its run is redone from step 0)")
+        shutil.rmtree(run_dir)
     cache.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "base").symlink_to(cache.resolve(), target_is_directory=True)
@@ -433,18 +469,17 @@ def main(argv=None) -> dict:
     p = plan(args)
     unit_key, xlabel = _unit(args)
     out, cache = p["out"], Path(args.base_cache) if args.base_cache else p["out"] / "base"
-    runs = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        base_points = None
-        for name in p["specs"]:
-            cfg = p["cfgs"][name, seed]
-            print(f"[{name} seed {seed}] {' '.join(p['specs'][name]) or '(defaults)'}", flush=True)
-            _link_base(Path(cfg.run_dir), cache)
-            points = run_one(cfg, _schedule(args, p, name, base_points), unit_key,
-                             trainer_log=print if args.verbose else None)
-            base_points = points if name == args.baseline else base_points
-            runs.append({"config": name, "seed": seed, "flags": list(p["specs"][name]), "points": points})
-            (out / "runs.json").write_text(json.dumps({"settings": _settings(args, p, unit_key), "runs": runs}))
+    runs = list(p["done"])
+    if runs:
+        print(f"kept {len(runs)} finished runs of {out / 'runs.json'}")
+    env = {k: v for k, v in env_columns().items() if k in ("device", "torch", "commit", "date")}
+    for (name, seed), cfg in p["cfgs"].items():  # seed-major, the baseline first in each seed
+        print(f"[{name} seed {seed}] {' '.join(p['specs'][name]) or '(defaults)'}", flush=True)
+        _link_base(Path(cfg.run_dir), cache)
+        base = next((r["points"] for r in runs if r["config"] == args.baseline and r["seed"] == seed), None)
+        points = run_one(cfg, _schedule(args, p, name, base), unit_key, trainer_log=print if args.verbose else None)
+        runs.append({"config": name, "seed": seed, "flags": list(p["specs"][name]), "env": env, "points": points})
+        (out / "runs.json").write_text(json.dumps({"settings": _settings(args, p, unit_key), "runs": runs}))
     return write_outputs(out, runs, args, p, unit_key, xlabel)
 
 
@@ -462,6 +497,8 @@ def write_outputs(out: Path, runs, args, p, unit_key, xlabel) -> dict:
     curves = [{"config": r["config"], "seed": r["seed"], "eval": i, **{k: v for k, v in pt.items()
                                                                      if k != "task_rewards"}}
               for r in runs for i, pt in enumerate(r["points"])]
+    for name in ("curves.csv", "summary.csv"):  # written whole from runs.json's runs (a --resume rewrites them)
+        (out / name).unlink(missing_ok=True)
     append_rows("curves.csv", curves, out)
     append_rows("summary.csv", [{k: v for k, v in r.items() if not k.startswith("_")} | {"unit": unit_key, **env}
                                 for r in per_seed + per_config], out)
@@ -471,6 +508,7 @@ def write_outputs(out: Path, runs, args, p, unit_key, xlabel) -> dict:
     table = format_table(per_seed, per_config, unit_key)
     how = "given (--target)" if args.target is not None else \
         f"the final held-out reward of {args.baseline!r} at its budget, mean over {n} seed{'s' if n > 1 else ''}"
+    commits = list(dict.fromkeys(r.get("env", {}).get("commit", "unrecorded") for r in runs))
     budgets = ", ".join(f"s{r['seed']}: {r['points'][-1]['x']}" for r in runs if r["config"] == args.baseline)
     text = "\n".join([
         f"# Time to reward: {args.scenario}", "",
@@ -478,8 +516,9 @@ def write_outputs(out: Path, runs, args, p, unit_key, xlabel) -> dict:
         + (f"{args.budget:g} for every run" if args.budget is not None else
            f"the baseline's compute at {p['steps']} steps ({budgets})") + f"; {args.evals} evaluations per run.",
         f"Trainer preset `{args.trainer_config}`" + (f", common flags `{args.common}`" if args.common else "")
-        + f"; device {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}. Wall-clock: the RL "
-        "steps only, on a shared machine: noisy; the counts are exact.", "",
+        + f"; device {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}"
+        + (f" (runs made at commits {', '.join(commits)})" if commits != [env["commit"]] else "")
+        + ". Wall-clock: the RL steps only, on a shared machine: noisy; the counts are exact.", "",
         "Configurations: " + "; ".join(f"`{k}`: `{' '.join(v) or '(defaults)'}`" for k, v in p["specs"].items()),
         "", table, ""])
     (out / "report.md").write_text(text)

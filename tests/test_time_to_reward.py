@@ -1,6 +1,7 @@
 """The time-to-reward harness: the compute counters are exact for known call patterns, the target / not-reached /
 paired-comparison arithmetic on synthetic curves, and the `--smoke` harness end to end."""
 import copy
+import json
 
 import pytest
 import torch
@@ -257,12 +258,27 @@ def test_smoke_harness_end_to_end(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| flow_grpo | 1/1 |" in report and "| window1 |" in report
     assert "results:" in capsys.readouterr().out
+    # --resume: window1's run dropped as if interrupted (its directory left behind) and group4 added: only those run
+    data = json.loads((out / "runs.json").read_text())
+    (out / "runs.json").write_text(json.dumps({**data, "runs": data["runs"][:1]}))
+    argv = ["bench", "--time-to-reward", "--smoke", "--out", str(out), "--resume"]
+    assert main([*argv, "--config", "window1", "--config", "group4"]) == 0
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert [r["config"] for r in runs] == ["flow_grpo", "window1", "group4"]
+    assert runs[0]["points"] == data["runs"][0]["points"]  # kept as it was
+    no_wall = [[{k: v for k, v in pt.items() if k != "wall_s"} for pt in r["points"]] for r in (runs[1],
+                                                                                               data["runs"][1])]
+    assert no_wall[0] == no_wall[1]  # redone from step 0: the same counts and rewards (same seed, same base)
+    assert "left by an interrupted run, removed" in capsys.readouterr().out
+    assert len(_csv(out / "curves.csv")) == sum(len(r["points"]) for r in runs)  # rewritten, not appended
+    assert main([*argv, "--steps", "3"]) == 2
+    assert "baseline_steps 2 -> 3" in capsys.readouterr().err
+    assert main([*argv, "--config", "window1=--sde-window 2"]) == 2
+    assert "config 'window1' flags ['--sde-window', '1'] -> ['--sde-window', '2']" in capsys.readouterr().err
 
 
 def test_smoke_harness_lm_only_scenario_counts_tokens(tmp_path):
     """understand (LM only): LM token-equivalents on the x axis, no DiT anywhere."""
-    import json
-
     from unirl_fast.cli import main
 
     out = tmp_path / "ttr"
