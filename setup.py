@@ -42,6 +42,12 @@ setup(
         "lora": ["peft>=0.21.2"],  # LoRA on the experts (--lora-lm / --lora-dit); tested with peft 0.21.2 and 0.22.0
         "data": ["datasets"],  # task sources from Hugging Face `datasets` directories (--tasks DIR)
         "verl": ["verl==0.9.1"],  # the version the verl drop-in is tested against (install it in its own venv)
+        # experiment trackers for --report-to (tests/test_trackers.py, offline modes on CPU: tensorboard 2.21.0,
+        # wandb 0.31.0, mlflow-skinny 3.18.0, trackio 0.45.1)
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "mlflow": ["mlflow-skinny"],
+        "trackio": ["trackio"],
     },
     entry_points={"console_scripts": ["unirl-fast=unirl_fast.cli:main"]},
 )

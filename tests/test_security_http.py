@@ -176,8 +176,10 @@ def test_a_token_for_plain_http_elsewhere_is_refused_before_any_work(tmp_path, m
     import dataclasses
 
     cfg = dataclasses.replace(SMOKE, scenario="generate", run_dir=str(run), tasks=str(tmp_path / "p.jsonl"),
-                              reward=("http://192.0.2.7:8000/score",), reward_allow_insecure_token=True)
-    preflight(cfg)  # the explicit flag lets it through (nothing contacted: preflight does no work)
+                              reward=("http://192.0.2.7:8000/score",), reward_allow_insecure_token=True,
+                              reward_timeout=2.0)
+    with pytest.raises(ValueError, match="did not answer GET /health"):  # the flag lets the token through; then
+        preflight(cfg)  # preflight asks the service for /health (TEST-NET: nothing answers)
     with pytest.raises(ValueError, match="reward_ca_file '/nope.pem' is not a file"):
         dataclasses.replace(cfg, reward_ca_file="/nope.pem").validate()
 

@@ -28,10 +28,12 @@ def _cmd_train(args) -> int:
             return 0
         info = preflight(cfg)
     except (ValueError, FileNotFoundError) as e:
+        if _DEBUG:
+            raise
         print(f"unirl-fast train: {e}", file=sys.stderr)
         return 2
     done = info["checkpoint_step"]
-    if done is not None and done >= cfg.steps:
+    if done is not None and done >= cfg.steps and _final_eval_logged(cfg.run_dir, done):
         print(f"run {cfg.run_dir} is already complete at step {done} of {cfg.steps}: nothing to do (--steps N with "
               f"N > {done} trains on; `unirl-fast eval {cfg.run_dir}` evaluates it)")
         return 0
@@ -39,25 +41,68 @@ def _cmd_train(args) -> int:
     from .rewards import RewardError
     from .train.checkpoint import CheckpointError
 
+    trainer = None
     try:
-        trainer = Trainer(cfg)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:  # a checkpoint the run cannot use (a
-        # file the safe loader refuses, another algorithm's state)
+        trainer = Trainer(cfg, run_info=info)
+        result = trainer.train()
+    except KeyboardInterrupt:
+        if _DEBUG:
+            raise
+        print(f"unirl-fast train: {_interrupted(cfg, trainer)}", file=sys.stderr)
+        return _end(args, 130)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:  # what the run finds unusable once it reads it
+        if _DEBUG:  # (a checkpoint the safe loader refuses, another algorithm's state, a task image): one line
+            raise
         print(f"unirl-fast train: {e}", file=sys.stderr)
         return 2
-    try:
-        result = trainer.train()
     except (RewardError, DeferredCheckError) as e:  # no made-up reward, no update from a flagged step: the reason
-        print(f"unirl-fast train: stopped at step {trainer.step} (the checkpoints in {cfg.run_dir} hold no step "
+        if _DEBUG:
+            raise
+        step = trainer.step if trainer is not None else 0
+        print(f"unirl-fast train: stopped at step {step} (the checkpoints in {cfg.run_dir} hold no step "
               f"after it; rerun the command to resume): {e}", file=sys.stderr)
-        if getattr(args, "as_program", False):  # everything the run keeps is written: end now, not after the
-            sys.stdout.flush()  # interpreter's teardown of torch and its extensions (seconds on a loaded machine)
-            sys.stderr.flush()
-            os._exit(1)
-        return 1
+        return _end(args, 1)
     if trainer.dist is None or trainer.dist.is_main:
         print(json.dumps({"run_dir": cfg.run_dir, **result}))
     return 0
+
+
+def _final_eval_logged(run_dir, step: int) -> bool:
+    """Whether metrics.jsonl has the evaluation of `step` (a run stopped between its last checkpoint and that
+    evaluation is not complete: the trainer makes it)."""
+    from pathlib import Path
+
+    path = Path(run_dir) / "metrics.jsonl"
+    return path.is_file() and any(r.get("phase") == "eval" and r.get("step") == step
+                                  for r in map(json.loads, path.read_text().splitlines()))
+
+
+def _interrupted(cfg, trainer) -> str:
+    """The Ctrl-C line: where the run was, and where the same command picks it up."""
+    from .train.checkpoint import latest_checkpoint
+
+    try:
+        ckpt = latest_checkpoint(cfg.run_dir)
+    except FileNotFoundError:
+        ckpt = None
+    resume = int(ckpt.name.split("-")[-1]) if ckpt is not None else 0
+    if trainer is None:
+        where = "while setting up (building or pretraining the base model)"
+    else:
+        where = f"after step {trainer.step} of {cfg.steps}"
+    again = f"resume from step {resume} (its latest checkpoint)" if ckpt is not None else "start again from step 0" \
+        + (" (the pretrained base is cached in the run directory once built)" if trainer is None else "")
+    return f"interrupted {where}; rerun the same command to {again}"
+
+
+def _end(args, code: int) -> int:
+    """Exit with `code` now when this is the program itself: everything the run keeps is written, and the
+    interpreter's teardown of torch and its extensions takes seconds on a loaded machine."""
+    if getattr(args, "as_program", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _cmd_eval(args) -> int:
@@ -313,6 +358,7 @@ def _cmd_plan(args) -> int:
 
     from .models import UnifiedModel, preset_config
     from .models.plan import format_plan, memory_plan
+    from .train.preflight_checks import lora_reference, lora_trainable
     from .train.scenarios import get_scenario
 
     try:
@@ -320,25 +366,14 @@ def _cmd_plan(args) -> int:
         cfg = preset_config(args.preset)
         with torch.device("meta"):  # shapes only: nothing is allocated, nothing is read
             model = UnifiedModel(cfg.replace(edit=sc.edit) if sc.edit != cfg.edit else cfg)
-            trainable = None
-            if args.lora_lm or args.lora_dit:
-                from .models.lora import add_lora, parse_lora
-
-                add_lora(model, lm=parse_lora(args.lora_lm, "lm") if args.lora_lm else None,
-                         dit=parse_lora(args.lora_dit, "dit") if args.lora_dit else None)
-                lora_lm, lora_dit = bool(args.lora_lm), bool(args.lora_dit)
-                trainable = sum(p.numel() for n, p in model.lm.named_parameters()
-                                if sc.train_lm and ("lora_" in n or not lora_lm))
-                trainable += sum(p.numel() for n, p in model.dit.named_parameters()
-                                 if sc.train_dit and ("lora_" in n or not lora_dit))
-                trainable += sum(p.numel() for p in model.connector.parameters()) if sc.train_dit else 0
+            trainable = lora_trainable(model, sc, args.lora_lm, args.lora_dit)
             plan = memory_plan(model, train_lm=sc.train_lm, train_dit=sc.train_dit, batch=args.batch,
                                micro_batch=args.micro_batch, prompt_len=args.prompt_len,
                                completion_len=args.completion_len, trained_steps=args.trained_steps, gpus=args.gpus,
                                precision=args.precision, grad_ckpt_lm=not args.no_grad_ckpt,
                                grad_ckpt_dit=not args.no_grad_ckpt,
-                               reference=not ((args.lora_lm or args.lora_dit) and (not sc.train_lm or args.lora_lm)
-                                              and (not sc.train_dit or args.lora_dit)), trainable=trainable)
+                               reference=not lora_reference(args.lora_lm, args.lora_dit, sc), trainable=trainable,
+                               rollout={"lm_writes": sc.lm_writes, "draws": sc.draws, "guidance": False})
     except (ValueError, ImportError) as e:
         print(f"unirl-fast plan: {e}", file=sys.stderr)
         return 2
@@ -441,7 +476,12 @@ defaults shown above are the effective ones for the --config and --scenario on t
 Resuming: rerun with the same --run-dir. Training continues from the latest checkpoint; the run's config.json is
 compared first, and a change to what the run is (scenario, model, batch, optimizer, sampler, seed...) is refused
 before any work. --steps (to train on), the evaluation and checkpoint cadence, --device and --impl may change;
-the change is recorded in resumes.jsonl. A run already at --steps reports that it is complete.
+the change is recorded in resumes.jsonl. A run already at --steps reports that it is complete. One run per
+--run-dir at a time (a second is refused, naming the first's pid and host).
+
+Ctrl-C stops the run: the checkpoints keep what was saved (also when it comes during a save), and the same command
+resumes from the latest one. Errors you can fix end in one line (exit 2; 1 when the reward or a value check stopped
+the run); --debug (or UNIRL_FAST_DEBUG=1) shows their traceback.
 """
 
 
@@ -500,9 +540,18 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return p
 
 
+_DEBUG = False  # --debug / UNIRL_FAST_DEBUG=1: the traceback of a user-caused error too
+
+
 def main(argv=None) -> int:
+    """Errors a user causes (bad input, a failing reward, Ctrl-C) end in one line naming what to change, exit 2 (1 for a
+    run stopped by its reward or a failed value check, 130 for Ctrl-C); with --debug (anywhere on the command line) or
+    UNIRL_FAST_DEBUG=1 they raise with their traceback. Any other exception is a bug of ours: always its traceback."""
+    global _DEBUG
     as_program = argv is None  # the command itself (console script, python -m), not a call from Python code
     argv = sys.argv[1:] if argv is None else list(argv)
+    _DEBUG = "--debug" in argv or os.environ.get("UNIRL_FAST_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["bench"] and "--time-to-reward" in argv:  # its own options (--config NAME=..., --seeds ...)
         return _cmd_time_to_reward([a for a in argv[1:] if a != "--time-to-reward"])
     parser = build_parser(argv)
@@ -514,7 +563,26 @@ def main(argv=None) -> int:
         if rank is not None:  # the deepspeed launcher passes --local_rank=N (and also sets LOCAL_RANK)
             os.environ.setdefault("LOCAL_RANK", str(rank))
     args.as_program = as_program
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if _DEBUG:
+            raise
+        print(f"unirl-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # bad input found while working: one line
+        if _DEBUG:
+            raise
+        print(f"unirl-fast {args.command}: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from ._checks import DeferredCheckError
+        from .rewards.base import RewardError
+
+        if _DEBUG or not isinstance(e, (RewardError, DeferredCheckError)):
+            raise  # a bug of ours: its traceback, always
+        print(f"unirl-fast {args.command}: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

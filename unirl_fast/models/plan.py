@@ -20,7 +20,15 @@ per ZeRO stage (0 = plain data parallel, 1 = optimizer states partitioned, 2 = +
                  (prompt + completion); DiT tokens: micro_batch x trained steps x image tokens. The fused LM-head
                  loss never holds [N, V] logits.
 
-Not counted: the CUDA context and allocator slack (~1-3 GiB), rollout KV caches (freed before training), the
+    rollout      an ESTIMATE of the rollout of one GPU's share of the step's batch (batch / GPUs samples, all at once):
+                 kept through the step (token ids, masks and log-probs; the trained window's latents x and x_next,
+                 the final latents, the images and their sources, the reference's velocities) plus what the rollout
+                 holds only while it runs beyond the training activations: the text KV cache 2 x layers x B x
+                 (prompt + completion) x kv width in the activation dtype and two fp32 [B, V] logits buffers per
+                 decode step, or one DiT layer's no-grad intermediates (3 h + f per image token, x2 with CFG),
+                 whichever is larger. Only with `rollout=` (the trainer's preflight and `unirl-fast plan`).
+
+Not counted: the CUDA context and allocator slack (~1-3 GiB), the rollout unless asked for (`rollout=`), the
 autoencoder's activations (it runs without gradients), a VLM's vision-tower activations, communication buckets.
 """
 from __future__ import annotations
@@ -75,13 +83,15 @@ class PlanInputs:
     grad_ckpt_dit: bool
     reference: bool
     trainable: int | None = None  # trainable parameters when not the whole experts (LoRA); None: count them
+    rollout: dict | None = None  # _rollout's inputs: lm_writes, draws, guidance (None: not counted)
 
 
 def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micro_batch: int = 8,
                 prompt_len: int = 256, completion_len: int = 512, trained_steps: int = 2, gpus: int = 8,
                 precision: str = "bf16", grad_ckpt_lm: bool = True, grad_ckpt_dit: bool = True,
-                reference: bool = True, trainable: int | None = None) -> dict:
-    """Parameter counts and the per-GPU bytes of each part per ZeRO stage (see the module docstring)."""
+                reference: bool = True, trainable: int | None = None, rollout: dict | None = None) -> dict:
+    """Parameter counts and the per-GPU bytes of each part per ZeRO stage (see the module docstring). rollout:
+    {"lm_writes": bool, "draws": bool, "guidance": bool} adds the rollout's estimate."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     for name, v in (("batch", batch), ("micro_batch", micro_batch), ("gpus", gpus)):
@@ -95,6 +105,10 @@ def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micr
     total = counts["total"]
     act = _activations(model, train_lm, train_dit, micro_batch, prompt_len, completion_len, trained_steps, ab,
                        grad_ckpt_lm, grad_ckpt_dit)
+    roll = None
+    if rollout is not None:
+        roll = _rollout(model, -(-batch // gpus), prompt_len, completion_len, trained_steps, ab, **rollout)
+        act["rollout"] = roll
     stages = {}
     for z in STAGES:
         part = {"weights": total * wb / (gpus if z >= 3 else 1),
@@ -102,12 +116,36 @@ def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micr
                 "grads": trainable * wb / (gpus if z >= 2 else 1),
                 "optimizer": trainable * opt_b / (gpus if z >= 1 else 1),
                 "activations": act["total"]}
+        if roll is not None:  # kept through the step, plus what the rollout alone holds beyond the activations
+            part["rollout"] = roll["kept"] + max(0.0, roll["transient"] - act["total"])
         part["total"] = sum(part.values())
         stages[z] = part
     return {"params": counts, "trainable": trainable, "bytes_per_param": {"weights": wb, "optimizer": opt_b},
             "activations": act, "stages": stages,
             "inputs": PlanInputs(train_lm, train_dit, batch, micro_batch, prompt_len, completion_len, trained_steps,
-                                 gpus, precision, grad_ckpt_lm, grad_ckpt_dit, reference, trainable).__dict__}
+                                 gpus, precision, grad_ckpt_lm, grad_ckpt_dit, reference, trainable,
+                                 rollout).__dict__}
+
+
+def _rollout(model, B, prompt_len, completion_len, trained_steps, ab, *, lm_writes, draws, guidance):
+    """The rollout estimate of B samples on one GPU (module docstring): {"kept", "transient", ...} in bytes."""
+    h, kv, f, layers = _lm_dims(model)
+    vocab = model.lm.config.get_text_config().vocab_size
+    out = {"text_cache": 0.0, "text_logits": 0.0, "dit_pass": 0.0, "kept": 0.0}
+    if lm_writes:
+        seq = prompt_len + completion_len
+        out["text_cache"] = 2 * layers * B * seq * kv * ab
+        out["text_logits"] = 2 * B * vocab * 4
+        out["kept"] += B * seq * 16 + B * completion_len * 8  # int64 ids and masks; rollout and reference log-probs
+    if draws:
+        c, side, _ = model.latent_shape
+        latent = c * side * side * 4
+        out["kept"] += B * latent * (3 * trained_steps + 1) + 2 * B * 3 * model.config.image_size ** 2 * 4
+        dh, df, _ = _dit_dims(model)
+        tokens = (side // model.dit.config.patch_size) ** 2
+        out["dit_pass"] = (2 if guidance else 1) * B * tokens * (3 * dh + df) * ab
+    out["transient"] = max(out["text_cache"] + out["text_logits"], out["dit_pass"])
+    return out
 
 
 def _activations(model, train_lm, train_dit, micro, prompt_len, completion_len, steps, ab, ckpt_lm, ckpt_dit):
@@ -139,11 +177,12 @@ def format_plan(plan: dict, name: str = "") -> str:
              f" (AdamW {plan['bytes_per_param']['optimizer']} B / trainable parameter), gradient checkpointing LM "
              f"{'on' if i['grad_ckpt_lm'] else 'off'} / DiT {'on' if i['grad_ckpt_dit'] else 'off'}, reference copy "
              f"{'yes' if i['reference'] else 'no'}",
-             "GiB per GPU      weights  reference  grads  optimizer  activations*  total"]
+             "GiB per GPU      weights  reference  grads  optimizer  activations*" +
+             ("  rollout*" if i.get("rollout") else "") + "  total"]
+    cols = (("weights", 7), ("reference", 11), ("grads", 7), ("optimizer", 11), ("activations", 14)) + \
+        ((("rollout", 10),) if i.get("rollout") else ()) + (("total", 7),)
     for z, s in plan["stages"].items():
-        lines.append(f"ZeRO-{z}{'':10s}" + "".join(f"{s[k] / GiB:>{w}.1f}" for k, w in
-                                                  (("weights", 7), ("reference", 11), ("grads", 7),
-                                                   ("optimizer", 11), ("activations", 14), ("total", 7))))
+        lines.append(f"ZeRO-{z}{'':10s}" + "".join(f"{s[k] / GiB:>{w}.1f}" for k, w in cols))
     lines.append("* an estimate from a stated model (unirl_fast.models.plan), not a measurement; add 1-3 GiB for the "
                  "CUDA context and allocator")
     return "\n".join(lines)

@@ -245,6 +245,16 @@ class UnifiedModel(nn.Module):
         autoencoder (AutoencoderKL / AutoencoderDC; none: the DiT works in pixels). The queries and the connector
         are new (random init): train them (any scenario that trains the DiT does). image_size defaults to the DiT's
         sample_size times the autoencoder's down-sampling factor."""
+        cfg = cls.experts_config(lm_path, dit_path, vae_path, num_queries=num_queries, connector_dim=connector_dim,
+                                 connector_layers=connector_layers, connector_heads=connector_heads,
+                                 image_size=image_size, edit=edit)
+        return cls(cfg, attn_implementation=attn_implementation)
+
+    @staticmethod
+    def experts_config(lm_path, dit_path, vae_path=None, *, num_queries: int = 64, connector_dim: int = 1024,
+                       connector_layers: int = 2, connector_heads: int | None = None, image_size: int | None = None,
+                       edit: bool = False) -> UnifiedConfig:
+        """The UnifiedConfig `from_experts` builds (the directories' config files read, no weights)."""
         dit_type = _class_kind(dit_path, {"SanaTransformer2DModel": "sana", "SD3Transformer2DModel": "sd3"}, "DiT")
         vae_type = None if vae_path is None else _class_kind(vae_path, {"AutoencoderKL": "kl",
                                                                         "AutoencoderDC": "dc"}, "autoencoder")
@@ -257,11 +267,10 @@ class UnifiedModel(nn.Module):
                 factor = 2 ** (len(blocks) - 1)
             image_size = int(dit_conf["sample_size"]) * factor
         heads = connector_heads or max(1, connector_dim // 64)
-        cfg = UnifiedConfig(lm_path=str(lm_path), dit_type=dit_type, dit_path=str(dit_path), vae_type=vae_type,
+        return UnifiedConfig(lm_path=str(lm_path), dit_type=dit_type, dit_path=str(dit_path), vae_type=vae_type,
                             vae_path=None if vae_path is None else str(vae_path), image_size=image_size,
                             num_queries=num_queries, connector_dim=connector_dim, connector_layers=connector_layers,
                             connector_heads=heads, edit=edit, tokenizer="lm")
-        return cls(cfg, attn_implementation=attn_implementation)
 
     # geometry -------------------------------------------------------------------------------------------------
     @property

@@ -121,34 +121,60 @@ def _installed_origin(top: str, cwd: Path) -> str | None:
 def make_term(spec: str, weight: float = 1.0, *, scenario=None, format_weight: float = 0.2, device=None,
               http_options: dict | None = None) -> Term:
     """One reward term from its spec (see the module docstring). `scenario` is needed by world / format."""
-    name, _, arg = spec.partition(":")
+    kind, (name, _, arg) = spec_kind(spec), spec.partition(":")
     if spec in ("world", "format") and scenario is None:
         raise ValueError(f"reward {spec!r} needs a scenario (it is the world's; not available in a reward server)")
-    if spec == "world":
+    if kind == "world":
         return Term("world", weight, WorldReward(scenario, format_weight), spec)
-    if spec == "format" or name == "format" and arg:
-        if scenario is None and not arg:
-            raise ValueError("reward 'format' needs a pattern here: format:REGEX")
+    if kind == "format":
         return Term("format", weight, FormatReward(scenario, arg or None), spec)
-    if spec == "answer":
-        return Term("answer", weight, answer_reward, spec)
-    if spec == "cycle":
-        return Term("cycle", weight, cycle_reward, spec)
-    if name in ("clip", "pickscore") and arg and not spec.startswith(("clip://", "pickscore://")):
+    if kind in ("answer", "cycle"):
+        return Term(kind, weight, answer_reward if kind == "answer" else cycle_reward, spec)
+    if kind in ("clip", "pickscore"):
         from .clip import ClipReward
 
         return Term(name, weight, ClipReward(arg, name, device=device), spec)
-    if spec.startswith(("http://", "https://")):
+    if kind == "http":
         from .http import HttpReward
 
         u = urlparse(spec)
         label = (u.path.rstrip("/").rsplit("/", 1)[-1] or u.hostname or "http").replace(".", "_")
         return Term(label, weight, HttpReward(spec, label=label, **(http_options or {})), spec)
+    fn = load_callable(spec)
+    return Term(getattr(fn, "__name__", spec.rsplit(":", 1)[-1].rsplit(".", 1)[-1]), weight, fn, spec, user=True)
+
+
+def spec_kind(spec: str) -> str:
+    """What a spec (weight already split off by parse_spec) names: a builtin's name, "format", "clip",
+    "pickscore", "http" or "callable"; ValueError (unknown_spec) for anything else. Reads nothing."""
+    name, _, arg = spec.partition(":")
+    if spec in BUILTINS:
+        return spec
+    if name == "format" and arg:
+        try:
+            re.compile(arg)
+        except re.error as e:
+            raise ValueError(f"reward {spec!r}: the pattern is not a regular expression ({e})") from None
+        return "format"
+    if name in ("clip", "pickscore") and arg and not spec.startswith(("clip://", "pickscore://")):
+        return name
+    if spec.startswith(("http://", "https://")):
+        return "http"
     if _IMPORT_RE.match(spec):
-        fn = load_callable(spec)
-        return Term(getattr(fn, "__name__", spec.rsplit(":", 1)[-1].rsplit(".", 1)[-1]), weight, fn, spec)
-    raise ValueError(f"unknown reward {spec!r}: give one of {', '.join(BUILTINS)}, format:REGEX, clip:DIR, "
-                     "pickscore:DIR, an http(s):// URL or a Python callable as pkg.module:function")
+        return "callable"
+    raise unknown_spec(spec)
+
+
+def unknown_spec(spec: str) -> ValueError:
+    import difflib
+
+    hint = ""
+    if "=" in spec:
+        hint = f" (a weight goes after the last '=' and must be a number, not {spec.rsplit('=', 1)[1]!r})"
+    elif near := difflib.get_close_matches(spec, [*BUILTINS, "format:", "clip:", "pickscore:"], n=1, cutoff=0.6):
+        hint = f" (did you mean {near[0]!r}?)"
+    return ValueError(f"unknown reward {spec!r}{hint}: give one of {', '.join(BUILTINS)}, format:REGEX, clip:DIR, "
+                      "pickscore:DIR, an http(s):// URL or a Python callable as pkg.module:function")
 
 
 def build_reward(specs, **kw) -> WeightedReward:
@@ -167,4 +193,4 @@ def build_reward(specs, **kw) -> WeightedReward:
 
 
 __all__ = ["RewardBatch", "RewardError", "RewardResult", "Term", "WeightedReward", "as_result", "to_pil",
-           "build_reward", "make_term", "parse_spec", "load_callable", "BUILTINS"]
+           "build_reward", "make_term", "parse_spec", "spec_kind", "load_callable", "BUILTINS"]

@@ -118,6 +118,7 @@ class Term:
     weight: float
     fn: object  # callable(RewardBatch) -> see as_result
     spec: str = ""
+    user: bool = False  # a user's Python callable: an exception it raises is a RewardError naming it, not our bug
 
 
 class WeightedReward:
@@ -137,7 +138,7 @@ class WeightedReward:
         total = mark_host_resident(torch.zeros(len(batch), dtype=torch.float64))
         parts = {}
         for t in self.terms:
-            r = as_result(t.fn(batch), batch, t.label)
+            r = as_result(_call_term(t, batch), batch, t.label)
             total += t.weight * r.scores
             if len(self.terms) == 1:
                 parts.update(r.parts or {t.label: r.scores})
@@ -153,3 +154,20 @@ class WeightedReward:
 
     def describe(self) -> str:
         return " + ".join(f"{t.weight:g} x {t.label}" for t in self.terms)
+
+
+def _call_term(t: Term, batch):
+    """A term's answer; a user's callable that raises becomes a RewardError naming it, the exception and where it was
+    raised (the traceback stays chained for --debug)."""
+    if not t.user:
+        return t.fn(batch)
+    try:
+        return t.fn(batch)
+    except RewardError:
+        raise
+    except Exception as e:
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        raise RewardError(f"reward {t.spec!r} raised {type(e).__name__}: {e} (at {where.filename}:{where.lineno}, in "
+                          f"{where.name})") from e

@@ -8,6 +8,9 @@ Protocol (JSON, one POST per chunk of at most `batch_size` samples):
 
 `index` is the sample's position in the trainer's batch. Images are 8-bit RGB PNGs of the [-1, 1] images.
 An optional bearer token (`Authorization: Bearer <token>`) is read from an environment variable on both sides.
+`GET /health` on the service's host answers 200 when it is up (with the token, when the server has one): the trainer
+asks it once before any work (`probe_health`); a service without that route (404 / 405 / 501) passes with a
+note.
 
 Client (`HttpReward`), safe by default:
 - no redirect is followed: a 3xx is an error naming the service and its Location (following one would re-send the
@@ -123,6 +126,28 @@ def check_service(url: str, *, token_env: str | None = None, allow_insecure_toke
         raise ValueError(f"reward service {url}: the bearer token in ${token_env} would cross the network unencrypted "
                          f"to {u.hostname}: use https://, a loopback address, or pass --reward-allow-insecure-token "
                          f"(or unset {token_env})")
+
+
+def probe_health(url: str, *, timeout: float, token_env: str | None = None, allow_insecure_token: bool = False,
+                 ca_file: str | None = None) -> str | None:
+    """Before any work: whether the service at `url` answers GET /health (on its host) within `timeout`, reached as
+    HttpReward reaches it (its token rules, TLS verification, no redirect). None when it answers 2xx; a note when it
+    answers 404 / 405 / 501 (reachable, no health route); ValueError (one line) otherwise."""
+    client = HttpReward(url, timeout=timeout, retries=0, concurrency=1, token_env=token_env,
+                        allow_insecure_token=allow_insecure_token, ca_file=ca_file)
+    try:
+        status = client.health()
+    except RewardError as e:
+        raise ValueError(f"{e} (checked before any work; start it, or fix --reward)") from None
+    finally:
+        client.close()
+    if status < 300:
+        return None
+    if status in (404, 405, 501):
+        return f"reward service {url}: GET /health answered HTTP {status} (no health route); it is reachable"
+    why = {401: "the bearer token was refused" + (f" (${token_env})" if client.token else f" (set ${token_env})"),
+           403: "forbidden"}.get(status, "redirects are not followed" if 300 <= status < 400 else "not healthy")
+    raise ValueError(f"reward service {url} answered GET /health with HTTP {status}: {why} (checked before any work)")
 
 
 class _DaemonPool:
@@ -243,10 +268,20 @@ class HttpReward:
         except RewardError as e:
             raise RewardError(f"{where} (sample numbers below count from {rows[0]}): {e}") from None
 
+    def _headers(self) -> dict:
+        return {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
+
+    def health(self) -> int:
+        """One GET /health on the service's host, under the same deadline, TLS and token rules as a scoring request
+        and no retry: the HTTP status (redirects are not followed). RewardError when no answer came."""
+        try:
+            status, _, _ = self._attempt(None, self._headers(), threading.Event(), method="GET", target="/health")
+        except _Retry as e:
+            raise RewardError(f"reward service {self.url} did not answer GET /health: {e}") from None
+        return status
+
     def _post(self, data: bytes, b, rows, cancel) -> bytes:
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        headers = self._headers()
         what = f"samples {rows[0]}..{rows[-1]} (first prompt {b.tasks[rows[0]].prompt!r})"
         last = None
         for attempt in range(self.retries + 1):
@@ -269,7 +304,7 @@ class HttpReward:
         raise RewardError(f"reward service {self.url} failed for {what} after {self.retries + 1} attempts "
                           f"({self.timeout:g} s deadline each): {last}")
 
-    def _attempt(self, data: bytes, headers: dict, cancel) -> tuple:
+    def _attempt(self, data: bytes | None, headers: dict, cancel, method: str = "POST", target=None) -> tuple:
         """One request under its deadline (connect, send and the whole answer): (status, Location, body). A watchdog
         closes the socket at the deadline, so a service that trickles bytes cannot hold it longer."""
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
@@ -284,7 +319,7 @@ class HttpReward:
             conn.connect()
             if cancel.is_set() or expired.is_set():
                 raise OSError("stopped")
-            conn.request("POST", self._target, body=data, headers=headers)
+            conn.request(method, target or self._target, body=data, headers=headers)
             resp = conn.getresponse()
             return resp.status, resp.getheader("Location"), self._read(resp)
         except (OSError, http.client.HTTPException) as e:

@@ -10,7 +10,8 @@ Standard library only (http.server, socketserver, ssl, hmac), and built to face 
   more than `max_samples` samples, an image whose PNG header gives more than `max_image_pixels` pixels, or the
   request's images adding up to more than `max_request_pixels` (all headers are checked before any pixel is
   decoded) are answered 413; a body that is not the protocol's (not JSON, no prompt, not a base64 PNG) 400;
-- the token is compared with hmac.compare_digest (no timing clue about its prefix);
+- the token is compared with hmac.compare_digest (no timing clue about its prefix), on every request: GET /health
+  too (401 without it), so a trainer's preflight finds a wrong token before any work;
 - every answer carries an X-Request-Id; an error is one line of JSON {"error": ..., "request_id": ...} written by
   this module, never an exception's text: a failing reward answers 500, and its traceback goes to the server's
   log under the request id;
@@ -222,6 +223,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.rid = uuid.uuid4().hex[:12]
         if self.path.rstrip("/") in ("", "/health"):
+            if not self._authorized():  # a trainer's preflight checks its token here, before any work
+                return self._error(401, "missing or wrong bearer token")
             return self._send(200, {"ok": True, "reward": self.server.label})
         self._send(404, {"error": "no such path", "request_id": self.rid})
 
@@ -231,8 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(length) if length.strip().isdigit() else None
         if self.headers.get("Transfer-Encoding") or n is None:
             return self._error(411, "send the body with a Content-Length (no chunked encoding)")
-        if s.token is not None and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
-                                                           f"Bearer {s.token}".encode()):
+        if not self._authorized():
             return self._error(401, "missing or wrong bearer token", drain=n)
         if n > s.max_body_bytes:
             return self._error(413, f"the body is {n} bytes; this server takes at most {s.max_body_bytes}", drain=n)
@@ -258,6 +260,11 @@ class _Handler(BaseHTTPRequestHandler):
             s.error_log(f"request {self.rid}: the reward failed\n{traceback.format_exc()}")
             return self._error(500, "the reward failed; the server's log has the details under this request id")
         self._send(200, {"scores": r.scores.tolist(), "parts": {k: v.tolist() for k, v in r.parts.items()}})
+
+    def _authorized(self) -> bool:
+        s = self.server
+        return s.token is None or hmac.compare_digest(self.headers.get("Authorization", "").encode(),
+                                                      f"Bearer {s.token}".encode())
 
     def _read(self, n: int) -> bytes | None:
         """The body, or None when it does not arrive within READ_SECONDS (a trickle resets no clock)."""

@@ -97,6 +97,9 @@ class TrainConfig:
                                            "on another machine (in clear text; refused without this flag)")
     reward_ca_file: str | None = _f(None, "reward services: a PEM file of the CA that signed the https:// services' "
                                     "certificates (a private CA; certificates are always verified)")
+    report_to: tuple[str, ...] = _f((), "experiment trackers, repeatable: tensorboard, wandb, mlflow, trackio, none "
+                                    "(each an optional extra; every metrics.jsonl record, the sample sheets and the "
+                                    "config; see unirl_fast.train.trackers)")
     run_dir: str = _f("runs/default", "run directory (config, metrics, checkpoints, plots); rerunning the same "
                       "command with it resumes from its latest checkpoint")
     seed: int = _f(0, "seed of the pretraining, the task draws and the rollouts")
@@ -185,10 +188,12 @@ class TrainConfig:
     deepspeed_config: str | None = _f(None, "a DeepSpeed JSON merged over the generated one")
 
     def __post_init__(self):
-        if isinstance(self.reward, str):  # one spec, e.g. from a config file
-            object.__setattr__(self, "reward", (self.reward,))
-        elif isinstance(self.reward, list):  # read back from JSON
-            object.__setattr__(self, "reward", tuple(self.reward))
+        for name in ("reward", "report_to"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # one entry, e.g. from a config file
+                object.__setattr__(self, name, (value,))
+            elif isinstance(value, list):  # read back from JSON
+                object.__setattr__(self, name, tuple(value))
 
     @property
     def train_rollout_steps(self) -> int:
@@ -214,9 +219,13 @@ class TrainConfig:
         for name in ("lr_lm", "lr_dit", "lr_connector", "pretrain_lr"):
             if not getattr(self, name) > 0:
                 bad(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("steps", "max_new_tokens", "image_steps", "eval_prompts", "eval_samples"):
+        for name in ("steps", "max_new_tokens", "image_steps", "eval_prompts", "eval_samples", "eval_every",
+                     "save_every", "pretrain_batch"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pretrain_dit_steps", "pretrain_lm_steps", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.image_shift is not None and not self.image_shift > 0:
             bad(f"image_shift must be > 0, got {self.image_shift}")
         try:
@@ -259,6 +268,12 @@ class TrainConfig:
                 parse_spec(r)
             except ValueError as e:
                 bad(str(e))
+        from .trackers import TRACKERS
+
+        if not isinstance(self.report_to, tuple) or any(n not in (*TRACKERS, "none") for n in self.report_to):
+            bad(f"report_to must name trackers among {', '.join(TRACKERS)} or none, got {self.report_to!r}")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            bad(f"report_to 'none' with other trackers {self.report_to!r}")
         if not 0.0 < self.eval_fraction < 1.0:
             bad(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.reward_ca_file is not None and not Path(self.reward_ca_file).is_file():
@@ -398,10 +413,14 @@ def check_reward_specs(cfg, scenario) -> None:
     exists (a module and callable, a CLIP directory, a URL), and the world's rewards only meet the world's tasks."""
     from urllib.parse import urlparse
 
-    from ..rewards import _IMPORT_RE, load_callable, parse_spec
+    from ..rewards import load_callable, parse_spec, spec_kind
 
     for text in reward_specs(cfg):
         spec, _ = parse_spec(text)
+        try:
+            kind = spec_kind(spec)  # an unknown name (a typo, a weight that is not a number), a bad pattern
+        except ValueError as e:
+            raise ValueError(f"bad config: {e}") from None
         name, _, arg = spec.partition(":")
         if spec in ("world", "format") and cfg.tasks != "world":
             hint = "give the form as format:REGEX" if spec == "format" else \
@@ -421,7 +440,7 @@ def check_reward_specs(cfg, scenario) -> None:
             token = cfg.reward_token_env if cfg.reward_token_env and os.environ.get(cfg.reward_token_env) else None
             check_service(spec, token_env=token, allow_insecure_token=cfg.reward_allow_insecure_token,
                           ca_file=cfg.reward_ca_file)
-        if _IMPORT_RE.match(spec) and name not in ("clip", "pickscore", "format"):
+        if kind == "callable":
             load_callable(spec)
         if name in ("clip", "pickscore") and not scenario.draws:
             raise ValueError(f"bad config: reward {spec!r} scores images and scenario {scenario.name!r} draws none")
@@ -479,8 +498,11 @@ def read_config_file(path) -> dict:
     except (json.JSONDecodeError, ImportError) as e:
         raise ValueError(f"config file {str(path)!r}: {e}") from None
     except Exception as e:  # yaml.YAMLError
-        if type(e).__module__.startswith("yaml"):
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if type(e).__module__.startswith("yaml"):  # one line: the problem and where (PyYAML's text spans lines)
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {what}{where}") from None
         raise
     if data is None:
         data = {}
@@ -527,7 +549,9 @@ def _typed(field, value, where: str):
           "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(t.replace(" | None", ""),
                                                                                          lambda v: isinstance(v, str))
     if not ok(value):
-        raise ValueError(f"{where} must be a {t.replace(' | None', '')}, got {value!r}")
+        kind = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(t.replace(" | None", ""),
+                                                                                     "a string")
+        raise ValueError(f"{where} must be {kind}, got {value!r}")
     return float(value) if t.startswith("float") else value
 
 
@@ -541,8 +565,9 @@ def config_from_args(args) -> TrainConfig:
     base = train_preset(preset, scenario, getattr(args, "image_algo", None) or from_file.get("image_algo"))
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
             if getattr(args, f.name, None) is not None}
-    if isinstance(over.get("reward"), list):
-        over["reward"] = tuple(over["reward"])
+    for name in ("reward", "report_to"):
+        if isinstance(over.get(name), list):
+            over[name] = tuple(over[name])
     try:
         cfg = dataclasses.replace(base, **{**from_file, **over})
     except TypeError as e:

@@ -25,6 +25,7 @@ from ..models import Conditioning, UnifiedModel, preset_config, vlm
 from ..models.config import _sana
 from ..tasks.world import image_pretrain_tasks, lm_target, sft_pairs, world_tasks
 from .config import resolve_device
+from .progress import bar, say
 
 
 def world_model_config(preset: str, edit: bool):
@@ -158,8 +159,9 @@ def base_key(cfg, scenario) -> str:
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def pretrain(cfg, scenario, log=print) -> UnifiedModel:
-    """Build (or load from the run directory's cache) the warmed-up base model for a scenario."""
+def pretrain(cfg, scenario, log=say, show=True) -> UnifiedModel:
+    """Build (or load from the run directory's cache) the warmed-up base model for a scenario (`show`: progress bars
+    with ETA on a terminal; a log line every 100 steps either way)."""
     edit = scenario.edit
     cache = Path(cfg.run_dir) / "base" / base_key(cfg, scenario)
     if (cache / "unified_config.json").is_file():
@@ -176,18 +178,24 @@ def pretrain(cfg, scenario, log=print) -> UnifiedModel:
         pairs = [(scenario.lm_prompt(t, image=True), lm_target(scenario, t), t) for t in tasks]
         step = lm_sft_step_images
     opt = torch.optim.AdamW(model.lm.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    for i in range(cfg.pretrain_lm_steps):
-        loss = step(model, tok, pairs, opt, cfg.pretrain_batch, rng)
-        if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_lm_steps:
-            log(f"pretrain lm  {i + 1:4d}/{cfg.pretrain_lm_steps}  ce {loss:.3f}")
+    with bar(cfg.pretrain_lm_steps, "pretrain lm", show=show) as progress:
+        for i in range(cfg.pretrain_lm_steps):
+            loss = step(model, tok, pairs, opt, cfg.pretrain_batch, rng)
+            progress.update(1)
+            progress.set_postfix(ce=f"{loss:.3f}", refresh=False)
+            if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_lm_steps:
+                log(f"pretrain lm  {i + 1:4d}/{cfg.pretrain_lm_steps}  ce {loss:.3f}")
     tasks = image_pretrain_tasks(scenario, "train")
     if tasks:
         params = list(model.dit.parameters()) + list(model.connector.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)
-        for i in range(cfg.pretrain_dit_steps):
-            loss = dit_fm_step(model, tok, tasks, opt, cfg.pretrain_batch, rng)
-            if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_dit_steps:
-                log(f"pretrain dit {i + 1:4d}/{cfg.pretrain_dit_steps}  fm {loss:.4f}")
+        with bar(cfg.pretrain_dit_steps, "pretrain dit", show=show) as progress:
+            for i in range(cfg.pretrain_dit_steps):
+                loss = dit_fm_step(model, tok, tasks, opt, cfg.pretrain_batch, rng)
+                progress.update(1)
+                progress.set_postfix(fm=f"{loss:.4f}", refresh=False)
+                if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_dit_steps:
+                    log(f"pretrain dit {i + 1:4d}/{cfg.pretrain_dit_steps}  fm {loss:.4f}")
     tmp = cache.with_name(cache.name + ".tmp")
     model.save_pretrained(tmp, layout="single")  # an internal cache (see UnifiedModel.save_pretrained)
     tmp.replace(cache)

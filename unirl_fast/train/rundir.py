@@ -6,6 +6,12 @@
     <run_dir>/metrics.jsonl   one record per step and per evaluation; a resume trims it back to the checkpoint's step
                               first (a run killed at step 13 and resumed from step 10 does not log 11-13 twice)
     <run_dir>/evals.jsonl     `unirl-fast eval` results (evaluation never writes config.json)
+    <run_dir>/.lock           who trains in the directory (pid, host, since), held with fcntl.flock by that process
+
+One run per directory: a training process holds `.lock` (flock: the kernel drops it when the process ends, however
+it ends), so a second run in the same directory is refused with one line naming the holder, and a lock left by a
+killed run (a dead pid) is simply taken over. The lock is per process (a second Trainer in the same process
+shares it). flock is local to a machine on most network file systems: give each node's run its own directory.
 
 A resume compares its resolved config with config.json before any work (no model built, no data touched): a change
 to what the run is (scenario, model, batch shape, optimizer, sampler, seed, ...) is refused with one line naming
@@ -22,8 +28,10 @@ from pathlib import Path
 
 from .checkpoint import latest_checkpoint
 
+_HELD: dict = {}  # run directory (resolved) -> the fd of its .lock held by this process
+
 RESUMABLE = ("steps", "eval_every", "eval_prompts", "eval_samples", "save_every", "keep_checkpoints", "device",
-             "impl", "run_dir",  # run_dir: a run directory may be moved or copied
+             "impl", "run_dir", "report_to",  # run_dir: a run directory may be moved or copied
              "allow_outside_paths",  # where the task files may point, not what the data is: tasks.json checks that
              "reward_timeout", "reward_retries", "reward_concurrency", "reward_batch_size",
              "reward_token_env", "reward_allow_insecure_token",
@@ -100,14 +108,60 @@ def create_or_resume(cfg, info: dict) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def trim_metrics(path, step: int) -> int:
-    """Keep only records up to `step` (a resume from that checkpoint writes the later ones again); returns how many
-    were dropped. Atomic: written to a temporary file and renamed."""
+def lock_run_dir(run_dir) -> str | None:
+    """Take `<run_dir>/.lock` for this process (creating the directory); ValueError (one line) naming the holder when
+    another live process has it. Returns a note when it took over a lock left by a process that is gone."""
+    import fcntl
+    import socket
+
+    path = Path(run_dir)
+    key = str(path.resolve())
+    if key in _HELD:
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    before = _holder(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        who = f"pid {before.get('pid')} on {before.get('host')}, since {before.get('since')}" if before else \
+            "another process"
+        raise ValueError(f"run_dir {str(run_dir)!r} is in use by another run ({who}): wait for it to end, stop it, "
+                         "or pick another --run-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode(), 0)
+    _HELD[key] = fd
+    if before and before.get("pid") != os.getpid():
+        return (f"run_dir {str(run_dir)!r}: took over the lock of pid {before.get('pid')} on {before.get('host')} "
+                "(that process is gone)")
+    return None
+
+
+def unlock_run_dir(run_dir) -> None:
+    """Release this process's lock on run_dir (the file stays, emptied: removing it could let two runs in)."""
+    fd = _HELD.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def _holder(fd) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def trim_metrics(path, step: int | None) -> int:
+    """Keep only records up to `step` (a resume from that checkpoint writes the later ones again; None: no checkpoint,
+    the run starts again from step 0 and keeps none); returns how many were dropped. Atomic: written to a temporary
+    file and renamed."""
     path = Path(path)
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [] if step is None else [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(keep) == len(lines):
         return 0
     tmp = path.with_suffix(".jsonl.tmp")

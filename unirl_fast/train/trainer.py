@@ -33,21 +33,27 @@ from .distributed import requested as _distributed_requested
 from .ema import ParamEMA
 from .forward_rl import forward_image_loss
 from .plots import N_SHOW
+from .preflight_checks import run_checks
 from .pretrain import pretrain, world_model_config
+from .progress import bar, say
 from .rl import image_loss, reference_outputs, rollout, rollout_engines, score, text_loss
-from .rundir import check_run_dir, check_tasks_unchanged, create_or_resume, trim_metrics
+from .rundir import check_run_dir, check_tasks_unchanged, create_or_resume, lock_run_dir, trim_metrics, unlock_run_dir
 from .scenarios import get_scenario
 
 
 class Trainer:
-    def __init__(self, cfg, log=print, model=None, readonly=False, reward=True):
+    def __init__(self, cfg, log=say, model=None, readonly=False, reward=True, run_info=None):
         """model: an already built UnifiedModel to train instead of the pretrained world model (the profiler passes
         a random-init preset model); None pretrains (or loads cfg.model_path). readonly: evaluate an existing run
         without writing to its directory (`unirl-fast eval`): no config check against config.json either.
-        reward=False: no reward is built (`export`: nothing the run's config names is imported or contacted)."""
+        reward=False: no reward is built (`export`: nothing the run's config names is imported or contacted).
+        run_info: preflight(cfg)'s answer when the caller already ran it (the CLI), else it runs here.
+        The run directory is locked for this process (rundir.lock_run_dir) before anything is written to it;
+        config.json is written once the model and the reward are built."""
         self.readonly = readonly
         cfg = with_image_schedule(cfg)  # config.json records the schedule sampled with, not "auto"
-        run_info = None if readonly else preflight(cfg)  # before any model is built or file written (validates cfg)
+        if not readonly and run_info is None:
+            run_info = preflight(cfg)  # before any model is built or file written (validates cfg)
         self.cfg = cfg.validate() if readonly else cfg
         self.dist = None  # the DeepSpeed runtime (train.distributed); None: single process, deepspeed never imported
         if _distributed_requested(cfg):
@@ -64,7 +70,9 @@ class Trainer:
         if readonly:  # eval / export: a checkpoint whose pickle would run code is refused before any work
             check_run_files(self.run_dir)
         if self.is_main and not readonly:
-            create_or_resume(cfg, run_info)
+            for note in [lock_run_dir(cfg.run_dir), *run_info.get("notes", ())]:
+                if note:
+                    log(note)
         torch.manual_seed(cfg.seed)
         if self.dist is not None:
             self.dist.main_first_enter()  # rank 0 builds and caches the base model, then the others read it
@@ -86,7 +94,7 @@ class Trainer:
             log(f"model: LM {cfg.lm_path}, DiT {cfg.dit_path}" + (f", autoencoder {cfg.vae_path}" if cfg.vae_path
                                                                    else "") + " (new queries and connector)")
         else:
-            self.model = pretrain(cfg, self.scenario, log=log)
+            self.model = pretrain(cfg, self.scenario, log=log, show=self.is_main)
         if cfg.fp8:
             from ..fp8 import convert_to_fp8  # the unified precision flow: rollout and training share these
 
@@ -124,6 +132,8 @@ class Trainer:
                                        self.model.device) if reward else None
         log(f"tasks: {cfg.tasks} ({len(taskset.train)} train, {len(taskset.eval)} held-out); reward: "
             f"{self.reward.describe() if reward else 'not built'}")
+        if self.is_main and not readonly:
+            create_or_resume(cfg, run_info)  # the run exists from here: what failed before left no config.json
         self.step = 0
         self.history = []
         self.engines = None  # the rollout engines, made on first use (_engines)
@@ -135,6 +145,9 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None:
             self._resume(ckpt)
+        elif self.is_main and not readonly and trim_metrics(self.run_dir / "metrics.jsonl", None):
+            log("metrics.jsonl: the records of a run stopped before its first checkpoint removed; it starts again "
+                "from step 0")
 
     # set-up ---------------------------------------------------------------------------------------------------
     def _set_trainable(self):
@@ -162,14 +175,11 @@ class Trainer:
 
     def _add_lora(self) -> dict:
         """LoRA adapters from --lora-lm / --lora-dit (peft); {expert: adapted modules}."""
-        c, s = self.cfg, self.scenario
+        c = self.cfg
         if not (c.lora_lm or c.lora_dit):
             return {}
         from ..models.lora import add_lora, parse_lora
 
-        for flag, spec, trains in (("--lora-lm", c.lora_lm, s.train_lm), ("--lora-dit", c.lora_dit, s.train_dit)):
-            if spec and not trains:
-                raise ValueError(f"{flag} was given but scenario {s.name!r} does not train that expert")
         out = add_lora(self.model, lm=parse_lora(c.lora_lm, "lm") if c.lora_lm else None,
                        dit=parse_lora(c.lora_dit, "dit") if c.lora_dit else None)
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -259,7 +269,7 @@ class Trainer:
         self.rng.setstate(st["py_rng"])
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["torch_rng"])
-        self.log(f"resumed from {path} at step {self.step}")
+        self.log(f"loaded {path} (step {self.step})" if self.readonly else f"resumed from {path} at step {self.step}")
 
     def _load_ema(self, state, path):
         if self.ema is None:
@@ -453,16 +463,19 @@ class Trainer:
         rewards, parts, samples = [], [], []
         tasks_all = self.eval_tasks * c.eval_samples
         n_show = min(N_SHOW, len(self.eval_tasks))  # the first tasks of the first pass go on the sample sheets
-        for start in range(0, len(tasks_all), c.micro_batch):
-            tasks = tasks_all[start:start + c.micro_batch]
-            with self._autocast():
-                b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True,
-                            engines=self._engines())
-            with self._autocast(), self._cycle_model() as inverse:
-                score(m, self.scenario, c, b, gen, reward=self.reward, inverse_model=inverse)
-            rewards.append(b.rewards)
-            parts += b.reward_parts
-            samples += _samples(b, range(min(len(tasks), max(0, n_show - start))))
+        starts = range(0, len(tasks_all), c.micro_batch)
+        with bar(len(starts), "eval", unit="batch", show=self.is_main) as progress:
+            for start in starts:
+                tasks = tasks_all[start:start + c.micro_batch]
+                with self._autocast():
+                    b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True,
+                                engines=self._engines())
+                with self._autocast(), self._cycle_model() as inverse:
+                    score(m, self.scenario, c, b, gen, reward=self.reward, inverse_model=inverse)
+                rewards.append(b.rewards)
+                parts += b.reward_parts
+                samples += _samples(b, range(min(len(tasks), max(0, n_show - start))))
+                progress.update(1)
         per_task = torch.cat(rewards).view(c.eval_samples, len(self.eval_tasks)).mean(0)
         out = {"eval_reward": per_task.mean().item(), **_reward_parts(parts, prefix="eval_")}
         out["_samples"] = samples
@@ -471,40 +484,58 @@ class Trainer:
 
     # the loop -------------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        from tqdm import tqdm
-
+        """The RL loop from the current step to cfg.steps. Each step: train, log, checkpoint (at save_every and the
+        last step), then evaluate (at eval_every and the last step): saved first, so a failing evaluation never costs
+        the step's training; an evaluation that a resume finds missing at its checkpoint's step is made first."""
         c = self.cfg
         if getattr(self, "_no_optim_state", None) is not None:
             raise ValueError(f"checkpoint {self._no_optim_state} was written under DeepSpeed (partitioned optimizer "
                              "state): continue it under the same launcher and world size")
         metrics_path = self.run_dir / "metrics.jsonl"
-        if self.step >= c.steps and self.step > 0:
+        if self.step >= c.steps and self.step > 0 and not self._eval_missing(metrics_path):
             self.log(f"run {self.run_dir} is already complete at step {self.step} of {c.steps}: nothing to do "
                      f"(--steps N with N > {self.step} trains on)")
-            return _read_evals(metrics_path)
+            return self._finish(metrics_path)
+        self._open_trackers()
         if self.step == 0:
             base = self.evaluate()
             self._write(metrics_path, {"step": 0, "phase": "eval", **_public(base)})
             self._save_samples({"base": base["_samples"]}, "samples_before.png", before=True)
             self.log(f"base model held-out reward {base['eval_reward']:.3f}")
-        bar = tqdm(total=c.steps, initial=self.step, desc=c.scenario,
-                   disable=None if self.is_main else True)
-        while self.step < c.steps:
-            rec = self.train_step()
-            self.history.append(rec)
-            self._write(metrics_path, {"phase": "train", **rec})
-            bar.update(1)
-            self.log(_log_line(rec, kl_used=c.beta > 0))
-            if self.step % c.eval_every == 0 or self.step == c.steps:
-                ev = self.evaluate()
-                self.history.append({"step": self.step, "phase": "eval", **_public(ev)})
-                self._write(metrics_path, {"step": self.step, "phase": "eval", **_public(ev)})
-                self.log(f"step {self.step} held-out reward {ev['eval_reward']:.3f}")
-                if self.step == c.steps:
-                    self._save_samples({f"step {self.step}": ev["_samples"]}, "samples_after.png")
-            if self.step % c.save_every == 0 or self.step == c.steps:
-                self.save()
-        bar.close()
+        elif self._eval_missing(metrics_path):  # stopped between the checkpoint and its evaluation
+            self._evaluate_step(metrics_path)
+        with bar(c.steps, c.scenario, initial=self.step, show=self.is_main) as steps:
+            while self.step < c.steps:
+                rec = self.train_step()
+                self.history.append(rec)
+                self._write(metrics_path, {"phase": "train", **rec})
+                steps.update(1)
+                self.log(_log_line(rec, kl_used=c.beta > 0))
+                if self.step % c.save_every == 0 or self.step == c.steps:
+                    self.save()
+                if self.step % c.eval_every == 0 or self.step == c.steps:
+                    self._evaluate_step(metrics_path)
+        return self._finish(metrics_path)
+
+    def _eval_missing(self, metrics_path) -> bool:
+        """Whether the current step is an evaluation step whose record metrics.jsonl lacks."""
+        c = self.cfg
+        if self.step == 0 or not (self.step % c.eval_every == 0 or self.step == c.steps) or not self.is_main:
+            return False
+        if not Path(metrics_path).is_file():
+            return True
+        return not any(r.get("phase") == "eval" and r.get("step") == self.step
+                       for r in map(json.loads, Path(metrics_path).read_text().splitlines()))
+
+    def _evaluate_step(self, metrics_path):
+        ev = self.evaluate()
+        self.history.append({"step": self.step, "phase": "eval", **_public(ev)})
+        self._write(metrics_path, {"step": self.step, "phase": "eval", **_public(ev)})
+        self.log(f"step {self.step} held-out reward {ev['eval_reward']:.3f}")
+        if self.step == self.cfg.steps:
+            self._save_samples({f"step {self.step}": ev["_samples"]}, "samples_after.png")
+
+    def _finish(self, metrics_path) -> dict:
         self.reward.close()
         if self.nvml is not None:
             self.nvml.stop()
@@ -515,13 +546,34 @@ class Trainer:
                 raise RuntimeError(f"ranks ended with different parameters (checksums {sums})")
         final = _read_evals(metrics_path)
         self._plot(metrics_path)
+        self.close()
         return final
+
+    def close(self):
+        """Close the trackers and release the run directory (its lock) for another run; train() does this when it
+        ends."""
+        if getattr(self, "trackers", None) is not None:
+            self.trackers.close()
+        if self.is_main and not self.readonly:
+            unlock_run_dir(self.run_dir)
+
+    def _open_trackers(self):
+        """--report-to: the trackers every record and sample sheet also goes to (train.trackers), main process."""
+        import dataclasses
+
+        from .trackers import Trackers
+
+        names = self.cfg.report_to if self.is_main and not self.readonly else ()
+        config = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
+        self.trackers = Trackers(names, self.run_dir, config, self.step)
 
     def _write(self, path, rec):
         if not self.is_main:
             return
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        if getattr(self, "trackers", None) is not None:
+            self.trackers.log(rec)
 
     def _save_samples(self, columns, name, before=False):
         """A labelled sample sheet; at the end of the run also samples.png, the base and the final model side by
@@ -533,12 +585,17 @@ class Trainer:
             return
         title = f"{self.cfg.scenario}: held-out tasks, {', '.join(columns)}"
         save_samples(columns, self.run_dir / name, title)
+        sheets = [name]
         if before:
             write_entry(self.run_dir, "samples_before", columns)
         elif any((self.run_dir / f"samples_before{e}").is_file() for e in (".json", ".pt")):
             both = {**read_entry(self.run_dir, "samples_before"), **columns}
             save_samples(both, self.run_dir / "samples.png", f"{self.cfg.scenario}: held-out tasks before and "
                                                              "after RL")
+            sheets.append("samples.png")
+        if getattr(self, "trackers", None) is not None:
+            for sheet in sheets:
+                self.trackers.image(Path(sheet).stem, self.run_dir / sheet, self.step)
 
     def _plot(self, metrics_path):
         from .plots import plot_rewards
@@ -550,9 +607,10 @@ class Trainer:
 
 def preflight(cfg) -> dict:
     """Every check that needs no model and writes nothing, run before any work (the CLI calls it too, to fail in a
-    second with one line): the config, the run directory (usable; a resume only changes what may change) and, with
-    --fp8, that the preset has FP8-eligible layers (found on a meta-device build: no memory, no weights).
-    Returns check_run_dir's answer."""
+    second with one line): the config, the run directory (usable; a resume only changes what may change), the task
+    rows, the reward specs, preflight_checks.run_checks (LoRA vs scenario, reward services' /health, task images,
+    the step's memory) and, with --fp8, that the preset has FP8-eligible layers (found on a meta-device build: no
+    memory, no weights). Returns check_run_dir's answer with "tasks" and "notes" (lines for the log)."""
     cfg.validate()
     info = check_run_dir(cfg)
     check_run_files(cfg.run_dir)  # a checkpoint whose pickle would run code: refused here, read by nothing
@@ -561,6 +619,7 @@ def preflight(cfg) -> dict:
     check_tasks_unchanged(cfg.run_dir, info["tasks"])
     check_reward_specs(cfg, scenario)  # imports a callable, looks for a CLIP directory: loads no model
     forward_rl.check_config(cfg, scenario)
+    info["notes"] = run_checks(cfg, scenario, info["tasks"])  # LoRA, services, images, memory (preflight_checks)
     if cfg.fp8 and cfg.model_path is None and cfg.lm_path is None:
         from ..fp8 import convert_to_fp8
         from ..models import UnifiedModel
