@@ -9,7 +9,8 @@ imported, FP8 eligibility) and then `run_checks` here, which looks further witho
                        token rules (rewards.http.probe_health); a service without that route (404 / 405 / 501) is
                        reachable and passes with a note
     task images        every distinct image of the task set decoded once (the run's own loader), or, when their
-                       files add up to more than IMAGE_DECODE_BYTES, opened to the header (a truncated or corrupt
+                       files add up to more than IMAGE_DECODE_BYTES (a datasets directory: more than
+                       IMAGE_DECODE_COUNT images), opened to the header (a truncated or corrupt
                        body then still fails when first used, naming the task)
     memory             the step's estimated peak (models.plan.memory_plan with the rollout: weights, reference,
                        gradients, AdamW states, activations, the rollout of the whole batch) against the device's free
@@ -25,6 +26,7 @@ import os
 from pathlib import Path
 
 IMAGE_DECODE_BYTES = 256 << 20  # decode every image up to this much file data; past it read the headers only
+IMAGE_DECODE_COUNT = 4096  # likewise for the images of a datasets directory (their size is not known up front)
 GiB = 1024 ** 3
 
 
@@ -73,7 +75,7 @@ def check_task_images(tasks) -> list:
     for t in [*tasks.train, *tasks.eval]:
         if t.image is None:
             continue
-        key = t.image if isinstance(t.image, str) else id(t.image)
+        key = t.image if isinstance(t.image, str) else getattr(t.image, "digest", None) or id(t.image)
         if key not in seen:
             seen.add(key)
             (paths if isinstance(t.image, str) else others).append(t)
@@ -83,19 +85,23 @@ def check_task_images(tasks) -> list:
     decode = size <= IMAGE_DECODE_BYTES
     for t in paths if decode else []:
         t.source_image(8)
-    for t in others:  # already in memory (a datasets Image column): decoding is the conversion the run does
+    decode_others = len(others) <= IMAGE_DECODE_COUNT
+    for t in others if decode_others else []:  # a datasets Image cell (or an image in memory): as the run reads it
         t.source_image(8)
-    for t in [] if decode else paths:
+    lazy = [t for t in others if hasattr(t.image, "open")]  # datasets cells; a PIL image in memory is decoded
+    for t in ([] if decode else paths) + ([] if decode_others else lazy):
         try:
-            with Image.open(t.image) as im:
+            with (Image.open(t.image) if isinstance(t.image, str) else t.image.open()) as im:
                 im.size  # noqa: B018 (the header, parsed by open)
         except FileNotFoundError:
             raise ValueError(f"{t.origin}: image {t.image!r} does not exist") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{t.origin}: image {t.image!r} cannot be read as an image ({e})") from None
     n = len(paths) + len(others)
-    how = "decoded" if decode else f"headers read ({size / 2 ** 20:.0f} MB of files: over the "\
-        f"{IMAGE_DECODE_BYTES >> 20} MB decoded up front; a corrupt body fails when first used)"
+    decode = decode and decode_others
+    how = "decoded" if decode else f"headers read ({size / 2 ** 20:.0f} MB of files, {len(others)} dataset images: "\
+        f"over the {IMAGE_DECODE_BYTES >> 20} MB / {IMAGE_DECODE_COUNT} decoded up front; a corrupt body fails when "\
+        "first used)"
     return [f"task images: {n} checked, {how}"]
 
 
