@@ -133,10 +133,18 @@ def summarize(runs: list, baseline: str, target: float | None = None) -> tuple:
     return target, per_seed, per_config
 
 
-def _pm(m, s, fmt="{:.4g}"):
+def _num(v) -> str:
+    """Compute counts in full (no exponent), smaller values to 4 significant digits."""
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
+def _pm(m, s, fmt=None):
+    """mean ± spread; fmt formats both (default `_num`); a leading + in fmt signs the mean only."""
     if m is None:
         return "-"
-    return fmt.format(m) + ("" if s is None else " ± " + fmt.format(s))
+    show = _num if fmt is None else fmt.format
+    spread = _num if fmt is None else fmt.replace("+", "").format
+    return show(m) + ("" if s is None else " ± " + spread(s))
 
 
 def format_table(per_seed: list, per_config: list, unit: str) -> str:
@@ -147,7 +155,7 @@ def format_table(per_seed: list, per_config: list, unit: str) -> str:
     lines = [head, "|" + "---|" * 8]
     for agg in per_config:
         rows = [r for r in per_seed if r["config"] == agg["config"]]
-        seeds = ", ".join(f"s{r['seed']}: " + (f"{r['x_to_target']:.4g}" if r["reached"] else NOT_REACHED)
+        seeds = ", ".join(f"s{r['seed']}: " + (_num(r["x_to_target"]) if r["reached"] else NOT_REACHED)
                           for r in rows)
         ratios = ", ".join(f"{r['x_ratio']:.3g}" if r["x_ratio"] is not None else
                            f"< {r['x_ratio_upper']:.3g}" if r["x_ratio_upper"] is not None else "-" for r in rows)
