@@ -132,7 +132,7 @@ def test_bad_combinations_are_clear_errors(experts, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="does not train that expert"):
         Trainer(dataclasses.replace(SMOKE, scenario="understand", lora_dit="4,8", run_dir=str(tmp_path / "u")), **QUIET)
-    with pytest.raises(ValueError, match="DiT in_channels=4 .* expected 8"):  # a text-to-image DiT cannot edit
+    with pytest.raises(ValueError, match="takes in_channels=4 .* expected 8 in"):  # a text-to-image DiT cannot edit
         Trainer(dataclasses.replace(SMOKE, scenario="edit", run_dir=str(tmp_path / "e"), lm_path=str(experts / "lm"),
                                     dit_path=str(experts / "dit"), vae_path=str(experts / "vae"), num_queries=4,
                                     connector_dim=32, connector_layers=1, tasks="world"), **QUIET)

@@ -370,7 +370,8 @@ def _cmd_plan(args) -> int:
             plan = memory_plan(model, train_lm=sc.train_lm, train_dit=sc.train_dit, batch=args.batch,
                                micro_batch=args.micro_batch, prompt_len=args.prompt_len,
                                completion_len=args.completion_len, trained_steps=args.trained_steps, gpus=args.gpus,
-                               precision=args.precision, grad_ckpt_lm=not args.no_grad_ckpt,
+                               precision=args.precision, frozen_dtype=args.frozen_dtype,
+                               grad_ckpt_lm=not args.no_grad_ckpt,
                                grad_ckpt_dit=not args.no_grad_ckpt,
                                reference=not lora_reference(args.lora_lm, args.lora_dit, sc), trainable=trainable,
                                rollout={"lm_writes": sc.lm_writes, "draws": sc.draws, "guidance": False})
@@ -399,6 +400,9 @@ def _add_plan_parser(sub) -> None:
     pl.add_argument("--trained-steps", type=int, default=2, help="denoising steps trained per image (the SDE window)")
     pl.add_argument("--gpus", type=int, default=8)
     pl.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    pl.add_argument("--frozen-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="weights of the experts the scenario does not train and of the autoencoder (train's "
+                         "--frozen-dtype; trained weights are fp32)")
     pl.add_argument("--no-grad-ckpt", action="store_true", help="without gradient checkpointing")
     pl.add_argument("--lora-lm", default=None, metavar="R,ALPHA[,MODULES]")
     pl.add_argument("--lora-dit", default=None, metavar="R,ALPHA[,MODULES] | default")

@@ -12,11 +12,22 @@ What the unified model reads from each expert:
   `in_channels` / `out_channels`, `patch_size`.
 - VAE: `latent_channels`, the spatial factor (KL: 2^(len(block_out_channels) - 1); DC: 2^(len(encoder
   block_out_channels) - 1)), `scaling_factor` and (KL) `shift_factor`.
+
+Released checkpoints. Weights are read in the dtype the caller asks for (`dtype`, fp32 by default: an expert whose
+weights train keeps fp32 master weights however the files store them; transformers 5 would otherwise keep a bf16
+file's bf16). Files may be sharded with an index (both libraries read that) and may carry a variant in their names
+(`diffusion_pytorch_model.bf16.safetensors`, `model.safetensors.index.bf16.json`, ...): `resolve_variant` picks the
+requested one, else the default names when present, else the only variant there is; two variants and no default
+is an error asking to choose. `file_dtype` reads the floating dtype the chosen files store from the safetensors
+headers (no weights are read), for experts kept in their file's dtype.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -35,7 +46,66 @@ def diffusers_class(name: str):
     return getattr(module, name)
 
 
-def check_local_dir(path, what: str, needed=("config.json",)) -> Path:
+_STEMS = r"(?P<stem>model|diffusion_pytorch_model|pytorch_model)"
+# model.safetensors, model-00001-of-00002.safetensors, model.bf16.safetensors, model.bf16-00001-of-00002.safetensors,
+# model-00001-of-00002.bf16.safetensors (older diffusers), and the .bin forms
+_WEIGHT_RE = re.compile(_STEMS + r"(?:\.(?P<v1>\w+?))?(?:-\d+-of-\d+)?(?:\.(?P<v2>\w+?))?\.(?:safetensors|bin)$")
+_INDEX_RE = re.compile(_STEMS + r"\.(?:safetensors|bin)\.index(?:\.(?P<v>\w+))?\.json$")
+
+
+def weight_files(path) -> dict:
+    """A model directory's weight files by variant: {None (the default names) | "bf16" | ...: [files]}."""
+    out = {}
+    for f in sorted(Path(path).iterdir()):
+        m = _WEIGHT_RE.match(f.name) or _INDEX_RE.match(f.name)
+        if m is None or not f.is_file():
+            continue
+        g = m.groupdict()
+        out.setdefault(g.get("v1") or g.get("v2") or g.get("v"), []).append(f)
+    return out
+
+
+def resolve_variant(path, variant: str | None, what: str) -> str | None:
+    """The weight variant to read from `path`: `variant` when given (it must be there), else None when the default
+    file names are there, else the only variant present. ValueError (one line, naming the files) otherwise;
+    FileNotFoundError without any weight file."""
+    files = weight_files(path)
+    have = ", ".join("default" if v is None else repr(v) for v in files)
+    if variant is not None:
+        if variant not in files:
+            raise ValueError(f"{what} directory {str(path)!r} has no {variant!r} weight files (it has: "
+                             f"{have or 'none'})")
+        return variant
+    if None in files:
+        return None
+    if len(files) == 1:
+        return next(iter(files))
+    if not files:
+        raise FileNotFoundError(f"{what} directory {str(path)!r} has a config but no weight files (*.safetensors or "
+                                "*.bin, optionally sharded with an index)")
+    raise ValueError(f"{what} directory {str(path)!r} holds several weight variants ({have}) and no default: choose "
+                     "one with the variant flag (e.g. --dit-variant bf16)")
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def file_dtype(path, variant: str | None = None) -> torch.dtype:
+    """The floating dtype most of the chosen weight files' tensors are stored in (read from the safetensors headers,
+    no weights loaded); fp32 for .bin files (their headers tell nothing without unpickling)."""
+    counts = Counter()
+    for f in weight_files(path).get(variant, []):
+        if f.suffix != ".safetensors":
+            continue
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        counts.update(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in
+                      _SAFETENSORS_DTYPES)
+    return _SAFETENSORS_DTYPES[counts.most_common(1)[0][0]] if counts else torch.float32
+
+
+def check_local_dir(path, what: str, needed=("config.json",), variant: str | None = None) -> str | None:
+    """A local model directory with its config and weights; returns the weight variant to read (resolve_variant)."""
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"{what} directory {str(path)!r} does not exist (only local directories are "
@@ -43,11 +113,7 @@ def check_local_dir(path, what: str, needed=("config.json",)) -> Path:
     missing = [n for n in needed if not (p / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{what} directory {str(path)!r} has no {', '.join(missing)}")
-    has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin")) or any(p.glob("*.safetensors.index.json"))
-    if not has_weights:
-        raise FileNotFoundError(f"{what} directory {str(path)!r} has a config but no weight files "
-                                "(*.safetensors or *.bin)")
-    return p
+    return resolve_variant(p, variant, what)
 
 
 def _lm_auto_class(model_type: str):
@@ -60,15 +126,17 @@ def _lm_auto_class(model_type: str):
         transformers.AutoModelForCausalLM
 
 
-def build_lm(config: dict | None, path: str | None, *, attn_implementation: str = "sdpa"):
+def build_lm(config: dict | None, path: str | None, *, attn_implementation: str = "sdpa",
+             dtype: torch.dtype = torch.float32, variant: str | None = None):
     """A transformers causal LM (or a Qwen2-VL class vision-language LM) from a config dict (random init) or a local
-    directory."""
+    directory, its weights in `dtype` whatever the files store (`variant`: see resolve_variant)."""
     from transformers import AutoConfig
 
     if path is not None:
-        check_local_dir(path, "LM")
+        variant = check_local_dir(path, "LM", variant=variant)
         auto = _lm_auto_class(AutoConfig.from_pretrained(path, local_files_only=True).model_type)
-        return auto.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation)
+        return auto.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation,
+                                    dtype=dtype, variant=variant)
     cfg = dict(config)
     model_type = cfg.pop("model_type")
     try:
@@ -76,25 +144,31 @@ def build_lm(config: dict | None, path: str | None, *, attn_implementation: str 
     except ValueError as e:
         raise ValueError(f"unknown LM model_type {model_type!r}: {e}") from None
     hf_cfg._attn_implementation = attn_implementation
-    return _lm_auto_class(model_type).from_config(hf_cfg, attn_implementation=attn_implementation)
+    return _cast(_lm_auto_class(model_type).from_config(hf_cfg, attn_implementation=attn_implementation), dtype)
 
 
-def build_dit(dit_type: str, config: dict | None, path: str | None):
-    cls = diffusers_class(DIT_CLASSES[dit_type])
+def _cast(module, dtype):
+    """A random-init expert in `dtype` (built in fp32; cast only when asked for another dtype)."""
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
+def _build_diffusers(cls, what: str, config, path, dtype, variant):
     if path is not None:
-        check_local_dir(path, f"DiT ({DIT_CLASSES[dit_type]})")
-        return cls.from_pretrained(path, local_files_only=True)
-    return cls.from_config(dict(config))
+        variant = check_local_dir(path, f"{what} ({cls.__name__})", variant=variant)
+        return cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, variant=variant)
+    return _cast(cls.from_config(dict(config)), dtype)
 
 
-def build_vae(vae_type: str | None, config: dict | None, path: str | None):
+def build_dit(dit_type: str, config: dict | None, path: str | None, *, dtype: torch.dtype = torch.float32,
+              variant: str | None = None):
+    return _build_diffusers(diffusers_class(DIT_CLASSES[dit_type]), "DiT", config, path, dtype, variant)
+
+
+def build_vae(vae_type: str | None, config: dict | None, path: str | None, *, dtype: torch.dtype = torch.float32,
+              variant: str | None = None):
     if vae_type is None:
         return None
-    cls = diffusers_class(VAE_CLASSES[vae_type])
-    if path is not None:
-        check_local_dir(path, f"autoencoder ({VAE_CLASSES[vae_type]})")
-        return cls.from_pretrained(path, local_files_only=True)
-    return cls.from_config(dict(config))
+    return _build_diffusers(diffusers_class(VAE_CLASSES[vae_type]), "autoencoder", config, path, dtype, variant)
 
 
 def dit_widths(dit_type: str, dit) -> tuple[int, int | None]:

@@ -6,10 +6,12 @@
 Parameter counts are exact (read off the built model; on the meta device nothing is allocated). Memory per GPU,
 per ZeRO stage (0 = plain data parallel, 1 = optimizer states partitioned, 2 = + gradients, 3 = + weights):
 
-    weights      every parameter in fp32 (4 B): the trainer keeps fp32 weights and runs bf16 as autocast over them
-                 (`--precision bf16`), so they are their own master copy; / N GPUs at stage 3
-    reference    the frozen reference copy the KL / velocity-MSE needs (4 B for every parameter; / N at stage 3);
-                 none with LoRA on every trained expert (the reference is the base with its adapters off)
+    weights      the trained experts' parameters (and the connector's) in fp32 (4 B): the trainer keeps fp32
+                 weights and runs bf16 as autocast over them (`--precision bf16`), so they are their own master
+                 copy; the experts the scenario does not train and the autoencoder in `frozen_dtype` (fp32 4 B, or
+                 bf16 / fp16 2 B: `--frozen-dtype`); / N GPUs at stage 3
+    reference    the frozen reference copy the KL / velocity-MSE needs (the same bytes as the weights; / N at stage
+                 3); none with LoRA on every trained expert (the reference is the base with its adapters off)
     grads        fp32 (4 B) per trainable parameter; / N at stages 2 and 3
     optimizer    AdamW's fp32 first and second moments (8 B) per trainable parameter; / N at stages 1-3
     activations  an ESTIMATE of what one micro-batch keeps for backward (not a measurement): per token and layer
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 
 GiB = 1024 ** 3
 STAGES = (0, 1, 2, 3)
+FROZEN_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _count(module) -> int:
@@ -79,6 +82,7 @@ class PlanInputs:
     trained_steps: int
     gpus: int
     precision: str  # "bf16" | "fp32"
+    frozen_dtype: str  # "fp32" | "bf16" | "fp16": the weights of the experts that do not train
     grad_ckpt_lm: bool
     grad_ckpt_dit: bool
     reference: bool
@@ -89,11 +93,15 @@ class PlanInputs:
 def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micro_batch: int = 8,
                 prompt_len: int = 256, completion_len: int = 512, trained_steps: int = 2, gpus: int = 8,
                 precision: str = "bf16", grad_ckpt_lm: bool = True, grad_ckpt_dit: bool = True,
-                reference: bool = True, trainable: int | None = None, rollout: dict | None = None) -> dict:
+                reference: bool = True, trainable: int | None = None, rollout: dict | None = None,
+                frozen_dtype: str = "fp32") -> dict:
     """Parameter counts and the per-GPU bytes of each part per ZeRO stage (see the module docstring). rollout:
-    {"lm_writes": bool, "draws": bool, "guidance": bool} adds the rollout's estimate."""
+    {"lm_writes": bool, "draws": bool, "guidance": bool} adds the rollout's estimate; frozen_dtype: the weights of the
+    experts that do not train (fp32 / bf16 / fp16)."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    if frozen_dtype not in FROZEN_BYTES:
+        raise ValueError(f"frozen_dtype must be one of {tuple(FROZEN_BYTES)}, got {frozen_dtype!r}")
     for name, v in (("batch", batch), ("micro_batch", micro_batch), ("gpus", gpus)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
@@ -102,7 +110,8 @@ def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micr
         trainable = (counts["lm"] + counts["lm_vision"]) * train_lm + (counts["dit"] + counts["connector"]) * train_dit
     wb, opt_b = 4, 8  # fp32 weights and grads (bf16 is autocast), AdamW's two fp32 moments
     ab = 2 if precision == "bf16" else 4  # activations
-    total = counts["total"]
+    frozen = (counts["lm"] + counts["lm_vision"]) * (not train_lm) + counts["dit"] * (not train_dit) + counts["vae"]
+    weights = (counts["total"] - frozen) * wb + frozen * FROZEN_BYTES[frozen_dtype]
     act = _activations(model, train_lm, train_dit, micro_batch, prompt_len, completion_len, trained_steps, ab,
                        grad_ckpt_lm, grad_ckpt_dit)
     roll = None
@@ -111,8 +120,8 @@ def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micr
         act["rollout"] = roll
     stages = {}
     for z in STAGES:
-        part = {"weights": total * wb / (gpus if z >= 3 else 1),
-                "reference": (total * wb / (gpus if z >= 3 else 1)) if reference else 0.0,
+        part = {"weights": weights / (gpus if z >= 3 else 1),
+                "reference": (weights / (gpus if z >= 3 else 1)) if reference else 0.0,
                 "grads": trainable * wb / (gpus if z >= 2 else 1),
                 "optimizer": trainable * opt_b / (gpus if z >= 1 else 1),
                 "activations": act["total"]}
@@ -122,8 +131,9 @@ def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micr
         stages[z] = part
     return {"params": counts, "trainable": trainable, "bytes_per_param": {"weights": wb, "optimizer": opt_b},
             "activations": act, "stages": stages,
+            "frozen": frozen,
             "inputs": PlanInputs(train_lm, train_dit, batch, micro_batch, prompt_len, completion_len, trained_steps,
-                                 gpus, precision, grad_ckpt_lm, grad_ckpt_dit, reference, trainable,
+                                 gpus, precision, frozen_dtype, grad_ckpt_lm, grad_ckpt_dit, reference, trainable,
                                  rollout).__dict__}
 
 
@@ -174,7 +184,8 @@ def format_plan(plan: dict, name: str = "") -> str:
              f"; trainable {plan['trainable'] / 1e6:,.1f} M",
              f"run: {i['gpus']} GPUs, batch {i['batch']} (micro {i['micro_batch']}), prompt {i['prompt_len']} + "
              f"completion {i['completion_len']} tokens, {i['trained_steps']} trained denoising steps, {i['precision']}"
-             f" (AdamW {plan['bytes_per_param']['optimizer']} B / trainable parameter), gradient checkpointing LM "
+             f" (AdamW {plan['bytes_per_param']['optimizer']} B / trainable parameter; frozen experts "
+             f"{plan['frozen'] / 1e6:,.1f} M in {i['frozen_dtype']}), gradient checkpointing LM "
              f"{'on' if i['grad_ckpt_lm'] else 'off'} / DiT {'on' if i['grad_ckpt_dit'] else 'off'}, reference copy "
              f"{'yes' if i['reference'] else 'no'}",
              "GiB per GPU      weights  reference  grads  optimizer  activations*" +

@@ -6,6 +6,9 @@ Anything else maps to unk. `decode(encode(s)) == s` for printable ASCII text. Ba
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 _SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -42,6 +45,7 @@ class CharTokenizer(_Batching):
     bos_token_id = 1
     eos_token_id = 2
     unk_token_id = 3
+    chat_template = None  # raw prompts: the tiny presets are trained on them
 
     def __init__(self):
         self._to_id = {c: i + len(_SPECIALS) for i, c in enumerate(_CHARS)}
@@ -73,13 +77,48 @@ class CharTokenizer(_Batching):
 
 
 
+CHAT_CHOICES = ("auto", "none")  # or a path to a Jinja template (a .jinja / text file, or a JSON with "chat_template")
+
+
+def read_chat_template(path) -> str:
+    """A chat template from a file: a Jinja text file, or a JSON file holding {"chat_template": ...} (the layout of a
+    processor's chat_template.json)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"chat template {str(path)!r} is not a file (give auto, none or a Jinja template file)")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        try:
+            text = json.loads(text)["chat_template"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"chat template {str(path)!r} is a .json file without a 'chat_template' string") from None
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"chat template {str(path)!r} is empty")
+    return text
+
+
+def directory_chat_template(hf_tokenizer, directory) -> str | None:
+    """The template a released LM directory carries: the tokenizer's own, else chat_template.jinja or the
+    processor's chat_template.json beside it (Qwen2-VL class releases keep it there)."""
+    if getattr(hf_tokenizer, "chat_template", None):
+        return hf_tokenizer.chat_template
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (Path(directory) / name).is_file():
+            return read_chat_template(Path(directory) / name)
+    return None
+
+
 class HFTokenizer(_Batching):
     """A Hugging Face tokenizer (from the LM's directory) behind the CharTokenizer interface the rollouts and the
     trainer use: left-padded batches, encode / decode, pad / bos / eos ids. A tokenizer without a pad token pads
     with its EOS token (masked out anyway); one without a BOS token gets none (`add_bos` is then a no-op, as for
-    Qwen2's tokenizer)."""
+    Qwen2's tokenizer).
 
-    def __init__(self, directory):
+    chat_template: the template prompts are rendered with (`chat`), None for raw text; chosen by
+    `use_chat_template` ("auto": the directory's, "none", or a template file). What ends a completion is
+    `rollout.text.stop_token_ids`: this EOS and every EOS id of the LM's generation config."""
+
+    def __init__(self, directory, chat_template: str = "auto"):
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
@@ -90,6 +129,29 @@ class HFTokenizer(_Batching):
         self.eos_token_id = int(eos)
         self.pad_token_id = int(self.hf.pad_token_id if self.hf.pad_token_id is not None else eos)
         self.bos_token_id = None if self.hf.bos_token_id is None else int(self.hf.bos_token_id)
+        self.chat_template = None
+        self.use_chat_template(chat_template)
+
+    def use_chat_template(self, choice: str) -> "HFTokenizer":
+        """choice: "auto" (the directory's template when it has one, else raw prompts), "none" (raw prompts), or a
+        template file (kept on the tokenizer, so a saved copy carries it)."""
+        if choice == "none":
+            self.chat_template = None
+        elif choice == "auto":
+            self.chat_template = directory_chat_template(self.hf, self.directory)
+        else:
+            self.chat_template = read_chat_template(choice)
+        if self.chat_template is not None:
+            self.hf.chat_template = self.chat_template
+        return self
+
+    def chat(self, text: str) -> str:
+        """`text` as the user's turn of a conversation, ending where the assistant's reply begins (the template
+        writes BOS and the turn markers itself); `text` unchanged without a template."""
+        if self.chat_template is None:
+            return text
+        return self.hf.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True, chat_template=self.chat_template)
 
     @property
     def vocab_size(self) -> int:
@@ -109,7 +171,6 @@ class HFTokenizer(_Batching):
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
-
 
     def save_pretrained(self, directory) -> None:
         self.hf.save_pretrained(str(directory))

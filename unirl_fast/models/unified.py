@@ -35,8 +35,10 @@ from .experts import (
     build_dit,
     build_lm,
     build_vae,
+    check_local_dir,
     diffusers_config_dict,
     dit_widths,
+    file_dtype,
     full_sequence_mask,
     lm_config_dict,
     vae_geometry,
@@ -86,6 +88,26 @@ def load_tokenizer(config: UnifiedConfig):
     return None
 
 
+def _cast_state(module, dtype) -> dict:
+    """The module's state as `dtype` (floating tensors only), on the CPU: what gets written, not what trains."""
+    return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
+            for k, v in module.state_dict().items()}
+
+
+def _save_diffusers(module, directory: Path, dtype=None) -> None:
+    """diffusers' save_pretrained, or with `dtype` its config and a cast copy of the weights under the default name
+    (diffusers' own save takes no state dict)."""
+    if dtype is None:
+        module.save_pretrained(str(directory))
+        return
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    module.save_config(str(directory))
+    state = {k: v.contiguous() for k, v in _cast_state(module, dtype).items()}
+    save_file(state, str(directory / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
 @dataclass
 class Conditioning:
     """What the DiT is conditioned on: cond [B, N, D_cond], pooled [B, D_pool] (SD3) or None."""
@@ -100,15 +122,42 @@ class Conditioning:
         return Conditioning(self.cond.detach(), None if self.pooled is None else self.pooled.detach())
 
 
+EXPERTS = ("lm", "dit", "vae")
+
+
+def _dtype_of(spec, path, variant, what):
+    """A torch dtype, or "file": the dtype the expert's weight files store (fp32 for an expert built from a config)."""
+    if spec != "file":
+        return spec
+    return torch.float32 if path is None else file_dtype(path, check_local_dir(path, what, variant=variant))
+
+
 class UnifiedModel(nn.Module):
-    def __init__(self, config: UnifiedConfig, *, attn_implementation: str = "sdpa"):
+    def __init__(self, config: UnifiedConfig, *, attn_implementation: str = "sdpa", dtypes: dict | None = None,
+                 variants: dict | None = None):
+        """dtypes: {"lm" / "dit" / "vae": a torch dtype or "file" (what the expert's files store)} for the experts'
+        weights, fp32 where not given (trained weights are their own fp32 master copy whatever the files hold);
+        variants: {"lm" / "dit" / "vae": the weight-file variant to read, e.g. "bf16"} (default: the default file
+        names, else the only variant in the directory: `experts.resolve_variant`)."""
         super().__init__()
         if not isinstance(config, UnifiedConfig):
             raise TypeError(f"config must be a UnifiedConfig, got {type(config).__name__}")
         self.config = config
-        self.lm = build_lm(config.lm, config.lm_path, attn_implementation=attn_implementation)
-        self.dit = build_dit(config.dit_type, config.dit, config.dit_path)
-        self.vae = build_vae(config.vae_type, config.vae, config.vae_path)
+        dtypes, variants = dtypes or {}, variants or {}
+        unknown = sorted(set(dtypes) - set(EXPERTS)) + sorted(set(variants) - set(EXPERTS))
+        if unknown:
+            raise ValueError(f"dtypes / variants name experts {unknown}; the experts are {EXPERTS}")
+        paths = {"lm": config.lm_path, "dit": config.dit_path, "vae": config.vae_path}
+        # the dtype each expert's files store (None: built from a config): what a faithful copy of the inputs keeps
+        self.file_dtypes = {k: None if paths[k] is None else _dtype_of("file", paths[k], variants.get(k), k.upper())
+                            for k in EXPERTS if k != "vae" or config.vae_type is not None}
+        want = {k: _dtype_of(dtypes.get(k, torch.float32), paths[k], variants.get(k), k.upper()) for k in EXPERTS}
+        self.lm = build_lm(config.lm, config.lm_path, attn_implementation=attn_implementation, dtype=want["lm"],
+                           variant=variants.get("lm"))
+        self.dit = build_dit(config.dit_type, config.dit, config.dit_path, dtype=want["dit"],
+                             variant=variants.get("dit"))
+        self.vae = build_vae(config.vae_type, config.vae, config.vae_path, dtype=want["vae"],
+                             variant=variants.get("vae"))
         if self.vae is not None:
             self.vae.requires_grad_(False)
         self.latent_channels, self.vae_factor = vae_geometry(config.vae_type, self.vae)
@@ -160,8 +209,10 @@ class UnifiedModel(nn.Module):
         return self.config.replace(lm=lm_config_dict(self.lm), lm_path=None, dit=diffusers_config_dict(self.dit),
                                    dit_path=None, vae=vae, vae_path=None)
 
-    def save_pretrained(self, directory, *, layout: str = "split") -> Path:
+    def save_pretrained(self, directory, *, layout: str = "split", dtypes: dict | None = None) -> Path:
         """layout "split" (default): every expert in its library's own layout, loadable on its own.
+        dtypes: {"lm" / "dit" / "vae": torch dtype} to write an expert's weights in (a cast copy; the model is not
+        changed), e.g. the dtype its input files had; default: as the weights are.
 
             directory/unified_config.json   UnifiedConfig with lm_path "lm", dit_path "dit" (vae_path "vae")
             directory/lm/                   transformers `save_pretrained` (with the tokenizer when it is an HF one)
@@ -185,17 +236,20 @@ class UnifiedModel(nn.Module):
             self.resolved_config().save(d)
             save_model(self, str(d / WEIGHTS_NAME))
             return d
+        dtypes = dtypes or {}
         with _quiet_progress():
-            self.lm.save_pretrained(str(d / "lm"))
+            cast = dtypes.get("lm")
+            self.lm.save_pretrained(str(d / "lm"), state_dict=None if cast is None else _cast_state(self.lm, cast))
         if isinstance(self.tokenizer, HFTokenizer):
             self.tokenizer.save_pretrained(d / "lm")
         from .vlm import image_processor, is_vlm
 
         if is_vlm(self.lm):  # its pixel settings travel with it (a released checkpoint's, or the ones in use)
             image_processor(self.lm).save_pretrained(str(d / "lm"))
-        self.dit.save_pretrained(str(d / "dit"))
-        if self.vae is not None:
-            self.vae.save_pretrained(str(d / "vae"))
+        for name in ("dit", "vae"):
+            module = getattr(self, name)
+            if module is not None:
+                _save_diffusers(module, d / name, dtypes.get(name))
         save_file({k: v.detach().contiguous().cpu() for k, v in self.connector.state_dict().items()},
                   str(d / CONNECTOR_NAME))
         self.config.replace(lm=None, lm_path="lm", dit=None, dit_path="dit", vae=None,
@@ -203,10 +257,11 @@ class UnifiedModel(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory, *, device=None, dtype=None, attn_implementation: str = "sdpa"
-                        ) -> "UnifiedModel":
+    def from_pretrained(cls, directory, *, device=None, dtype=None, attn_implementation: str = "sdpa",
+                        dtypes: dict | None = None) -> "UnifiedModel":
         """A saved unified model: the split layout (`save_pretrained`), or the older single-file layout
-        (model.safetensors with every expert's config inlined)."""
+        (model.safetensors with every expert's config inlined). dtypes: as in `UnifiedModel` (the experts' weights;
+        fp32 where not given); dtype: cast the whole model after loading."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file, load_model
 
@@ -216,7 +271,7 @@ class UnifiedModel(nn.Module):
         cfg = UnifiedConfig.load(d)
         weights = d / WEIGHTS_NAME
         if weights.is_file():  # the single-file layout
-            model = cls(cfg, attn_implementation=attn_implementation)
+            model = cls(cfg, attn_implementation=attn_implementation, dtypes=dtypes)
             try:
                 load_model(model, str(weights), strict=True, device="cpu")
             except (RuntimeError, SafetensorError) as e:
@@ -228,7 +283,7 @@ class UnifiedModel(nn.Module):
         local = {k: str(d / v) if v is not None and not Path(v).is_absolute() else v
                  for k, v in (("lm_path", cfg.lm_path), ("dit_path", cfg.dit_path), ("vae_path", cfg.vae_path))}
         with _quiet_progress():
-            model = cls(cfg.replace(**local), attn_implementation=attn_implementation)
+            model = cls(cfg.replace(**local), attn_implementation=attn_implementation, dtypes=dtypes)
         state = load_file(str(d / CONNECTOR_NAME))
         try:
             model.connector.load_state_dict(state, strict=True)
@@ -239,25 +294,27 @@ class UnifiedModel(nn.Module):
     @classmethod
     def from_experts(cls, lm_path, dit_path, vae_path=None, *, num_queries: int = 64, connector_dim: int = 1024,
                      connector_layers: int = 2, connector_heads: int | None = None, image_size: int | None = None,
-                     edit: bool = False, attn_implementation: str = "sdpa") -> "UnifiedModel":
+                     edit: bool = False, attn_implementation: str = "sdpa", dtypes: dict | None = None,
+                     variants: dict | None = None) -> "UnifiedModel":
         """A unified model from your experts' own directories: a transformers LM (its tokenizer beside it), a
         diffusers DiT (`_class_name` SanaTransformer2DModel or SD3Transformer2DModel) and optionally its diffusers
         autoencoder (AutoencoderKL / AutoencoderDC; none: the DiT works in pixels). The queries and the connector
         are new (random init): train them (any scenario that trains the DiT does). image_size defaults to the DiT's
-        sample_size times the autoencoder's down-sampling factor."""
+        sample_size times the autoencoder's down-sampling factor. dtypes / variants: as in `UnifiedModel`."""
         cfg = cls.experts_config(lm_path, dit_path, vae_path, num_queries=num_queries, connector_dim=connector_dim,
                                  connector_layers=connector_layers, connector_heads=connector_heads,
                                  image_size=image_size, edit=edit)
-        return cls(cfg, attn_implementation=attn_implementation)
+        return cls(cfg, attn_implementation=attn_implementation, dtypes=dtypes, variants=variants)
 
     @staticmethod
     def experts_config(lm_path, dit_path, vae_path=None, *, num_queries: int = 64, connector_dim: int = 1024,
                        connector_layers: int = 2, connector_heads: int | None = None, image_size: int | None = None,
                        edit: bool = False) -> UnifiedConfig:
         """The UnifiedConfig `from_experts` builds (the directories' config files read, no weights)."""
-        dit_type = _class_kind(dit_path, {"SanaTransformer2DModel": "sana", "SD3Transformer2DModel": "sd3"}, "DiT")
-        vae_type = None if vae_path is None else _class_kind(vae_path, {"AutoencoderKL": "kl",
-                                                                        "AutoencoderDC": "dc"}, "autoencoder")
+        from .dirs import DIT_KINDS, VAE_KINDS
+
+        dit_type = _class_kind(dit_path, DIT_KINDS, "DiT")
+        vae_type = None if vae_path is None else _class_kind(vae_path, VAE_KINDS, "autoencoder")
         if image_size is None:
             dit_conf = json.loads((Path(dit_path) / "config.json").read_text())
             factor = 1
@@ -376,8 +433,8 @@ class UnifiedModel(nn.Module):
         x = images.to(self.vae.dtype)
         if self.config.vae_type == "kl":
             z = self.vae.encode(x).latent_dist.mean
-            return (z - (c.shift_factor or 0.0)) * c.scaling_factor
-        return self.vae.encode(x).latent * c.scaling_factor
+            return ((z - (c.shift_factor or 0.0)) * c.scaling_factor).float()
+        return (self.vae.encode(x).latent * c.scaling_factor).float()  # fp32 latents whatever the VAE's dtype
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] -> images [B, 3, H, W], clamped to [-1, 1]."""
@@ -387,7 +444,7 @@ class UnifiedModel(nn.Module):
         z = latents.to(self.vae.dtype) / c.scaling_factor
         if self.config.vae_type == "kl":
             z = z + (c.shift_factor or 0.0)
-        return self.vae.decode(z).sample.clamp(-1, 1)
+        return self.vae.decode(z).sample.clamp(-1, 1).float()
 
     def forward(self, input_ids, attention_mask, latents, sigma, source_images=None):
         """Whole path: prompts -> conditioning -> velocity at (latents, sigma). Returns v [B, C, h, w]."""

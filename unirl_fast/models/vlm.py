@@ -6,8 +6,9 @@ reads from an LM (hidden size, vocab, input embeddings, the head) is read throug
 
 How an image reaches the LM:
 
-    images [B, 3, S, S] in [-1, 1] --uint8 HWC--> the model's own image processor (Qwen2VLImageProcessorPil:
-    resize to a multiple of patch * merge, CLIP mean / std, patchify)
+    images [B, 3, H, W] (or a list of [3, H_i, W_i]: a task's image keeps its aspect ratio, `Task.lm_image`) in [-1, 1]
+    --uint8 HWC--> the model's own image processor (Qwen2VLImageProcessorPil: resize to a multiple of patch * merge
+    within its min / max pixels, keeping the aspect ratio; CLIP mean / std, patchify)
     --> VisionInputs: pixel_values [sum_i t_i h_i w_i, 3 * T_p * P * P] fp32, image_grid_thw [B, 3] int64
     prompt "...<image>..." --> ids: text, <|vision_start|>, (t h w / merge^2) x <|image_pad|>, <|vision_end|>, text
     embeddings: the <|image_pad|> rows replaced (in order) by the vision tower's merged features
@@ -131,15 +132,20 @@ def image_processor(lm):
     return proc
 
 
-def process_images(lm, images: torch.Tensor) -> VisionInputs:
-    """images [B, 3, H, W] in [-1, 1] -> VisionInputs on the images' device (through the LM's image processor)."""
+def process_images(lm, images) -> VisionInputs:
+    """images [B, 3, H, W] in [-1, 1], or a list of [3, H_i, W_i] (each at its own size and aspect ratio) ->
+    VisionInputs on the images' device (through the LM's image processor, which fits each image to its patch grid
+    within its min / max pixel bounds, keeping the aspect ratio)."""
     _require_vlm(lm, "images for the LM")
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+    ok = isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3
+    ok = ok or (isinstance(images, (list, tuple)) and len(images) > 0 and all(
+        isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[0] == 3 for x in images))
+    if not ok:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a [B, 3, H, W] tensor in [-1, 1], got {shape}")
-    u8 = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        raise ValueError(f"images must be a [B, 3, H, W] tensor or a list of [3, H, W] tensors in [-1, 1], got {shape}")
+    u8 = [((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8) for x in images]
     out = image_processor(lm)(images=[x.permute(1, 2, 0).numpy() for x in u8], return_tensors="pt")
-    return VisionInputs(out["pixel_values"].float(), out["image_grid_thw"].long()).to(images.device)
+    return VisionInputs(out["pixel_values"].float(), out["image_grid_thw"].long()).to(images[0].device)
 
 
 def as_vision(lm, images) -> VisionInputs | None:

@@ -115,6 +115,23 @@ def sample_from_logprobs(logp: torch.Tensor, greedy: bool, generator=None) -> to
     return (logp.exp() / e).argmax(-1)
 
 
+def _store_in_cache_dtypes(layer) -> None:
+    """Under bf16 autocast over fp32 weights the keys leave the rotary embedding in fp32 and the values leave their
+    projection in bf16; transformers before ~5.24 allocate a static cache layer's values in the keys' dtype and then
+    refuse the bf16 values (index_copy_ dtype mismatch). Each update is cast to the dtypes the layer allocated (bf16 ->
+    fp32 is exact; attention casts to bf16 again under autocast); a no-op where they already match."""
+    if not all(hasattr(layer, a) for a in ("lazy_initialization", "is_initialized", "update")):
+        return
+    update = layer.update
+
+    def cast_update(key_states, value_states, *args, **kwargs):
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        return update(key_states.to(layer.keys.dtype), value_states.to(layer.values.dtype), *args, **kwargs)
+
+    layer.update = cast_update
+
+
 def _set_attention(lm, attn_implementation):
     if attn_implementation is None:
         return
@@ -129,12 +146,23 @@ def _set_attention(lm, attn_implementation):
 def _eos_ids(lm, params):
     if params.eos_token_ids is not None:
         return tuple(int(i) for i in params.eos_token_ids)
+    return _lm_eos_ids(lm)
+
+
+def _lm_eos_ids(lm) -> tuple:
+    """The LM's EOS ids: its generation config's (an int or a list), else its (text) config's."""
     eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = getattr(lm.config.get_text_config(), "eos_token_id", None)  # a VLM keeps it in its text config
     if eos is None:
         return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return tuple(int(i) for i in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def stop_token_ids(tokenizer, lm) -> tuple:
+    """Every id that ends a completion: the tokenizer's EOS and each EOS id of the LM's generation config (an
+    instruct release ends its turns with <|im_end|> while its tokenizer's EOS may be <|endoftext|>, or the reverse)."""
+    return tuple(dict.fromkeys((int(tokenizer.eos_token_id), *_lm_eos_ids(lm))))
 
 
 class TextEngine:
@@ -210,6 +238,8 @@ class TextEngine:
             cache.reset()
         else:
             cache, length = StaticCache(config=self.lm.config, max_cache_len=needed), needed
+            for layer in getattr(cache, "layers", ()):
+                _store_in_cache_dtypes(layer)
             self._caches[key] = (cache, length)
         return cache, length
 

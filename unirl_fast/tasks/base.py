@@ -4,7 +4,9 @@ A task is what a scenario needs from a data row, whatever the source:
     prompt       what the model is given (the instruction for edits, the question for understanding)
     answer       the reference answer, if any (exact-match rewards; what a perfect LM writes)
     image        the source image (edits; the image an understanding question is about): a path or a PIL image,
-                 decoded on use by `source_image(size)` -> float32 [3, size, size] in [-1, 1]
+                 decoded on use: `source_image(size, resize)` -> float32 [3, size, size] in [-1, 1], what the DiT
+                 sees (RESIZE_RULES), and `lm_image(size, max_pixels)` -> [3, h, w] at the image's own aspect
+                 ratio, what a vision-language LM sees (its image processor then fits it to its patch grid)
     context      text the LM reads before an understanding question (a description of the image), when the LM
                  has no vision tower; a vision-language LM looks at `image` instead
     inverse      the instruction that undoes an edit (the cycle-consistency reward edits the result back with it)
@@ -33,8 +35,13 @@ class Task:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
     origin: str = ""
 
-    def source_image(self, size: int) -> torch.Tensor | None:
-        return None if self.image is None else load_image(self.image, size, origin=self.origin)
+    def source_image(self, size: int, resize: str = "crop") -> torch.Tensor | None:
+        return None if self.image is None else load_image(self.image, size, resize=resize, origin=self.origin)
+
+    def lm_image(self, size: int, max_pixels: int | None = None) -> torch.Tensor | None:
+        """The image at its own aspect ratio, scaled down to at most `max_pixels` pixels (size: unused here; the
+        embedded world renders its scenes at it)."""
+        return None if self.image is None else load_image_native(self.image, max_pixels, origin=self.origin)
 
 
 @dataclass(frozen=True)
@@ -106,9 +113,13 @@ def _stable(value):
     return value
 
 
-def load_image(image, size: int, *, origin: str = "") -> torch.Tensor:
-    """A path or a PIL image -> float32 [3, size, size] in [-1, 1] (RGB; resized with bicubic filtering when the
-    size differs). Errors name the task's origin and the file."""
+# How a task image becomes the DiT's square: crop (scale the short side to the size, keep the centre), pad (scale the
+# long side to the size, centre it on black), stretch (scale each side to the size: the aspect ratio is lost).
+RESIZE_RULES = ("crop", "pad", "stretch")
+
+
+def _open_rgb(image, origin: str):
+    """A path, a PIL image or a DatasetImage -> an RGB PIL image; errors name the task's origin and the file."""
     from PIL import Image, UnidentifiedImageError
 
     where = f"{origin}: " if origin else ""
@@ -116,23 +127,50 @@ def load_image(image, size: int, *, origin: str = "") -> torch.Tensor:
         try:
             with Image.open(image) as im:
                 im.load()
-                pil = im.convert("RGB")
+                return im.convert("RGB")
         except FileNotFoundError:
             raise ValueError(f"{where}image {str(image)!r} does not exist") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{where}image {str(image)!r} cannot be read as an image ({e})") from None
-    elif isinstance(image, Image.Image):
-        pil = image.convert("RGB")
-    elif isinstance(image, DatasetImage):
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, DatasetImage):
         try:
             with image.open() as im:
-                pil = im.convert("RGB")
+                return im.convert("RGB")
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{where}image {image!r} cannot be read as an image ({e})") from None
-    else:
-        raise ValueError(f"{where}image must be a path or a PIL image, got {type(image).__name__}")
+    raise ValueError(f"{where}image must be a path or a PIL image, got {type(image).__name__}")
+
+
+def load_image(image, size: int, *, resize: str = "crop", origin: str = "") -> torch.Tensor:
+    """A path or a PIL image -> float32 [3, size, size] in [-1, 1] (RGB; bicubic, by the RESIZE_RULES rule `resize`
+    when it is not already size x size). Errors name the task's origin and the file."""
+    from PIL import Image, ImageOps
+
+    if resize not in RESIZE_RULES:
+        raise ValueError(f"resize must be one of {RESIZE_RULES}, got {resize!r}")
+    pil = _open_rgb(image, origin)
     if pil.size != (size, size):
-        pil = pil.resize((size, size), Image.BICUBIC)
+        if resize == "crop":
+            pil = ImageOps.fit(pil, (size, size), Image.BICUBIC)
+        elif resize == "pad":
+            pil = ImageOps.pad(pil, (size, size), Image.BICUBIC, color=(0, 0, 0))
+        else:
+            pil = pil.resize((size, size), Image.BICUBIC)
+    return pil_to_tensor(pil)
+
+
+def load_image_native(image, max_pixels: int | None = None, *, origin: str = "") -> torch.Tensor:
+    """A path or a PIL image -> float32 [3, h, w] in [-1, 1] at its own aspect ratio, scaled down (bicubic) so that
+    h * w <= max_pixels when it is larger."""
+    from PIL import Image
+
+    pil = _open_rgb(image, origin)
+    w, h = pil.size
+    if max_pixels is not None and w * h > max_pixels:
+        scale = (max_pixels / (w * h)) ** 0.5
+        pil = pil.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BICUBIC)
     return pil_to_tensor(pil)
 
 

@@ -63,6 +63,23 @@ class TrainConfig:
     connector_layers: int | None = _f(None, "transformer layers of the query connector (default: 2 with --lm-path)")
     image_size: int | None = _f(None, "pixels per side (default with --dit-path: the DiT's sample_size x the "
                                 "autoencoder's factor)")
+    lm_variant: str | None = _f(None, "weight-file variant of --lm-path to read (model.VARIANT.safetensors, e.g. "
+                                "bf16); default: the default file names, else the only variant there")
+    dit_variant: str | None = _f(None, "weight-file variant of --dit-path (diffusion_pytorch_model.VARIANT."
+                                 "safetensors, e.g. bf16 in SANA's releases); default: the default names, else the "
+                                 "only variant")
+    vae_variant: str | None = _f(None, "weight-file variant of --vae-path; default as --dit-variant")
+    frozen_dtype: str = _f("fp32", "weights of the experts this scenario does not train (and of the autoencoder): "
+                           "fp32, bf16, fp16, or file (the dtype their files store); trained weights are always "
+                           "fp32 (their own master copy)", ("fp32", "bf16", "fp16", "file"))
+    chat_template: str = _f("auto", "how the LM's texts are written: auto (as the user's turn of the tokenizer's chat "
+                            "template when the LM directory has one, else raw), none (raw text), or a template file")
+    max_image_pixels: int | None = _f(None, "a vision-language LM sees each task image at its own aspect ratio, scaled "
+                                      "down to at most this many pixels (default: only its image processor's "
+                                      "min / max pixel bounds)")
+    image_resize: str = _f("crop", "how a task image becomes the DiT's square: crop (short side to the size, centre "
+                           "kept), pad (long side to the size, centred on black), stretch (aspect ratio lost)",
+                           ("crop", "pad", "stretch"))
     precision: str = _f("fp32", "fp32, or bf16: bf16 autocast over fp32 weights in rollout, reward, reference and "
                         "training alike (the fp32 weights are the master weights; optimizer states fp32)",
                         ("fp32", "bf16"))
@@ -241,8 +258,6 @@ class TrainConfig:
             options = f.metadata.get("choices")
             if options and getattr(self, f.name) not in options:
                 bad(f"{f.name} must be one of {options}, got {getattr(self, f.name)!r}")
-        if self.model_path is not None and not (Path(self.model_path) / "unified_config.json").is_file():
-            bad(f"model_path {self.model_path!r} is not a saved UnifiedModel directory (no unified_config.json)")
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
             bad(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.device.startswith("cuda"):
@@ -256,9 +271,6 @@ class TrainConfig:
             bad(f"deepspeed_config {self.deepspeed_config!r} is not a file")
         if not 0.0 <= self.ema_decay < 1.0:
             bad(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        if self.tasks != "world" and not Path(self.tasks).exists():
-            bad(f"tasks {self.tasks!r}: no such file or directory (give 'world', a .jsonl / .csv file or a datasets "
-                "directory)")
         if not isinstance(self.reward, tuple) or not all(isinstance(r, str) for r in self.reward):
             bad(f"reward must be a list of SPEC[=WEIGHT] strings, got {self.reward!r}")
         from ..rewards import parse_spec
@@ -290,11 +302,10 @@ class TrainConfig:
             bad("--vae-path needs --lm-path and --dit-path")
         if self.lm_path is not None and self.model_path is not None:
             bad("give either --model-path (a saved unified model) or --lm-path / --dit-path, not both")
-        for name in ("lm_path", "dit_path", "vae_path"):
-            v = getattr(self, name)
-            if v is not None and not (Path(v) / "config.json").is_file():
-                bad(f"{name} {v!r} is not a model directory (no config.json)")
-        for name in ("num_queries", "connector_dim", "connector_layers", "image_size"):
+        for name in ("lm_variant", "dit_variant", "vae_variant"):  # the directories themselves: train.inputs
+            if getattr(self, name) is not None and getattr(self, name.replace("variant", "path")) is None:
+                bad(f"--{name.replace('_', '-')} needs --{name.replace('_variant', '-path')}")
+        for name in ("num_queries", "connector_dim", "connector_layers", "image_size", "max_image_pixels"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 bad(f"{name} must be >= 1, got {v}")

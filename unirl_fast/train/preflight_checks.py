@@ -127,6 +127,7 @@ def check_memory(cfg, scenario, tasks) -> list:
     plan = memory_plan(model, train_lm=scenario.train_lm, train_dit=scenario.train_dit, batch=cfg.batch_size,
                        micro_batch=cfg.micro_batch, prompt_len=prompt_len, completion_len=cfg.max_new_tokens,
                        trained_steps=cfg.sde_window, gpus=gpus, precision=cfg.precision,
+                       frozen_dtype="fp32" if cfg.frozen_dtype == "file" else cfg.frozen_dtype,  # file: an upper bound
                        grad_ckpt_lm=cfg.grad_ckpt_lm, grad_ckpt_dit=cfg.grad_ckpt_dit,
                        reference=not lora_reference(cfg.lora_lm, cfg.lora_dit, scenario),
                        trainable=lora_trainable(model, scenario, cfg.lora_lm, cfg.lora_dit),
@@ -176,7 +177,12 @@ def _meta_model(cfg, scenario):
     from ..models.config import UnifiedConfig
     from .pretrain import world_model_config
 
-    if cfg.lm_path is not None:
+    from .inputs import model_copy
+
+    copy = model_copy(cfg.run_dir) if (cfg.lm_path or cfg.model_path) else None
+    if copy is not None:  # a resume builds from the run's copy (its inputs may have moved)
+        ucfg = _inline(UnifiedConfig.load(copy), copy)
+    elif cfg.lm_path is not None:
         ucfg = _experts_config(cfg, scenario)
     elif cfg.model_path is not None:
         ucfg = UnifiedConfig.load(cfg.model_path)

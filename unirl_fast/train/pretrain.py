@@ -52,17 +52,20 @@ def world_model_config(preset: str, edit: bool):
 
 
 def run_lm_has_vision(cfg, scenario) -> bool:
-    """Whether the run's LM has a vision tower, without building it: the saved model's (cfg.model_path) or the
-    preset's world model."""
+    """Whether the run's LM has a vision tower, without building it: the run's copy of its model (train.inputs), the
+    LM directory's, the saved model's (cfg.model_path) or the preset's world model."""
     from ..models.config import UnifiedConfig
+    from .inputs import model_copy
 
-    if getattr(cfg, "lm_path", None):
+    saved = model_copy(cfg.run_dir) if (cfg.lm_path or cfg.model_path) else None
+    if cfg.lm_path and saved is None:
         return vlm.config_dict_has_vision(None, cfg.lm_path)
-    if cfg.model_path:
-        ucfg = UnifiedConfig.load(cfg.model_path)
+    saved = saved or cfg.model_path
+    if saved:
+        ucfg = UnifiedConfig.load(saved)
         path = ucfg.lm_path
         if path is not None and not Path(path).is_absolute():
-            path = str(Path(cfg.model_path) / path)
+            path = str(Path(saved) / path)
         return vlm.config_dict_has_vision(ucfg.lm, path)
     return vlm.config_dict_has_vision(world_model_config(cfg.preset, scenario.edit).lm, None)
 

@@ -24,6 +24,7 @@ from .. import flow_policy_loss, flow_step_logprob, fused_linear_logprobs, fused
 from ..models import vlm
 from ..models.experts import full_sequence_mask
 from ..rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, replay_velocity
+from ..rollout.text import stop_token_ids
 from .config import image_schedule
 
 
@@ -44,6 +45,7 @@ class Batch:
     ref_velocity: torch.Tensor = None  # [S, B, C, h, w] its velocities on the trained window (beta_velocity > 0)
     fp: object = None  # forward_rl.ForwardBatch: timesteps, noise and frozen velocities of nft / awm
     cond_vision: object = None  # VisionInputs the LM sees while conditioning the DiT (a VLM editing), else None
+    lm_images: list = None  # the tasks' images as the VLM got them ([3, h, w] each, own aspect ratio), else None
 
 
 def _no_phase(name):
@@ -55,22 +57,32 @@ def sees_images(model, scenario) -> bool:
     return scenario.image_input and vlm.is_vlm(model.lm)
 
 
-def task_images(tasks, size: int) -> torch.Tensor:
-    """The tasks' images [B, 3, size, size] in [-1, 1]; a task without one is an error naming it."""
+def lm_images(tasks, size: int, max_pixels: int | None = None) -> list:
+    """What a vision-language LM sees of the tasks' images: [3, h, w] in [-1, 1] each, at the image's own aspect
+    ratio and at most `max_pixels` pixels (`Task.lm_image`); a task without one is an error naming it."""
     imgs = []
     for t in tasks:
-        img = t.source_image(size)
+        img = t.lm_image(size, max_pixels)
         if img is None:
             raise ValueError(f"{t.origin}: this scenario shows the task's image to the model, but the task has none")
         imgs.append(img)
-    return torch.stack(imgs)
+    return imgs
+
+
+def chats(model) -> bool:
+    """Whether the LM's texts go through a chat template (an HF tokenizer with one in use)."""
+    return getattr(model.tokenizer, "chat_template", None) is not None
 
 
 def _prompts(model, texts, vision, device):
-    """Tokenized left-padded prompts: the tokenizer's, or with images `vlm.encode_prompts`."""
+    """Tokenized left-padded prompts: the tokenizer's, or with images `vlm.encode_prompts`; with a chat template each
+    text is rendered as the user's turn first (the template writes any BOS itself)."""
+    tok = model.tokenizer
+    if chats(model):
+        texts = [tok.chat(t) for t in texts]
     if vision is None:
-        return model.tokenizer(texts, device=device)
-    return vlm.encode_prompts(model.tokenizer, model.lm, texts, vision, device=device)
+        return tok(texts, add_bos=not chats(model), device=device)
+    return vlm.encode_prompts(tok, model.lm, texts, vision, add_bos=not chats(model), device=device)
 
 
 def _rows(vision, idx):
@@ -116,13 +128,17 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
     engines = engines if engines is not None else rollout_engines(model, cfg, compile=False)
     b = Batch(tasks, group_ids)
     sees = sees_images(model, scenario)
-    vision = vlm.process_images(model.lm, task_images(tasks, model.config.image_size).to(dev)) if sees else None
+    vision = None
+    if sees:
+        b.lm_images = lm_images(tasks, model.config.image_size, cfg.max_image_pixels)
+        vision = vlm.process_images(model.lm, [im.to(dev) for im in b.lm_images])
     if scenario.lm_writes:
         with phase("text_rollout"):
-            ids, mask = _prompts(model, [scenario.lm_prompt(t, image=sees) for t in tasks], vision, dev)
+            ids, mask = _prompts(model, [scenario.lm_prompt(t, image=sees, chat=chats(model)) for t in tasks], vision,
+                                 dev)
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens,
                                     temperature=0.0 if eval_mode else cfg.temperature,
-                                    eos_token_ids=(tok.eos_token_id,))
+                                    eos_token_ids=stop_token_ids(tok, model.lm))
             b.text = engines.text.generate(ids, mask, params, generator=generator, vision=vision)
             b.completions = [c.strip() for c in b.text.texts]
     if scenario.draws:
@@ -133,7 +149,7 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
                                                        for t, c in zip(tasks, b.completions or [None] * len(tasks))],
                                                b.cond_vision, dev)
             if scenario.edit:
-                b.sources = torch.stack([t.source_image(size) for t in tasks]).to(dev)
+                b.sources = torch.stack([t.source_image(size, cfg.image_resize) for t in tasks]).to(dev)
             noise = None
             if cfg.group_noise and not eval_mode:  # one initial latent per group (DanceGRPO's shared noise)
                 _, which = torch.unique(group_ids, return_inverse=True)

@@ -1,6 +1,8 @@
 """The run directory, kept true: what it says is what ran.
 
-    <run_dir>/config.json     the resolved config the run was created with; written once, never rewritten
+    <run_dir>/config.json     the resolved config the run was created with (input paths absolute and resolved);
+                              written once, never rewritten; config.typed.json: those paths as typed
+    <run_dir>/base/           the run's copies of its inputs (train.inputs): model/ and tasks/
     <run_dir>/tasks.json      the data's fingerprint (source, counts, a hash of the tasks); a resume checks it
     <run_dir>/resumes.jsonl   one line per resume that changed a field allowed to change: {"time", "step", "changes"}
     <run_dir>/metrics.jsonl   one record per step and per evaluation; a resume trims it back to the checkpoint's step
@@ -27,6 +29,7 @@ import os
 from pathlib import Path
 
 from .checkpoint import latest_checkpoint
+from .inputs import config_record, movable_fields, same_value, tasks_copy, write_tasks_copy
 
 _HELD: dict = {}  # run directory (resolved) -> the fd of its .lock held by this process
 
@@ -67,13 +70,14 @@ def check_run_dir(cfg) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{saved_path} is not valid JSON ({e}); pick another --run-dir") from None
     saved.setdefault("timestep_schedule", "linspace")  # what runs made before the option sampled with
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds it (tuples are lists there)
-    changes = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
-    blocked = {k: c for k, c in changes.items() if k not in RESUMABLE}
+    now = config_record(cfg)[0]  # as config.json holds it (tuples are lists there, input paths resolved)
+    changes = {k: (saved.get(k), v) for k, v in now.items() if k in saved and not same_value(k, saved[k], v)}
+    allowed = RESUMABLE + movable_fields(path, saved)  # + inputs the run reads from its own copy
+    blocked = {k: c for k, c in changes.items() if k not in allowed}
     if blocked:
         diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in blocked.items())
         raise ValueError(f"run_dir {cfg.run_dir!r} holds a run with other settings ({diff}); resume it with its "
-                         f"own settings (only {', '.join(RESUMABLE)} may change) or pick another --run-dir")
+                         f"own settings (only {', '.join(allowed)} may change) or pick another --run-dir")
     return {"new": False, "changes": changes, "checkpoint_step": step}
 
 
@@ -97,9 +101,13 @@ def create_or_resume(cfg, info: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if info.get("tasks") is not None and not (path / "tasks.json").is_file():
         (path / "tasks.json").write_text(json.dumps(info["tasks"].fingerprint(), indent=2))
+    if info.get("tasks") is not None and tasks_copy(path) is None:
+        write_tasks_copy(info["tasks"], path)  # the run's own copy: the task file may move after this
     if info["new"]:
+        resolved, typed = config_record(cfg)
+        (path / "config.typed.json").write_text(json.dumps(typed, indent=2))
         tmp = path / "config.json.tmp"
-        cfg.save(tmp)
+        tmp.write_text(json.dumps(resolved, indent=2))
         os.replace(tmp, path / "config.json")
     elif info["changes"]:
         rec = {"time": _now(), "step": info["checkpoint_step"],
@@ -180,8 +188,8 @@ def saved_config(run_dir, **over):
         raise ValueError(f"{str(run_dir)!r} has no config.json (not a run directory)")
     saved = json.loads(path.read_text())
     saved.setdefault("timestep_schedule", "linspace")  # what runs made before the option sampled with
-    cfg = TrainConfig(**saved)
-    return dataclasses.replace(cfg, zero_stage=None, **over).validate()
+    cfg = TrainConfig(**saved)  # run_dir as given now: the directory may have moved
+    return dataclasses.replace(cfg, zero_stage=None, run_dir=str(run_dir), **over).validate()
 
 
 def append_eval(run_dir, record: dict) -> Path:

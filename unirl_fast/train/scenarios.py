@@ -21,6 +21,10 @@ With a vision-language LM (`models.vlm`) the image-input scenarios (`understand`
 task's image to the LM: `understand` asks about the image instead of a text description of it, and the edits put the
 source image before the instruction in the LM's prompt and in the text the DiT is conditioned on (the DiT still gets
 its latents too). A text-only LM reads `understand`'s description (`context`) and edits without seeing the image.
+
+With a chat template (an instruct LM, `--chat-template`), every text the LM reads is the user's turn of a
+conversation, the assistant's turn after it: the LM's prompt (the instruction spelled out in the user's turn,
+`lm_prompt(chat=True)`) and the text the DiT is conditioned on (the query tokens follow the assistant header).
 """
 from __future__ import annotations
 
@@ -44,17 +48,24 @@ class Scenario:
         """The task carries an image the model works from (the understood scene, the edited source)."""
         return self.name == "understand" or self.edit
 
-    def lm_prompt(self, task, image: bool = False) -> str:
+    def lm_prompt(self, task, image: bool = False, chat: bool = False) -> str:
         """What the LM is given: the question after the scene's description (understand), or the drawing / edit
         request. image=True (a vision-language LM, image-input scenarios): the task's image (IMAGE_MARK) takes the
-        description's place, or goes before the edit request."""
+        description's place, or goes before the edit request. chat=True (an LM with a chat template): the user's turn
+        of a conversation, with the instruction spelled out (the template's assistant header is the cue) instead of
+        the raw `q: ... a: ` / `say: ` cues the tiny presets are trained on."""
         if self.name == "understand":
-            if image:
-                return f"{IMAGE_MARK}q: {task.prompt} a: "
-            if not task.context:
+            if not image and not task.context:
                 raise ValueError(f"{task.origin}: scenario 'understand' with an LM that has no vision tower needs the "
                                  "task's 'context' (a description of the image to read); this task has none")
-            return f"scene: {task.context}. q: {task.prompt} a: "
+            if chat:
+                scene = IMAGE_MARK if image else f"Scene: {task.context}.\n"
+                return f"{scene}Question: {task.prompt}\nReply with the answer only."
+            return f"{IMAGE_MARK}q: {task.prompt} a: " if image else f"scene: {task.context}. q: {task.prompt} a: "
+        if chat:
+            what = "the plain edit instruction" if self.edit else "a plain description of the image"
+            return (f"{IMAGE_MARK if image else ''}Rewrite this {'edit' if self.edit else 'drawing'} request as "
+                    f"{what} it asks for. Reply with that only.\nRequest: {task.prompt}")
         return f"{IMAGE_MARK if image else ''}{'edit' if self.edit else 'draw'}: {task.prompt}\nsay: "
 
     def dit_text(self, task, completion: str | None, image: bool = False) -> str:

@@ -32,9 +32,10 @@ from .config import check_reward_specs, resolve_device, reward_specs, use_device
 from .distributed import requested as _distributed_requested
 from .ema import ParamEMA
 from .forward_rl import forward_image_loss
+from .inputs import cast_frozen, check_inputs, load_run_model, run_tasks
 from .plots import N_SHOW
 from .preflight_checks import run_checks
-from .pretrain import pretrain, world_model_config
+from .pretrain import pretrain, run_lm_has_vision, world_model_config
 from .progress import bar, say
 from .rl import image_loss, reference_outputs, rollout, rollout_engines, score, text_loss
 from .rundir import check_run_dir, check_tasks_unchanged, create_or_resume, lock_run_dir, trim_metrics, unlock_run_dir
@@ -79,22 +80,12 @@ class Trainer:
         attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else _auto_attention()
         if model is not None:
             self.model = model
-        elif cfg.model_path:
-            from ..models import UnifiedModel
-
-            self.model = UnifiedModel.from_pretrained(cfg.model_path, device=resolve_device(cfg),
-                                                      attn_implementation=attn)
-        elif cfg.lm_path:
-            from ..models import UnifiedModel
-
-            kw = {k: getattr(cfg, k) for k in ("num_queries", "connector_dim", "connector_layers", "image_size")
-                  if getattr(cfg, k) is not None}
-            self.model = UnifiedModel.from_experts(cfg.lm_path, cfg.dit_path, cfg.vae_path, edit=self.scenario.edit,
-                                                   attn_implementation=attn, **kw).to(resolve_device(cfg))
-            log(f"model: LM {cfg.lm_path}, DiT {cfg.dit_path}" + (f", autoencoder {cfg.vae_path}" if cfg.vae_path
-                                                                   else "") + " (new queries and connector)")
+        elif cfg.model_path or cfg.lm_path:  # your model: from the run's copy of it once there is one
+            self.model = load_run_model(cfg, self.scenario, attn=attn, device=resolve_device(cfg), log=log,
+                                        write_copy=self.is_main and not readonly)
         else:
             self.model = pretrain(cfg, self.scenario, log=log, show=self.is_main)
+        cast_frozen(self.model, cfg, self.scenario)  # --frozen-dtype (a loaded model already has it)
         if cfg.fp8:
             from ..fp8 import convert_to_fp8  # the unified precision flow: rollout and training share these
 
@@ -130,7 +121,7 @@ class Trainer:
         self.eval_tasks = taskset.eval[: cfg.eval_prompts]
         self.reward = build_run_reward(cfg, self.scenario, resolve_device(cfg) if self.dist is None else
                                        self.model.device) if reward else None
-        log(f"tasks: {cfg.tasks} ({len(taskset.train)} train, {len(taskset.eval)} held-out); reward: "
+        log(f"tasks: {taskset.name} ({len(taskset.train)} train, {len(taskset.eval)} held-out); reward: "
             f"{self.reward.describe() if reward else 'not built'}")
         if self.is_main and not readonly:
             create_or_resume(cfg, run_info)  # the run exists from here: what failed before left no config.json
@@ -615,8 +606,10 @@ def preflight(cfg) -> dict:
     info = check_run_dir(cfg)
     check_run_files(cfg.run_dir)  # a checkpoint whose pickle would run code: refused here, read by nothing
     scenario = get_scenario(cfg.scenario)
-    info["tasks"] = load_run_tasks(cfg, scenario)  # a bad row or file fails here, with its file and line
-    check_tasks_unchanged(cfg.run_dir, info["tasks"])
+    check_inputs(cfg, scenario)  # the expert directories, a saved model, a chat template (not on a resume's copy)
+    info["tasks"], source = run_tasks(cfg, scenario, run_lm_has_vision(cfg, scenario))  # a bad row: file and line
+    if source == "source":
+        check_tasks_unchanged(cfg.run_dir, info["tasks"])
     check_reward_specs(cfg, scenario)  # imports a callable, looks for a CLIP directory: loads no model
     forward_rl.check_config(cfg, scenario)
     info["notes"] = run_checks(cfg, scenario, info["tasks"])  # LoRA, services, images, memory (preflight_checks)
@@ -635,12 +628,8 @@ def preflight(cfg) -> dict:
 
 
 def load_run_tasks(cfg, scenario):
-    from ..tasks import load_tasks
-    from .pretrain import run_lm_has_vision
-
-    return load_tasks(cfg.tasks, scenario, eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed,
-                      allow_outside_paths=cfg.allow_outside_paths,
-                      vision=run_lm_has_vision(cfg, scenario))
+    """The run's tasks: its source, or the run's copy of it when the source has gone."""
+    return run_tasks(cfg, scenario, run_lm_has_vision(cfg, scenario))[0]
 
 
 def build_run_reward(cfg, scenario, device):
@@ -714,8 +703,10 @@ def _samples(b, rows) -> list:
     out = []
     for i in rows:
         t, part = b.tasks[i], b.reward_parts[i]
-        src = b.sources[i].cpu() if b.sources is not None else None
-        if src is None and t.image is not None:  # the image an understanding question is about
+        src = b.sources[i].cpu() if b.sources is not None else None  # an edit's source, as the DiT saw it
+        if src is None and b.lm_images is not None:  # the image a VLM was asked about, as it saw it
+            src = b.lm_images[i]
+        elif src is None and t.image is not None:  # the image a text-only LM read a description of
             src = t.source_image(b.images.shape[-1] if b.images is not None else 32)
         out.append({"prompt": t.prompt, "text": b.completions[i] if b.completions else None,
                     "right": bool(part["answer"]) if "answer" in part else None,

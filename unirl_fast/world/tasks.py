@@ -71,11 +71,18 @@ class Task:
     def origin(self) -> str:
         return f"world task {self.prompt!r}"
 
-    def source_image(self, size: int):
-        """The source scene rendered [3, size, size] in [-1, 1], or None."""
+    def source_image(self, size: int, resize: str = "crop"):
+        """The source scene rendered [3, size, size] in [-1, 1], or None (rendered square: `resize` has nothing to
+        do)."""
         from .render import render_scene
 
         return None if self.source is None else render_scene(self.source, size)
+
+    def lm_image(self, size: int, max_pixels: int | None = None):
+        """What a vision-language LM sees of the scene: the same square render, smaller when size^2 > max_pixels."""
+        if max_pixels is not None and size * size > max_pixels:
+            size = max(1, int(max_pixels ** 0.5))
+        return self.source_image(size)
 
 
 def describe(spec) -> str:
