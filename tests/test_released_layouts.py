@@ -162,15 +162,18 @@ def _argv(inputs, run, tasks, *extra):
             "--max-new-tokens", "6", "--run-dir", str(run), *extra]
 
 
-def test_train_export_move_eval_resume(released, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("lora", [False, True])
+def test_train_export_move_eval_resume(released, tmp_path, monkeypatch, capsys, lora):
     """The sequence of the issue's check: bf16 shards / variant files / chat template / two EOS ids train (fp32 master
-    weights), export, the inputs move away, eval and resume still work from the run directory alone."""
+    weights), export, the inputs move away, eval and resume still work from the run directory alone (with LoRA the
+    checkpoints hold only the adapters and the connector: the rest comes from the run's copy)."""
     inputs = _inputs(released, tmp_path)
     _tasks(inputs / "data")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # relative paths as typed: config.json resolves them
-    argv = _argv(__import__("pathlib").Path("../inputs"), "run", "../inputs/data/t.jsonl", "--steps", "1")
+    extra = ["--lora-lm", "4,8", "--lora-dit", "4,8"] if lora else []
+    argv = _argv(__import__("pathlib").Path("../inputs"), "run", "../inputs/data/t.jsonl", *extra, "--steps", "1")
     assert main(argv) == 0
     run = work / "run"
     saved = json.loads((run / "config.json").read_text())
@@ -179,6 +182,7 @@ def test_train_export_move_eval_resume(released, tmp_path, monkeypatch, capsys):
     assert saved["tasks"] == str(inputs / "data" / "t.jsonl") and typed["tasks"] == "../inputs/data/t.jsonl"
     ck = load_checkpoint(latest_checkpoint(run))
     assert all(v.dtype == torch.float32 for k, v in ck["model"].items() if k.startswith(("lm.", "dit.")))
+    assert all("lora_" in k or k.startswith("connector.") for k in ck["model"]) == lora
     states = [t for s in ck["optim"]["state"].values() for t in s.values() if t.ndim > 0]
     assert states and all(t.dtype == torch.float32 for t in states)
     copy = run / "base" / "model"
@@ -186,6 +190,8 @@ def test_train_export_move_eval_resume(released, tmp_path, monkeypatch, capsys):
     assert json.loads((copy / "lm" / "generation_config.json").read_text())["eos_token_id"] == [
         ids["<|im_end|>"], ids["<|endoftext|>"]]
     assert (copy / "lm" / "preprocessor_config.json").is_file() and (run / "base" / "tasks" / "tasks.jsonl").is_file()
+    assert saved["timestep_schedule"] == "diffusers" and saved["image_shift"] == 3.0  # the pipeline's scheduler
+    assert (copy / "scheduler" / "scheduler_config.json").is_file()  # read again on a resume
     from unirl_fast.models.experts import file_dtype
 
     assert file_dtype(copy / "dit") == torch.bfloat16  # a lossless copy at the files' dtype
@@ -242,6 +248,13 @@ def test_bf16_files_train_fp32_master_weights(released, tmp_path, frozen):
         frozen_dtype = torch.float32 if frozen == "fp32" else torch.bfloat16
         assert t.model.vae.dtype == frozen_dtype
         assert t.model.lm.dtype == (torch.float32 if scenario == "reason-generate" else frozen_dtype)
+
+
+def test_frozen_dtype_under_deepspeed_is_refused(tmp_path, capsys):
+    argv = ["train", "--config", "smoke", "--zero-stage", "2", "--frozen-dtype", "bf16", "--run-dir"]
+    assert main(argv + [str(tmp_path / "r")]) == 2
+    assert "--frozen-dtype bf16 under DeepSpeed ZeRO is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_plan_counts_frozen_experts_at_their_dtype(capsys):

@@ -593,7 +593,13 @@ def image_schedule(cfg) -> tuple[str, float]:
     from ..rollout.schedule import pipeline_schedule
 
     given = cfg.timestep_schedule != "auto" and cfg.image_shift is not None
-    implied = pipeline_schedule(cfg.dit_path) if cfg.dit_path is not None and not given else None
+    dit = cfg.dit_path
+    if dit is not None:  # a resumed run reads its own copy of the pipeline (train.inputs): the inputs may have moved
+        from .inputs import model_copy
+
+        copy = model_copy(cfg.run_dir)
+        dit = dit if copy is None else copy / "dit"
+    implied = pipeline_schedule(dit) if dit is not None and not given else None
     kind = cfg.timestep_schedule if cfg.timestep_schedule != "auto" else implied[0] if implied else "linspace"
     shift = cfg.image_shift if cfg.image_shift is not None else implied[1] if implied else 1.0
     return kind, shift

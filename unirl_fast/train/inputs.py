@@ -4,7 +4,8 @@ the run directory's own copies of them, so that the run directory is self-contai
     <run_dir>/base/model/   the model the run started from, in the split layout (`UnifiedModel.save_pretrained`):
                             lm/ with its tokenizer (and the chat template in use), generation config and image
                             processor, dit/, vae/, the initial connector; each expert's weights in the dtype its input
-                            files had (a bf16 release stays bf16 on disk: a lossless copy at half the fp32 size)
+                            files had (a bf16 release stays bf16 on disk: a lossless copy at half the fp32 size);
+                            scheduler/ when the DiT came from a pipeline (its sampling-schedule default)
     <run_dir>/base/tasks/   tasks.jsonl (every task's fields and split, as JSON) and images/ (each task image file
                             hard-linked or copied; an image held in memory saved as PNG)
 
@@ -115,6 +116,11 @@ def movable_fields(run_dir, saved: dict) -> tuple:
 def check_inputs(cfg, scenario) -> None:
     """Every input directory and file checked before any work (ValueError, one line); nothing to check when the run
     already holds its copy of the model (a resume reads that)."""
+    from .distributed import requested
+
+    if cfg.frozen_dtype != "fp32" and requested(cfg):
+        raise ValueError(f"bad config: --frozen-dtype {cfg.frozen_dtype} under DeepSpeed ZeRO is not supported (ZeRO "
+                         "here is tested with fp32 weights only): use --frozen-dtype fp32")
     if model_copy(cfg.run_dir) is not None:
         return
     if cfg.model_path is not None and not (Path(cfg.model_path) / "unified_config.json").is_file():
@@ -196,18 +202,24 @@ def load_run_model(cfg, scenario, *, attn: str, device, log, write_copy: bool):
     if isinstance(model.tokenizer, HFTokenizer):
         model.tokenizer.use_chat_template(template)
     if copy is None and write_copy:
-        write_model_copy(model, cfg.run_dir, log)
+        write_model_copy(model, cfg.run_dir, log, cfg.dit_path)
     return model
 
 
-def write_model_copy(model, run_dir, log) -> Path:
-    """base/model: the model as it starts, each expert in its input files' dtype (written to a temporary directory and
-    renamed, so a crash leaves no half copy)."""
+def write_model_copy(model, run_dir, log, dit_path=None) -> Path:
+    """base/model: the model as it starts, each expert in its input files' dtype, and the scheduler config of the DiT's
+    pipeline where it has one (scheduler/ beside dit/, as in the pipeline: the sampling schedule's default); written to
+    a temporary directory and renamed, so a crash leaves no half copy."""
+    from ..rollout.schedule import scheduler_config_path
+
     final = Path(run_dir).joinpath(*MODEL_COPY)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     dtypes = {k: v for k, v in model.file_dtypes.items() if v is not None}
     model.save_pretrained(tmp, dtypes=dtypes)
+    if dit_path is not None and scheduler_config_path(dit_path).is_file():
+        (tmp / "scheduler").mkdir()
+        shutil.copy2(scheduler_config_path(dit_path), scheduler_config_path(tmp / "dit"))
     os.replace(tmp, final)
     log(f"model: copied into {final} (export, eval and resume read it; the inputs may move)")
     return final
