@@ -297,6 +297,35 @@ def test_vlm_sees_task_images_at_their_aspect_ratio(released, tmp_path):
     assert vlm.is_vlm(t.model.lm)
 
 
+def test_the_runs_copy_of_its_tasks_keeps_fields_splits_and_images(tmp_path):
+    """base/tasks: JSON rows and image files (a file hard-linked or copied; an image in memory, meta included, as PNG);
+    read back after the source is gone, the same tasks with the same pixels; a meta value JSON cannot keep means no
+    copy, said in a warning."""
+    from PIL import Image
+
+    from unirl_fast.tasks import Task, TaskSet, load_tasks
+    from unirl_fast.train.inputs import read_tasks_copy, write_tasks_copy
+    from unirl_fast.train.scenarios import get_scenario
+
+    src = load_tasks(str(_tasks(tmp_path / "data", size=(40, 20))), get_scenario("edit"))
+    extra = Task("in memory", image=Image.new("RGB", (6, 4), (1, 2, 3)), meta={"mask": Image.new("L", (2, 2), 7),
+                                                                              "tags": ["a", 1]}, origin="mem:1")
+    ts = TaskSet("t.jsonl", src.train + [extra], src.eval)
+    copy = write_tasks_copy(ts, tmp_path / "run")
+    pixels = [t.lm_image(32) for t in ts.train + ts.eval]
+    shutil.rmtree(tmp_path / "data")  # the source goes
+    back = read_tasks_copy(copy, "t.jsonl")
+    assert [t.prompt for t in back.train] == [t.prompt for t in ts.train] and len(back.eval) == len(ts.eval)
+    for a, b, want in zip(ts.train + ts.eval, back.train + back.eval, pixels):
+        assert (a.answer, a.context, a.origin) == (b.answer, b.context, b.origin)
+        assert torch.equal(b.lm_image(32), want)
+    assert tuple(back.train[0].lm_image(32).shape) == (3, 20, 40) and back.train[-1].meta["tags"] == ["a", 1]
+    assert back.train[-1].meta["mask"].getpixel((0, 0)) == 7
+    with pytest.warns(UserWarning, match="keeps no copy of its tasks .* type object is not JSON"):
+        assert write_tasks_copy(TaskSet("x", [Task("p", meta={"o": object()})], src.eval), tmp_path / "r2") is None
+    assert not (tmp_path / "r2" / "base" / "tasks").exists()
+
+
 def test_dit_resize_rules(tmp_path):
     from PIL import Image
 
