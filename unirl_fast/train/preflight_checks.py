@@ -175,9 +175,8 @@ def _meta_model(cfg, scenario):
 
     from ..models import UnifiedModel
     from ..models.config import UnifiedConfig
-    from .pretrain import world_model_config
-
     from .inputs import model_copy
+    from .pretrain import world_model_config
 
     copy = model_copy(cfg.run_dir) if (cfg.lm_path or cfg.model_path) else None
     if copy is not None:  # a resume builds from the run's copy (its inputs may have moved)
