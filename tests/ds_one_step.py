@@ -125,5 +125,7 @@ print("RESULT " + json.dumps({
     "update_rel": max_rel({k: ds_params[k] - v for k, v in start.items()},
                           {k: plain_params[k] - v for k, v in start.items()}, 1.0),
     "moved": moved, "grad_norm_plain": gnorm, "grad_norm_ds": rec_ds["grad_norm"],
+    "ref_local_numel": sum(p.numel() for p in ds.ref.parameters()),  # ZeRO-3: partitioned (0 here)
+    "ref_numel": sum(getattr(p, "ds_numel", p.numel()) for p in ds.ref.parameters()),
     "loss_plain": rec_plain.get("text_loss", 0.0) + rec_plain.get("image_loss", 0.0),
     "loss_ds": rec_ds.get("text_loss", 0.0) + rec_ds.get("image_loss", 0.0)}), flush=True)

@@ -113,6 +113,8 @@ def test_two_rank_step_matches_the_single_process_trainer(stage, loss_type, tmp_
         assert res["update_rel"] < 1e-2, res  # AdamW through ZeRO with the per-expert learning rates
         assert _close(res["grad_norm_ds"], res["grad_norm_plain"]), res
         assert _close(res["loss_ds"], res["loss_plain"], 1e-4), res
+        if stage == 3:  # the frozen reference (beta_velocity > 0) is partitioned like the weights: no full copy
+            assert res["ref_numel"] > 0 and res["ref_local_numel"] == 0, res
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=["zero2", "zero3"])

@@ -367,6 +367,10 @@ def _cmd_plan(args) -> int:
         with torch.device("meta"):  # shapes only: nothing is allocated, nothing is read
             model = UnifiedModel(cfg.replace(edit=sc.edit) if sc.edit != cfg.edit else cfg)
             trainable = lora_trainable(model, sc, args.lora_lm, args.lora_dit)
+            if args.fp8:
+                from .fp8 import convert_to_fp8
+
+                convert_to_fp8(model)
             plan = memory_plan(model, train_lm=sc.train_lm, train_dit=sc.train_dit, batch=args.batch,
                                micro_batch=args.micro_batch, prompt_len=args.prompt_len,
                                completion_len=args.completion_len, trained_steps=args.trained_steps, gpus=args.gpus,
@@ -374,7 +378,9 @@ def _cmd_plan(args) -> int:
                                grad_ckpt_lm=not args.no_grad_ckpt,
                                grad_ckpt_dit=not args.no_grad_ckpt,
                                reference=not lora_reference(args.lora_lm, args.lora_dit, sc), trainable=trainable,
-                               rollout={"lm_writes": sc.lm_writes, "draws": sc.draws, "guidance": False})
+                               rollout={"lm_writes": sc.lm_writes, "draws": sc.draws, "guidance": False},
+                               ema=args.ema, fp8=args.fp8,
+                               cond_len=args.completion_len if sc.lm_writes else args.prompt_len)
     except (ValueError, ImportError) as e:
         print(f"unirl-fast plan: {e}", file=sys.stderr)
         return 2
@@ -404,6 +410,8 @@ def _add_plan_parser(sub) -> None:
                     help="weights of the experts the scenario does not train and of the autoencoder (train's "
                          "--frozen-dtype; trained weights are fp32)")
     pl.add_argument("--no-grad-ckpt", action="store_true", help="without gradient checkpointing")
+    pl.add_argument("--fp8", action="store_true", help="the run converts its eligible Linear layers to FP8")
+    pl.add_argument("--ema", action="store_true", help="the run keeps an EMA of the trained weights (--ema-decay)")
     pl.add_argument("--lora-lm", default=None, metavar="R,ALPHA[,MODULES]")
     pl.add_argument("--lora-dit", default=None, metavar="R,ALPHA[,MODULES] | default")
     pl.add_argument("--json", action="store_true")

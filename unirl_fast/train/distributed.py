@@ -36,8 +36,10 @@ used outside their own module's forward (the LM head in the fused policy loss, t
 are registered as external parameters of the step module. Rollout and evaluation run inside DeepSpeed's
 `unwrap_model_for_generation` (one all-gather of the full weights, hooks off): token-by-token decoding with per-layer
 gathers would be far slower, and the tiny-to-medium models this trainer targets fit whole on one device. The frozen
-reference is a plain copy on every rank, never given to DeepSpeed (it is small next to the optimizer state; a large
-reference would want ZeRO-3 inference init).
+reference copy is partitioned the same way at ZeRO-3 (a second engine, without an optimizer: ZeRO-3 inference), so a
+rank keeps 1/N of it; the reference phase (and a cycle-back edit by the reference) gathers it whole like rollout
+(`reference_weights`). At ZeRO-2 it is a plain copy on every rank. With LoRA on every trained expert there is no
+copy (the policy with its adapters off).
 
 Base model: rank 0 pretrains (or loads) first and writes the cache, the others wait and then read the cache, so
 no two ranks write one directory; every rank ends with the same bits.
@@ -55,13 +57,14 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .checkpoint import fsync_tree, publish_checkpoint, read_entry, weights_only_loads, write_entry
+from .scenarios import get_scenario
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -166,6 +169,8 @@ class DeepSpeedRuntime:
             self.device = torch.device("cpu")
         self.is_main = self.rank == 0
         self.engine = None
+        self.ref_engine = None  # ZeRO-3: the partitioned frozen reference (wrap)
+        self._ref_gathered = False
 
     # set-up ---------------------------------------------------------------------------------------------------
     def main_first_enter(self):
@@ -190,6 +195,24 @@ class DeepSpeedRuntime:
         self.engine, *_ = self.ds.initialize(model=module, optimizer=trainer.opt, config=self.ds_config)
         trainer.opt = self.engine.optimizer
         trainer.gen.manual_seed(self.cfg.seed + self.rank)
+        if self.stage == 3 and trainer.ref is not None:  # the frozen copy partitioned too: 1/N of it per rank
+            self.ref_engine, *_ = self.ds.initialize(model=_StepModule(trainer.ref), config=self.ds_config)
+
+    @contextmanager
+    def reference_weights(self):
+        """Context for a phase that runs the frozen reference copy: at ZeRO-3 its full weights (one gather, a
+        collective: every rank enters; nested entries gather nothing more)."""
+        if self.ref_engine is None or self._ref_gathered:
+            yield
+            return
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        self._ref_gathered = True
+        try:
+            with unwrap_model_for_generation(self.ref_engine):
+                yield
+        finally:
+            self._ref_gathered = False
 
     @staticmethod
     def _external_params(model):
@@ -251,8 +274,10 @@ class DeepSpeedRuntime:
         return out
 
     def evaluate(self, run_eval):
-        """Rank 0 evaluates with the full weights; the numbers (not the sample-sheet images) reach every rank."""
-        with self.full_weights():
+        """Rank 0 evaluates with the full weights; the numbers (not the sample-sheet images) reach every rank. An edit
+        evaluation whose cycle-back is the reference gathers that too, on every rank (the gather is collective)."""
+        cycle_ref = self.cfg.cycle_back == "reference" and get_scenario(self.cfg.scenario).edit
+        with self.full_weights(), self.reference_weights() if cycle_ref else nullcontext():
             res = [run_eval() if self.is_main else None]
             dist.barrier()
         if self.is_main:

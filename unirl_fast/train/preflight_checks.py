@@ -132,7 +132,7 @@ def check_memory(cfg, scenario, tasks) -> list:
                        reference=not lora_reference(cfg.lora_lm, cfg.lora_dit, scenario),
                        trainable=lora_trainable(model, scenario, cfg.lora_lm, cfg.lora_dit),
                        rollout={"lm_writes": scenario.lm_writes, "draws": scenario.draws,
-                                "guidance": cfg.guidance_scale != 1.0})
+                                "guidance": cfg.guidance_scale != 1.0}, ema=cfg.ema_decay > 0)
     need = plan["stages"][stage]
     have, where = _available(dev, torch)
     if have is None:
@@ -143,9 +143,10 @@ def check_memory(cfg, scenario, tasks) -> list:
 
 
 def _too_big(need: dict, have: float, where: str) -> str:
-    parts = {k: v for k, v in need.items() if k != "total"}
+    parts = {k: v for k, v in need.items() if k not in ("total", "peak_phase")}
     big = max(parts, key=parts.get)
-    lower = {"rollout": "--group-size or --prompts-per-step (the rollout holds the step's whole batch at once)",
+    whole_batch = "--group-size or --prompts-per-step (the rollout holds the step's whole batch at once)"
+    lower = {"rollout": whole_batch, "kv_cache": whole_batch,
              "activations": "--micro-batch (or turn on --grad-ckpt-lm / --grad-ckpt-dit)"}.get(
         big, "the model: a smaller --preset, LoRA (--lora-lm / --lora-dit), or --zero-stage 3 on more GPUs")
     shown = ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items() if v)

@@ -182,7 +182,8 @@ class Trainer:
         """The frozen reference model for the duration: the copy, or the policy with its adapters off and the base
         connector swapped in (put back after, also on an error)."""
         if self.ref is not None:
-            yield self.ref
+            with self.dist.reference_weights() if self.dist is not None else contextlib.nullcontext():
+                yield self.ref  # ZeRO-3: the partitioned copy gathered for the phase
             return
         from ..models.lora import adapters_disabled
 
@@ -411,6 +412,7 @@ class Trainer:
         params = [p for g in self.opt.param_groups for p in g["params"]]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # freed now: rollout and the reference phase never hold them
         return gnorm
 
     def _engines(self):
