@@ -169,3 +169,53 @@ def test_no_bar_off_a_terminal(capsys):
     say("a line")
     out = capsys.readouterr()
     assert out.err == "" and out.out == "a line\n"
+
+
+def test_a_part_equal_to_the_total_is_not_drawn_twice():
+    from unirl_fast.train.plots import reward_series
+
+    one_term = [{"phase": "train", "step": s, "reward": r, "reward_score": r} for s, r in ((1, 0.2), (2, 0.4))]
+    assert list(reward_series(one_term)) == ["train reward (batch mean)"]
+    two = [{**r, "reward_score": r["reward"] / 2, "reward_fmt": r["reward"] / 2} for r in one_term]
+    assert list(reward_series(two)) == ["train reward (batch mean)", "train score", "train fmt"]
+
+
+def test_threads_default_to_one_on_a_cpu_unless_asked(monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from unirl_fast.train import PRESETS
+    from unirl_fast.train.config import use_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        cfg = dataclasses.replace(PRESETS["smoke"], device="cpu")
+        assert use_threads(cfg) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert use_threads(cfg) == 2
+        assert use_threads(dataclasses.replace(cfg, threads=3)) == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        dataclasses.replace(cfg, threads=0).validate()
+
+
+def test_a_renamed_task_file_with_the_same_content_resumes(tmp_path, capsys, monkeypatch):
+    import reward_fns
+
+    monkeypatch.syspath_prepend(os.path.dirname(reward_fns.__file__))
+    rows = "".join(json.dumps({"prompt": f"{n} red squares"}) + "\n" for n in range(1, 9))
+    (tmp_path / "a.jsonl").write_text(rows)
+    run = tmp_path / "run"
+    argv = [*SMOKE, "--run-dir", str(run), "--scenario", "generate", "--reward", "reward_fns:prompt_length"]
+    assert main([*argv, "--tasks", str(tmp_path / "a.jsonl"), "--steps", "1"]) == 0
+    (tmp_path / "a.jsonl").rename(tmp_path / "b.jsonl")
+    assert main([*argv, "--tasks", str(tmp_path / "b.jsonl"), "--steps", "2"]) == 0
+    resume = json.loads((run / "resumes.jsonl").read_text().splitlines()[-1])
+    assert resume["changes"]["tasks"] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    (tmp_path / "c.jsonl").write_text(rows + json.dumps({"prompt": "one more"}) + "\n")
+    capsys.readouterr()
+    assert main([*argv, "--tasks", str(tmp_path / "c.jsonl"), "--steps", "3"]) == 2
+    assert "was created with other tasks" in capsys.readouterr().err

@@ -311,17 +311,21 @@ def _cmd_export(args) -> int:
     from pathlib import Path
 
     from .train import Trainer
+    from .train.progress import bar, say
     from .train.rundir import saved_config
 
     out = Path(args.out)
+    progress = bar(3, "export", unit="part")  # load the run, fold EMA / LoRA in, write
     try:
         cfg = saved_config(args.run_dir)
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"{args.out!r} exists and is not empty")
-        trainer = Trainer(cfg, readonly=True, reward=False, log=lambda *a: print(*a, file=sys.stderr))
+        trainer = Trainer(cfg, readonly=True, reward=False, log=lambda *a: say(*a, file=sys.stderr))
     except (ValueError, FileNotFoundError) as e:
+        progress.close()
         print(f"unirl-fast export: {e}", file=sys.stderr)
         return 2
+    progress.update(1)
     if trainer.step == 0:
         print(f"unirl-fast export: {args.run_dir!r} has no checkpoint yet", file=sys.stderr)
         return 2
@@ -335,8 +339,11 @@ def _cmd_export(args) -> int:
         from .models.lora import merge_lora
 
         merged = merge_lora(model)
-        print(f"merged {merged} LoRA layers into the weights", file=sys.stderr)
+        say(f"merged {merged} LoRA layers into the weights", file=sys.stderr)
+    progress.update(1)
     model.save_pretrained(out)
+    progress.update(1)
+    progress.close()
     print(json.dumps({"run_dir": args.run_dir, "step": trainer.step, "out": str(out)}))
     return 0
 

@@ -190,6 +190,9 @@ class TrainConfig:
     fp8: bool = _f(False, "FP8 unified precision flow: eligible Linear layers run in FP8 in rollout and training "
                    "(needs a preset with 128-divisible widths, e.g. tiny-fp8)")
     device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    threads: int | None = _f(None, "CPU threads per process for PyTorch's ops (torch.set_num_threads); default: "
+                             "$OMP_NUM_THREADS when set, else 1 on a CPU device (2 threads on a shared 2-core machine "
+                             "ran up to 50x slower: README), PyTorch's own on CUDA")
     pretrain_dit_steps: int = _f(600, "flow-matching warm-up steps of the DiT and connector (cached per settings)")
     pretrain_lm_steps: int = _f(300, "supervised warm-up steps of the LM")
     pretrain_batch: int = _f(32, "warm-up batch")
@@ -265,6 +268,8 @@ class TrainConfig:
 
             if not torch.cuda.is_available():
                 bad(f"device {self.device!r} was requested but CUDA is not available")
+        if self.threads is not None and self.threads < 1:
+            bad(f"threads must be >= 1, got {self.threads}")
         if self.zero_stage is not None and self.zero_stage not in (2, 3):
             bad(f"zero_stage must be 2 or 3 (ZeRO-2 / ZeRO-3 under DeepSpeed), got {self.zero_stage}")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
@@ -622,6 +627,20 @@ def resolve_device(cfg):
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+def use_threads(cfg) -> int:
+    """The run's intra-op CPU threads: --threads, else $OMP_NUM_THREADS when set, else 1 on a CPU device (PyTorch's
+    default of one per core spins OpenMP threads that collapse when other work shares the cores: measured in the
+    README), else PyTorch's own."""
+    import torch
+
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    n = cfg.threads if cfg.threads is not None else int(env) if env.isdigit() and int(env) > 0 else \
+        1 if resolve_device(cfg).type == "cpu" else None
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def use_device(cfg):

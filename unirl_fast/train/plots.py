@@ -73,7 +73,8 @@ def save_samples(columns: dict, path, title: str) -> Path:
 
 def reward_series(recs) -> dict:
     """label -> (steps, values) of what the reward plot draws: the train reward (batch mean), each of its parts
-    (the reward terms and their named parts), and the held-out reward."""
+    (the reward terms and their named parts; not a part equal to the total at every step), and the held-out
+    reward."""
     train = [r for r in recs if r.get("phase") == "train"]
     evals = [r for r in recs if r.get("phase") == "eval"]
     out = {}
@@ -81,6 +82,8 @@ def reward_series(recs) -> dict:
         out["train reward (batch mean)"] = ([r["step"] for r in train], [r["reward"] for r in train])
         for k in [k for k in train[-1] if k.startswith("reward_")]:
             pts = [(r["step"], r[k]) for r in train if k in r]
+            if all(r.get(k) == r["reward"] for r in train):  # the one term, unweighted: it is the total, drawn
+                continue  # already (its line would lie exactly under the total's, a legend entry with no line)
             out[f"train {k[len('reward_'):]}"] = ([s for s, _ in pts], [v for _, v in pts])
     if evals:
         out["held-out reward"] = ([r["step"] for r in evals], [r["eval_reward"] for r in evals])

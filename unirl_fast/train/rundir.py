@@ -34,7 +34,7 @@ from .inputs import config_record, movable_fields, same_value, tasks_copy, write
 _HELD: dict = {}  # run directory (resolved) -> the fd of its .lock held by this process
 
 RESUMABLE = ("steps", "eval_every", "eval_prompts", "eval_samples", "save_every", "keep_checkpoints", "device",
-             "impl", "run_dir", "report_to",  # run_dir: a run directory may be moved or copied
+             "threads", "impl", "run_dir", "report_to",  # run_dir: a run directory may be moved or copied
              "allow_outside_paths",  # where the task files may point, not what the data is: tasks.json checks that
              "reward_timeout", "reward_retries", "reward_concurrency", "reward_batch_size",
              "reward_token_env", "reward_allow_insecure_token",

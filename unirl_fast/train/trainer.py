@@ -28,7 +28,7 @@ from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
 from . import forward_rl
 from .checkpoint import check_run_files, latest_checkpoint, load_checkpoint, read_entry, save_checkpoint, write_entry
-from .config import check_reward_specs, resolve_device, reward_specs, use_device, with_image_schedule
+from .config import check_reward_specs, resolve_device, reward_specs, use_device, use_threads, with_image_schedule
 from .distributed import requested as _distributed_requested
 from .ema import ParamEMA
 from .forward_rl import forward_image_loss
@@ -64,6 +64,7 @@ class Trainer:
             log = log if self.dist.is_main else (lambda *a, **k: None)
         else:
             use_device(cfg)
+        use_threads(cfg)
         self.is_main = self.dist is None or self.dist.is_main  # the process that logs, writes metrics and plots
         self.log = log
         self.scenario = get_scenario(cfg.scenario)
