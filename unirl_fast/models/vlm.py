@@ -18,9 +18,11 @@ How an image reaches the LM:
 
 One image per row: every row of a batch that carries images has exactly one `IMAGE_MARK` in its text. The PIL
 variant of the image processor is used because it needs no torchvision (the plain `Qwen2VLImageProcessor` of
-transformers 5.x does); both transformers 5.17 and 5.24 ship it. Images keep their size when it is a multiple of
-patch * merge (min_pixels = (patch * merge)^2), so the tiny world's 32 px scenes become 16 image tokens; an LM
-directory with a preprocessor_config.json (a released checkpoint) uses its settings instead.
+transformers 5.x does), from transformers 5.5 on (5.4's PIL variant still requires it); under 5.5.0-5.5.3 the decode
+at the rope deltas differs from a full forward by ~1e-3 (tests/test_vlm.py), so 5.5.4 is the oldest that works.
+Images keep their size when it is a multiple of patch * merge (min_pixels = (patch * merge)^2), so the tiny world's
+32 px scenes become 16 image tokens; an LM directory with a preprocessor_config.json (a released checkpoint) uses its
+settings instead.
 
 The tiny world's VLM (`tiny_vlm_lm`) extends the char tokenizer's vocabulary by four special tokens after its 100
 ids: <|vision_start|> 100, <|vision_end|> 101, <|image_pad|> 102, <|video_pad|> 103 (the last only because the
