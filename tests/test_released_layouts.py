@@ -227,6 +227,25 @@ def _ids(qwen) -> dict:
     return {s: tok.convert_tokens_to_ids(s) for s in SPECIALS}
 
 
+def test_a_run_made_before_these_options_resumes_and_evaluates_as_it_ran(released, tmp_path, capsys):
+    """config.json of an earlier version has no chat_template / image_resize: it ran raw prompts and stretched task
+    images, so eval uses those, and a resume with today's defaults is refused naming them."""
+    from unirl_fast.train.rundir import saved_config
+
+    run = tmp_path / "run"
+    argv = _argv(released, run, _tasks(tmp_path / "data"), "--steps", "1")
+    assert main(argv + ["--chat-template", "none", "--image-resize", "stretch"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    del saved["chat_template"], saved["image_resize"]
+    (run / "config.json").write_text(json.dumps(saved))
+    cfg = saved_config(run)
+    assert (cfg.chat_template, cfg.image_resize) == ("none", "stretch")
+    capsys.readouterr()
+    assert main(argv[:-2] + ["--steps", "2"]) == 2
+    assert "chat_template 'none' -> 'auto', image_resize 'stretch' -> 'crop'" in capsys.readouterr().err
+    assert main(argv[:-2] + ["--steps", "2", "--chat-template", "none", "--image-resize", "stretch"]) == 0
+
+
 @pytest.mark.parametrize("frozen", ["fp32", "file"])
 def test_bf16_files_train_fp32_master_weights(released, tmp_path, frozen):
     """--precision bf16 over bf16 files: every trained parameter and optimizer state is fp32; frozen experts (the

@@ -100,6 +100,18 @@ def same_value(field: str, saved, now) -> bool:
     return False
 
 
+def earlier_defaults(saved: dict) -> dict:
+    """What a run made before these options did, where today's default would do otherwise: raw prompts for an HF
+    tokenizer (chat_template "none"), task images stretched into the DiT's square (image_resize "stretch"). A resume
+    then compares with those, and `eval` evaluates as the run trained."""
+    out = {}
+    if saved.get("lm_path") or saved.get("model_path"):
+        out["chat_template"] = "none"
+    if saved.get("tasks", "world") != "world":
+        out["image_resize"] = "stretch"
+    return out
+
+
 def movable_fields(run_dir, saved: dict) -> tuple:
     """Fields a resume may change because the run reads its own copy of that input, not the input."""
     out = ()

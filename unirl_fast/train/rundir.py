@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 
 from .checkpoint import latest_checkpoint
-from .inputs import config_record, movable_fields, same_value, tasks_copy, write_tasks_copy
+from .inputs import config_record, earlier_defaults, movable_fields, same_value, tasks_copy, write_tasks_copy
 
 _HELD: dict = {}  # run directory (resolved) -> the fd of its .lock held by this process
 
@@ -70,6 +70,7 @@ def check_run_dir(cfg) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{saved_path} is not valid JSON ({e}); pick another --run-dir") from None
     saved.setdefault("timestep_schedule", "linspace")  # what runs made before the option sampled with
+    saved = {**earlier_defaults(saved), **saved}  # and before the options of released checkpoints
     now = config_record(cfg)[0]  # as config.json holds it (tuples are lists there, input paths resolved)
     changes = {k: (saved.get(k), v) for k, v in now.items() if k in saved and not same_value(k, saved[k], v)}
     allowed = RESUMABLE + movable_fields(path, saved)  # + inputs the run reads from its own copy
@@ -188,6 +189,7 @@ def saved_config(run_dir, **over):
         raise ValueError(f"{str(run_dir)!r} has no config.json (not a run directory)")
     saved = json.loads(path.read_text())
     saved.setdefault("timestep_schedule", "linspace")  # what runs made before the option sampled with
+    saved = {**earlier_defaults(saved), **saved}  # and before the options of released checkpoints
     cfg = TrainConfig(**saved)  # run_dir as given now: the directory may have moved
     return dataclasses.replace(cfg, zero_stage=None, run_dir=str(run_dir), **over).validate()
 
