@@ -20,10 +20,12 @@ setup(
         "torch>=2.4",
         # Triton ships Linux x86_64 wheels only; elsewhere the reference ops still work.
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        # 5.4: the first with Qwen2VLImageProcessorPil and get_rope_index(input_ids, mm_token_type_ids, ...),
-        # which the vision-language expert uses; tested with 5.17, 5.24 and 5.25 (5.25 imports Hugging Face's
-        # `kernels`, which our top-level kernels/ folder must not shadow)
-        "transformers>=5.4",
+        # 5.5.4: the oldest the real-run tests pass with (5.4 has the PIL Qwen2-VL image processor and the
+        # mm_token_type_ids get_rope_index the VLM expert uses, but its processor still needs torchvision, and
+        # 5.5.0-5.5.3 decode at the rope offsets 1e-3 off a full forward); tested with 5.5.4, 5.17, 5.24, 5.25
+        # (5.25 imports Hugging Face's `kernels`, which our kernels/ folder must not shadow; 5.5.x in turn fails to
+        # import with kernels 0.19: pin kernels<0.13 if you must stay on 5.5)
+        "transformers>=5.5.4",
         "numpy",
         "nvidia-ml-py",
         "tqdm",
