@@ -8,7 +8,8 @@ the host, which the trainer cannot change.
 
 The bound, per train step of reason-generate (text and image rollout, reference log-probs and velocities, both
 losses): SYNC_BOUND = 9 counted, measured the same with micro-batches 4 / 2 / 1, 8 or 40 new tokens and 4 or 9
-sampler steps (the code before this audit: 62, and 129 / 64 / 67 with 1 micro-batch / 40 tokens / 9 steps). They are:
+sampler steps, or a moving SDE window with branching, DPM-Solver++(2M) and a compressed ODE tail (train.sampler; the
+code before this audit: 62, and 129 / 64 / 67 with 1 micro-batch / 40 tokens / 9 steps). They are:
 - the rollout: the LM prefill's padding check (transformers, once per generate), the completions' ids and mask
   read once for decoding, the reward's scores and part read once each (a device-side reward: 2), the group
   advantages' `unique` and group count on the host rewards (host data: no GPU sync);
@@ -62,7 +63,10 @@ def test_bound_per_step(base_count):
 
 
 @pytest.mark.parametrize("change", [dict(micro_batch=1), dict(micro_batch=2), dict(max_new_tokens=40),
-                                    dict(image_steps=9, sde_window=3)])
+                                    dict(image_steps=9, sde_window=3),
+                                    dict(image_steps=9, sde_window=2, window="slide", window_every=1,
+                                         branch_at="window", ode_solver="dpm2", ode_tail=0.5, old_logp="rollout")],
+                         ids=["micro1", "micro2", "tokens40", "steps9", "scheduler"])
 def test_syncs_do_not_grow(base_count, tmp_path, monkeypatch, change):
     syncs = step_syncs(tmp_path, monkeypatch, **change)
     assert syncs.total == base_count.total, (dict(syncs.where), dict(base_count.where))

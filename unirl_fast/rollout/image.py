@@ -32,7 +32,7 @@ from ..fp8.linear import has_fp8_layers, with_fp8_weight_cache
 from ..models.unified import Conditioning
 from ..ops import cfg_velocity, flow_sde_step, flow_step_logprob
 from ..ops.flow import LOGPROB_KINDS, check_schedule
-from .schedule import SCHEDULES, timestep_schedule
+from .schedule import ODE_SOLVERS, SCHEDULES, compress_tail, dpm2_coefficients, timestep_schedule
 
 SDE_KINDS = ("sde", "cps", "ode")
 
@@ -49,6 +49,9 @@ class ImageSamplingParams:
     decode: bool = True
     logprob: str = "gaussian"  # "flow_grpo": Flow-GRPO's cps step score -(x_next - mean)^2 (FORMULAS.md 4)
     schedule: str = "linspace"  # or "diffusers" (rollout.schedule)
+    branch_at: int | None = None  # K: the first K steps run once per prefix (see `ImageEngine.sample`'s branches)
+    ode_solver: str = "euler"  # or "dpm2": DPM-Solver++(2M) on the ODE steps (rollout.schedule.dpm2_coefficients)
+    ode_tail: float = 1.0  # < 1: the ODE steps after the last stochastic one re-spaced into fewer (compress_tail)
 
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps <= 0:
@@ -71,6 +74,27 @@ class ImageSamplingParams:
         C.check_finite_scalar("guidance_scale", self.guidance_scale)
         C.check_option("logprob", self.logprob, LOGPROB_KINDS)
         C.check_option("schedule", self.schedule, SCHEDULES)
+        C.check_option("ode_solver", self.ode_solver, ODE_SOLVERS)
+        C.check_finite_scalar("ode_tail", self.ode_tail, positive=True)
+        if self.ode_tail > 1:
+            raise ValueError(f"ode_tail must be in (0, 1] (the share of the ODE tail steps kept), got {self.ode_tail}")
+        if self.ode_tail < 1 and self.sde == "ode":
+            raise ValueError(f"ode_tail={self.ode_tail} re-spaces the ODE steps after the last stochastic one, and an "
+                             "sde='ode' rollout has none: give fewer num_steps instead")
+        self._check_branch()
+
+    def _check_branch(self):
+        K, on = self.branch_at, self.stochastic_steps().tolist()
+        if K is None:
+            return
+        if isinstance(K, bool) or not isinstance(K, int) or not 0 <= K < self.num_steps:
+            raise ValueError(f"branch_at must be an int in [0, num_steps={self.num_steps}), got {K!r}")
+        if True not in on:
+            raise ValueError(f"branch_at={K}: the rollout has no stochastic step (sde={self.sde!r}, window "
+                             f"{self.window_start}+{self.window_size}), so every branch would be the same sample")
+        if K > on.index(True):
+            raise ValueError(f"branch_at={K} is after the window start {on.index(True)}: the shared prefix may hold "
+                             "no stochastic (trained) step")
 
     @property
     def cfg(self) -> bool:
@@ -86,6 +110,20 @@ class ImageSamplingParams:
             if self.sde == "cps":
                 on[T - 1] = False
         return C.mark_host_resident(on)
+
+    def plan(self) -> tuple[list, list, list]:
+        """The rollout's steps, on the host: sigmas [T' + 1], kinds [T'] ("ode" or the sde kind) and the solver's
+        per-step correction coefficients [T'] (all 0 for Euler). T' = num_steps unless ode_tail < 1 re-spaces the
+        ODE steps after the last stochastic one."""
+        sig = C.mark_host_resident(timestep_schedule(self.num_steps, self.shift, kind=self.schedule)).tolist()
+        on = self.stochastic_steps().tolist()
+        if self.ode_tail < 1 and True in on:
+            last = len(on) - 1 - on[::-1].index(True)
+            sig = compress_tail(sig, last + 1, self.ode_tail, self.shift)
+            on = on[:last + 1] + [False] * (len(sig) - 2 - last)
+        kinds = [self.sde if o else "ode" for o in on]
+        coef = dpm2_coefficients(sig, kinds) if self.ode_solver == "dpm2" else [0.0] * len(kinds)
+        return sig, kinds, coef
 
 
 @dataclass
@@ -104,6 +142,8 @@ class ImageTrajectory:
     source_latents: torch.Tensor | None = None
     images: torch.Tensor | None = None
     train_steps: torch.Tensor | None = None  # [S] long on the device: the trainable steps (see trained_steps)
+    dit_rows: int | None = None  # rows the sampler's DiT calls ran (per guidance branch): T B, less with branching
+    kinds: list | None = None  # [T] each step's kind ("ode" or the sde kind), on the host
 
     def trained_steps(self) -> torch.Tensor:
         """[S] long, on the trajectory's device: the trainable steps. The sampler makes it once from its host-side
@@ -151,61 +191,74 @@ class ImageEngine:
         self._step = torch.compile(self.step, fullgraph=True, dynamic=False) if self.compile else self.step
 
     def step(self, x, s, s_next, noise, sigma_max, cond, uncond, source_latents, params, kind):
-        """One sampler step: (next sample, log-prob or None) from x at sigmas s -> s_next ([B] device tensors);
-        noise [B, ...] standard normal (None for an ODE step)."""
+        """One sampler step: (next sample, log-prob or None, velocity) from x at sigmas s -> s_next ([B] device
+        tensors); noise [B, ...] standard normal (None for an ODE step)."""
         v = guided_velocity(self.model, x, s, cond, uncond, params.guidance_scale, source_latents)
         nxt, lp, _, _ = flow_sde_step(v, x, s, s_next, noise=noise, noise_level=params.noise_level, sde=kind,
                                       sigma_max=sigma_max if kind == "sde" else None, impl=self.impl,
                                       logprob=params.logprob)
-        return nxt, lp
+        return nxt, lp, v
 
     @torch.no_grad()
     @with_fp8_weight_cache("model")  # one FP8 weight quantization per layer per call
     def generate(self, input_ids, attention_mask=None, params: ImageSamplingParams = ImageSamplingParams(), *,
-                 source_images=None, generator=None, noise=None, vision=None) -> ImageTrajectory:
-        """Prompts [B, L] (left-padded) -> ImageTrajectory. noise: optional initial latents [B, C, h, w].
-        vision: the images a vision-language LM sees while conditioning (`UnifiedModel.condition`'s `images`)."""
+                 source_images=None, generator=None, noise=None, vision=None, branches=None) -> ImageTrajectory:
+        """Prompts [B, L] (left-padded) -> ImageTrajectory. noise: optional initial latents [B, C, h, w] ([P, ...]
+        with `branches`, see `sample`). vision: the images a vision-language LM sees while conditioning
+        (`UnifiedModel.condition`'s `images`)."""
         m = self.model
         cond = m.condition(input_ids, attention_mask, vision)
         B = input_ids.shape[0]
         uncond = m.null_condition(B) if params.cfg else None
         src = m.encode_images(source_images) if source_images is not None else None
-        return self.sample(cond, params, uncond=uncond, source_latents=src, generator=generator, noise=noise)
+        return self.sample(cond, params, uncond=uncond, source_latents=src, generator=generator, noise=noise,
+                           branches=branches)
 
     @torch.no_grad()
     @with_fp8_weight_cache("model")
     def sample(self, cond: Conditioning, params: ImageSamplingParams, *, uncond=None, source_latents=None,
-               generator=None, noise=None) -> ImageTrajectory:
-        """The sampling loop from precomputed conditioning (cond [B, N, D]; uncond needed when params.cfg)."""
+               generator=None, noise=None, branches=None) -> ImageTrajectory:
+        """The sampling loop from precomputed conditioning (cond [B, N, D]; uncond needed when params.cfg).
+
+        Branching (params.branch_at = K with `branches`, a host [B] long tensor or list of prefix ids 0..P-1): the
+        rows of one prefix id must have the same conditioning (one prompt); the first K steps run on P rows (the
+        first row of each prefix, from P initial latents: `noise` is then [P, C, h, w]) and at step K every row
+        takes its prefix's sample, so the DiT runs K P + (T - K) B rows instead of T B and the branches' recorded
+        prefixes are bit-identical copies."""
         m = self.model
         if params.cfg and uncond is None:
             raise ValueError(f"guidance_scale={params.guidance_scale} needs the unconditional branch (uncond)")
-        B, dev, T = cond.cond.shape[0], cond.cond.device, params.num_steps
+        B, dev = cond.cond.shape[0], cond.cond.device
+        pre = _prefix_rows(branches, params.branch_at, B)  # (first row of each prefix, row -> prefix) or None
+        P = B if pre is None else len(pre[0])
+        x = _initial_latents(noise, (P, *m.latent_shape), generator, dev)
+        # the schedule, each step's kind and the solver's coefficients are made on the host and copied once: no
+        # device read-back (sync) for sigma_max or a step's kind, and the steps take device views (no per-step copy)
+        sig_list, kinds, coef = params.plan()
+        T, sig = len(kinds), torch.tensor(sig_list, dtype=torch.float32, device=dev)
+        sigma_max = sig_list[1] if len(sig_list) > 2 else 0.0  # unused by ode
+        check_schedule(sig_list, kinds, sigma_max, params.logprob)  # once, on the host
         shape = (B, *m.latent_shape)
-        if noise is None:
-            x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
-        else:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape}")
-            x = noise.float()
-        # the schedule and which steps are stochastic are made on the host and copied once: no device read-back
-        # (sync) for sigma_max or a step's kind, and the steps take device views (no per-step host-to-device copy)
-        sig_host = C.mark_host_resident(timestep_schedule(T, params.shift, kind=params.schedule))
-        sig = sig_host.to(dev)
-        sigma_max = sig_host.tolist()[1] if T > 1 else 0.0  # unused by ode
-        on = params.stochastic_steps()
-        kinds = [params.sde if o else "ode" for o in on.tolist()]
-        check_schedule(sig_host.tolist(), kinds, sigma_max, params.logprob)  # once, on the host
-        samples = torch.empty((T, *shape), device=dev)
-        next_samples = torch.empty((T, *shape), device=dev)
+        samples, next_samples = torch.empty((T, *shape), device=dev), torch.empty((T, *shape), device=dev)
         logps = torch.zeros(T, B, device=dev)
+        K, to_rows = (0, None) if pre is None else (params.branch_at, pre[1].to(dev))  # row -> its prefix row
+        args = _rows_of((cond, uncond, source_latents), None if pre is None else pre[0])
+        x0_prev = None
         for i in range(T):
-            s, s_next = sig[i].expand(B), sig[i + 1].expand(B)
-            eps = None if kinds[i] == "ode" else torch.randn(shape, generator=generator, device=dev,
+            if i == K and pre is not None:  # branch: every row continues from its prefix's sample
+                x, x0_prev = _expand(x, to_rows), _expand(x0_prev, to_rows)
+                args = (cond, uncond, source_latents)
+            n = x.shape[0]
+            s, s_next = sig[i].expand(n), sig[i + 1].expand(n)
+            eps = None if kinds[i] == "ode" else torch.randn(x.shape, generator=generator, device=dev,
                                                              dtype=torch.float32)  # as flow_sde_step draws it
             with C.paused_in_loop() if i else contextlib.nullcontext():  # step 0 checked: weights, first inputs
-                nxt, lp = self._step(x, s, s_next, eps, sig[1], cond, uncond, source_latents, params, kinds[i])
-            samples[i], next_samples[i] = x, nxt
+                nxt, lp, v = self._step(x, s, s_next, eps, sig[1], *args, params, kinds[i])
+            if coef[i]:  # DPM-Solver++(2M): Euler + c (x0_i - x0_{i-1}), x0 = x - sigma v the data prediction
+                nxt = nxt + coef[i] * ((x - sig[i] * v) - x0_prev)
+            x0_prev = x - sig[i] * v if params.ode_solver == "dpm2" else None
+            rows = None if i >= K else to_rows  # prefix steps: recorded for every branch (bit-identical copies)
+            samples[i], next_samples[i] = _expand(x, rows), _expand(nxt, rows)
             if lp is not None:
                 logps[i] = lp
             x = nxt
@@ -213,10 +266,60 @@ class ImageEngine:
                        "every step)", logps)
         C.check_finite("the final latents (a sampler step produced NaN/inf; set_checks('full') checks every step)", x)
         images = m.decode_latents(x) if params.decode else None
+        on = C.mark_host_resident(torch.tensor([k != "ode" for k in kinds]))
         return ImageTrajectory(samples, next_samples, sig[:-1, None].expand(T, B).contiguous(),
                                sig[1:, None].expand(T, B).contiguous(), logps, on.to(dev), x, cond.detach(),
                                params, sigma_max, None if uncond is None else uncond.detach(), source_latents,
-                               images, train_steps=torch.nonzero(on).flatten().to(dev))
+                               images, train_steps=torch.nonzero(on).flatten().to(dev), dit_rows=K * P + (T - K) * B,
+                               kinds=kinds)
+
+
+def _initial_latents(noise, shape, generator, dev):
+    if noise is None:
+        return torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {tuple(shape)}")
+    return noise.float()
+
+
+def _prefix_rows(branches, K, B):
+    """(each prefix's first row [P] (a list), row -> prefix id [B] (a long tensor)) from `branches`, or None
+    when the rollout does not branch. Both or neither of branches / branch_at must be given."""
+    if (branches is None) != (K is None):
+        raise ValueError(f"branching needs both params.branch_at (got {K!r}) and branches (got "
+                         f"{'None' if branches is None else 'a [B] index'})")
+    if branches is None:
+        return None
+    if isinstance(branches, torch.Tensor) and branches.device.type != "cpu":
+        raise ValueError(f"branches must be on the host (a list or a CPU tensor), got a tensor on {branches.device}")
+    ids = C.mark_host_resident(branches).tolist() if isinstance(branches, torch.Tensor) else list(branches)
+    if len(ids) != B:
+        raise ValueError(f"branches must give a prefix id for each of the B={B} rows, got {len(ids)}")
+    P = max(ids) + 1
+    first = [ids.index(p) if p in ids else -1 for p in range(P)]
+    if min(ids) < 0 or -1 in first:
+        raise ValueError(f"branches must number the prefixes 0..P-1, each used; got {sorted(set(ids))}")
+    return first, torch.tensor(ids)
+
+
+def _rows_of(items, rows):
+    """The sampler's per-row inputs (cond, uncond, source latents) cut to `rows` (None: unchanged)."""
+    if rows is None:
+        return items
+    def cut(v):
+        if v is None:
+            return None
+        if isinstance(v, Conditioning):
+            return Conditioning(cut(v.cond), cut(v.pooled))
+        return v[torch.tensor(rows, device=v.device)]
+    return tuple(cut(v) for v in items)
+
+
+def _expand(x, index):
+    """Rows of the prefix batch for every branch (index [B] long on x's device), or x itself when index is None."""
+    if x is None or index is None:
+        return x
+    return x.index_select(0, index)
 
 
 def replay_velocity(model, traj: ImageTrajectory, steps, *, rows=None, conditioning: Conditioning | None = None,

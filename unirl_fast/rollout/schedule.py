@@ -19,9 +19,13 @@ another num_train_timesteps) are refused rather than approximated.
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
 
 import torch
+
+from .. import _checks as C
 
 SCHEDULES = ("linspace", "diffusers")
 # FlowMatchEulerDiscreteScheduler options whose sigmas `timestep_schedule` does not compute, with their neutral value
@@ -70,3 +74,59 @@ def pipeline_schedule(dit_path) -> tuple[str, float] | None:
     if conf.get("use_flow_sigmas"):
         return "linspace", float(conf.get("flow_shift", 1.0))
     return None
+
+
+# --- the rollout's steps: which are stochastic, where the ODE tail is re-spaced, the second-order solver --------------
+
+WINDOWS = ("fixed", "slide", "random")
+ODE_SOLVERS = ("euler", "dpm2")
+
+
+def window_start_at(kind: str, step: int, *, start: int, last: int, every: int = 1, stride: int = 1,
+                    seed: int = 0) -> int:
+    """The SDE window's first sampler step at RL step `step` (0-based) under a window schedule:
+    - "fixed": `start` every step;
+    - "slide" (MixGRPO's progressive schedule): `start`, moved `stride` steps later every `every` RL steps, back to
+      `start` once it would pass `last` (MixGRPO's roll-back), so from noisy to clean and again;
+    - "random" (Flow-GRPO-Fast, TempFlow-GRPO): uniform in [start, last], drawn from (seed, step) alone, so a resumed
+      run draws what the uninterrupted one drew and no other random stream moves."""
+    if kind == "fixed":
+        return start
+    if kind == "slide":
+        positions = (last - start) // stride + 1
+        return start + (step // every) % positions * stride
+    if kind == "random":
+        return random.Random(seed * 1_000_003 + step).randint(start, last)
+    raise ValueError(f"window must be one of {WINDOWS}, got {kind!r}")
+
+
+def compress_tail(sigmas: list, first: int, ratio: float, shift: float) -> list:
+    """sigmas with the ODE steps from index `first` to the end re-spaced into max(1, round(ratio n)) steps (n of
+    them before) over the same interval [sigmas[first], 0]: uniform in the unshifted time u (sigma = shift u /
+    (1 + (shift - 1) u)), as the schedules themselves are (MixGRPO-Flash's compressed post-window ODE)."""
+    n = len(sigmas) - 1 - first
+    keep = max(1, int(ratio * n + 0.5))
+    if n <= 0 or keep >= n:
+        return list(sigmas)
+    s0 = sigmas[first]
+    u = torch.linspace(s0 / (shift - (shift - 1.0) * s0), 0.0, keep + 1, dtype=torch.float64)[1:]
+    tail = (shift * u / (1.0 + (shift - 1.0) * u)).float()
+    return list(sigmas[:first + 1]) + C.mark_host_resident(tail).tolist()  # made on the host: no device read
+
+
+def dpm2_coefficients(sigmas: list, kinds: list) -> list:
+    """Per step i, the DPM-Solver++(2M) correction c_i for flow matching (alpha = 1 - sigma, lambda = log(alpha /
+    sigma), x0_i = x_i - sigma_i v_i the data prediction): x_{i+1} = Euler step + c_i (x0_i - x0_{i-1}), with
+        c_i = 0.5 alpha_{i+1} (1 - exp(-h)) h / h_prev,   h = lambda_{i+1} - lambda_i,  h_prev = lambda_i - lambda_{i-1}
+    (the first-order DPM-Solver++ step is exactly Euler for flow matching). c_i = 0 (first order) where there is no
+    history on the same ODE path (the first step, the step after a stochastic one, a step from sigma = 1 whose
+    lambda is -inf) and for the last step into sigma = 0 (lambda = +inf: diffusers' lower_order_final)."""
+    out = [0.0] * len(kinds)
+    for i, kind in enumerate(kinds):
+        p, s, t = (sigmas[i - 1] if i else 1.0), sigmas[i], sigmas[i + 1]
+        if kind != "ode" or i == 0 or kinds[i - 1] != "ode" or p >= 1.0 or t <= 0.0:
+            continue
+        lam_p, lam_s, lam_t = (math.log((1 - x) / x) for x in (p, s, t))
+        h, h_prev = lam_t - lam_s, lam_s - lam_p
+        out[i] = 0.5 * (1 - t) * (1 - math.exp(-h)) * h / h_prev
+    return out

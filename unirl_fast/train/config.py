@@ -21,9 +21,10 @@ SCENARIOS = ("understand", "generate", "reason-generate", "refine-prompt", "edit
 MODEL_PRESETS = ("tiny-fp8", "tiny-vlm", *sorted(_MODEL_PRESETS))
 
 
-def _f(default, help: str, choices=None):
-    """A TrainConfig field with its --help text (and choices): documented once, here."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help: str, choices=None, int_ok=False):
+    """A TrainConfig field with its --help text (and choices): documented once, here. int_ok: a str field whose
+    config-file value may be an int (read as its string, e.g. branch_at: 3)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "int_ok": int_ok})
 
 
 
@@ -156,7 +157,33 @@ class TrainConfig:
     flow_logprob: str = _f("gaussian", "score of a trained denoising step: gaussian (the step's exact log-density) or "
                            "flow_grpo (Flow-GRPO's cps score -(x_next - mean)^2, its clip range's scale; same as "
                            "gaussian for sde); docs/conventions.md", ("gaussian", "flow_grpo"))
-    sde_window: int = _f(2, "stochastic (trained) steps, a window at the start of sampling (Flow-GRPO-Fast)")
+    sde_window: int = _f(2, "stochastic (trained) steps of flow_grpo's rollout, a window starting at --window-start "
+                         "(Flow-GRPO-Fast); --window moves it during training")
+    window: str = _f("fixed", "flow_grpo: where the SDE window sits each RL step: fixed (at --window-start), slide "
+                     "(MixGRPO: from --window-start, --window-stride steps later every --window-every RL steps, back "
+                     "to --window-start after --window-last) or random (a start drawn each step from [--window-start, "
+                     "--window-last]); the trained and the stochastic steps are the window's; metrics.jsonl records "
+                     "it per step", ("fixed", "slide", "random"))
+    window_start: int = _f(0, "flow_grpo: the SDE window's first sampler step (slide: where it starts; random: the "
+                           "earliest)")
+    window_last: int | None = _f(None, "slide / random: the latest window start (default: the last that fits, "
+                                 "rollout steps - sde_window)")
+    window_every: int = _f(25, "slide: RL steps between moves of the window (MixGRPO: 25)")
+    window_stride: int = _f(1, "slide: sampler steps the window moves by (MixGRPO: 1)")
+    branch_at: str | None = _f(None, "K (a sampler step) or 'window' (each step's window start): one trajectory per "
+                               "prompt for the first K steps (ODE from one initial noise, or just the noise at K = 0), "
+                               "branched into the group's samples at step K: DiT forwards per group K + G (T - K) "
+                               "instead of G T. flow_grpo: K <= the window start; nft / awm (an ODE rollout): step K "
+                               "is made stochastic (--sde-type, --noise-level) so the branches differ", int_ok=True)
+    ode_solver: str = _f("euler", "solver of the training rollout's ODE steps: euler, or dpm2 (DPM-Solver++(2M), "
+                         "second order, one DiT call per step like Euler); the SDE steps and evaluation are unchanged",
+                         ("euler", "dpm2"))
+    ode_tail: float = _f(1.0, "(0, 1]: the ODE steps after the rollout's last stochastic step are re-spaced into "
+                         "max(1, round(ode_tail x n)) over the same interval (MixGRPO-Flash's compressed tail; pair "
+                         "with --ode-solver dpm2); 1: unchanged")
+    old_logp: str = _f("replay", "the DiT window's old log-probs: replay (the training replay's own, detached: the "
+                       "first update's ratio is exactly 1, no extra forward) or rollout (the sampler's, equal up to "
+                       "float round-off)", ("replay", "rollout"))
     group_noise: bool = _f(False, "one initial latent per group (DanceGRPO): in-group differences come from the "
                            "trained window only")
     cycle_back: str = _f("policy", "edit scenarios: who makes the inverse edit of the cycle reward, the policy or the "
@@ -261,6 +288,12 @@ class TrainConfig:
             options = f.metadata.get("choices")
             if options and getattr(self, f.name) not in options:
                 bad(f"{f.name} must be one of {options}, got {getattr(self, f.name)!r}")
+        from .sampler import check_sampler
+
+        try:
+            check_sampler(self)
+        except ValueError as e:
+            bad(str(e))
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
             bad(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.device.startswith("cuda"):
@@ -555,6 +588,8 @@ def _typed(field, value, where: str):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"{where} must be a string or a list of strings, got {value!r}")
         return tuple(value)
+    if field.metadata.get("int_ok") and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if t.startswith("float") and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
             value = float(value)

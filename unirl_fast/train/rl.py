@@ -20,12 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _checks as C
 from .. import flow_policy_loss, flow_step_logprob, fused_linear_logprobs, fused_linear_policy_loss
 from ..models import vlm
 from ..models.experts import full_sequence_mask
 from ..rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine, replay_velocity
 from ..rollout.text import stop_token_ids
 from .config import image_schedule
+from .sampler import train_params
 
 
 @dataclass
@@ -89,18 +91,24 @@ def _rows(vision, idx):
     return None if vision is None else vision.select(idx)
 
 
-def image_params(cfg, *, eval_mode=False) -> ImageSamplingParams:
-    """The sampler of a rollout: the ODE for evaluation and for the forward-process algorithms (nft / awm train on
-    the clean samples, not on the steps), else the SDE window Flow-GRPO scores; one schedule for all (and so for
-    replay)."""
+def image_params(cfg, *, eval_mode=False, step: int = 0) -> ImageSamplingParams:
+    """The sampler of a rollout: the Euler ODE at image_steps for evaluation; for training RL step `step`'s
+    (train.sampler: the SDE window Flow-GRPO scores where it sits that step, the ODE for the forward-process
+    algorithms nft / awm, branching and the ODE solver); one sigma schedule for all (and so for replay)."""
     schedule, shift = image_schedule(cfg)
-    steps = cfg.image_steps if eval_mode else cfg.train_rollout_steps
-    if eval_mode or cfg.image_algo != "flow_grpo":
-        return ImageSamplingParams(num_steps=steps, shift=shift, sde="ode", guidance_scale=cfg.guidance_scale,
+    if eval_mode:
+        return ImageSamplingParams(num_steps=cfg.image_steps, shift=shift, sde="ode", guidance_scale=cfg.guidance_scale,
                                    schedule=schedule)
-    return ImageSamplingParams(num_steps=steps, shift=shift, sde=cfg.sde_type,
-                               noise_level=cfg.noise_level, window_start=0, window_size=cfg.sde_window,
-                               guidance_scale=cfg.guidance_scale, logprob=cfg.flow_logprob, schedule=schedule)
+    return train_params(cfg, step, schedule, shift)
+
+
+def _branches(group_ids, texts) -> list:
+    """Prefix id per row for a branching rollout: the rows of one group with the same DiT prompt share a prefix
+    (in the LM-writing scenarios a group's completions may differ, and each distinct one gets its own)."""
+    ids = {}
+    if group_ids.device.type == "cpu":  # host memory (the trainer makes the ids there): reading it waits for no GPU
+        group_ids = C.mark_host_resident(group_ids.clone())
+    return [ids.setdefault((g, t), len(ids)) for g, t in zip(group_ids.tolist(), texts)]
 
 
 @dataclass
@@ -121,9 +129,10 @@ def rollout_engines(model, cfg, *, compile=None) -> Engines:
 
 @torch.no_grad()
 def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=False, phase=_no_phase,
-            engines: Engines | None = None) -> Batch:
+            engines: Engines | None = None, step: int = 0) -> Batch:
     """Text then image rollout; `phase(name)` (a context-manager factory, e.g. PhaseTimer.phase) brackets each part
-    as "text_rollout" / "image_rollout". engines: the run's (`rollout_engines`); None makes eager ones for this call."""
+    as "text_rollout" / "image_rollout". engines: the run's (`rollout_engines`); None makes eager ones for this call.
+    step: the RL step (0-based) whose sampler to use (a moving SDE window, train.sampler)."""
     tok, dev = model.tokenizer, model.device
     engines = engines if engines is not None else rollout_engines(model, cfg, compile=False)
     b = Batch(tasks, group_ids)
@@ -143,23 +152,44 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
             b.completions = [c.strip() for c in b.text.texts]
     if scenario.draws:
         with phase("image_rollout"):
-            size = model.config.image_size
-            b.cond_vision = vision if sees and scenario.edit else None
-            b.cond_ids, b.cond_mask = _prompts(model, [scenario.dit_text(t, c, image=b.cond_vision is not None)
-                                                       for t, c in zip(tasks, b.completions or [None] * len(tasks))],
-                                               b.cond_vision, dev)
-            if scenario.edit:
-                b.sources = torch.stack([t.source_image(size, cfg.image_resize) for t in tasks]).to(dev)
-            noise = None
-            if cfg.group_noise and not eval_mode:  # one initial latent per group (DanceGRPO's shared noise)
-                _, which = torch.unique(group_ids, return_inverse=True)
-                noise = torch.randn((int(which.max()) + 1, *model.latent_shape), generator=generator, device=dev)
-                noise = noise[which.to(dev)]
-            b.traj = engines.image.generate(b.cond_ids, b.cond_mask, image_params(cfg, eval_mode=eval_mode),
-                                            source_images=b.sources, generator=generator, noise=noise,
-                                            vision=b.cond_vision)
-            b.images = b.traj.images
+            params = image_params(cfg, eval_mode=eval_mode, step=step)
+            _image_rollout(model, scenario, cfg, b, generator, engines, params,
+                           vision if sees and scenario.edit else None, eval_mode)
     return b
+
+
+def _image_rollout(model, scenario, cfg, b: Batch, generator, engines, params, vision, eval_mode):
+    """The DiT part of `rollout`: prompts, source images, initial noise (shared per group with --group-noise, per
+    prefix when branching) and the sampler. vision: what a VLM sees while conditioning (an edit), else None."""
+    dev, size = model.device, model.config.image_size
+    b.cond_vision = vision
+    texts = [scenario.dit_text(t, c, image=vision is not None)
+             for t, c in zip(b.tasks, b.completions or [None] * len(b.tasks))]
+    b.cond_ids, b.cond_mask = _prompts(model, texts, vision, dev)
+    if scenario.edit:
+        b.sources = torch.stack([t.source_image(size, cfg.image_resize) for t in b.tasks]).to(dev)
+    noise, branches = None, None
+    if params.branch_at is not None:  # one initial latent and prefix per (group, DiT prompt)
+        branches = _branches(b.group_ids, texts)
+        noise = torch.randn((max(branches) + 1, *model.latent_shape), generator=generator, device=dev)
+    elif cfg.group_noise and not eval_mode:  # one initial latent per group (DanceGRPO's shared noise)
+        _, which = torch.unique(b.group_ids, return_inverse=True)
+        noise = torch.randn((int(which.max()) + 1, *model.latent_shape), generator=generator, device=dev)
+        noise = noise[which.to(dev)]
+    b.traj = engines.image.generate(b.cond_ids, b.cond_mask, params, source_images=b.sources, generator=generator,
+                                    noise=noise, vision=vision, branches=branches)
+    b.images = b.traj.images
+
+
+def rollout_record(b: Batch) -> dict:
+    """The step's sampler, for metrics.jsonl (host values only: no device read): the window's first step and size
+    (null without stochastic steps), the branch step, the sampler steps and the DiT rows it ran."""
+    if b.traj is None:
+        return {}
+    p, on = b.traj.params, [k != "ode" for k in b.traj.kinds]
+    first = on.index(True) if True in on else None
+    return {"window_start": first, "window_size": sum(on), "branch_at": p.branch_at, "rollout_steps": len(on),
+            "rollout_dit_rows": b.traj.dit_rows}
 
 
 @torch.no_grad()
@@ -272,7 +302,14 @@ def text_loss(model, cfg, b: Batch, idx, adv, n_total_tokens):
 
 def image_loss(model, cfg, b: Batch, idx, adv):
     """Flow-GRPO loss on the trained window of rows `idx`; returns (loss scaled for accumulation, metrics).
-    With beta_velocity > 0 the reference velocities come from `reference_outputs` (b.ref_velocity)."""
+    With beta_velocity > 0 the reference velocities come from `reference_outputs` (b.ref_velocity).
+
+    Old log-probs (cfg.old_logp): "replay" takes this replay's own, detached. Every micro-batch of a step runs
+    before its one optimizer step, so the policy that sampled is the one replayed here, and a separate no-grad
+    replay of the same rows in the same call would compute these very numbers: the ratio is exactly 1 (not
+    1 + round-off of the sampler's per-step calls against this batched one), at no extra forward. "rollout" takes
+    the sampler's. Metrics ratio_exact = max |ratio - 1| and logp_mismatch = max |replay - sampler log-prob| (a
+    numerics gap between the rollout and training paths shows there; the trainer keeps their max over the step)."""
     traj = b.traj
     steps = traj.trained_steps()
     cond = model.condition(b.cond_ids[idx], b.cond_mask[idx], _rows(b.cond_vision, idx))
@@ -286,6 +323,10 @@ def image_loss(model, cfg, b: Batch, idx, adv):
         if b.ref_velocity is None:
             raise ValueError("beta_velocity > 0 needs the reference velocities: call reference_outputs(...) first")
         kw = dict(velocity=v, ref_velocity=b.ref_velocity[:, idx], beta_velocity=cfg.beta_velocity)
-    loss, m = flow_policy_loss(logp, traj.log_probs[steps][:, idx], adv, clip_range=cfg.flow_clip_range,
-                               impl=cfg.impl, **kw)
+    rollout_logp = traj.log_probs[steps][:, idx]
+    old = logp.detach() if cfg.old_logp == "replay" else rollout_logp
+    loss, m = flow_policy_loss(logp, old, adv, clip_range=cfg.flow_clip_range, impl=cfg.impl, **kw)
+    lp, old = logp.detach().float(), old.float()
+    m = {**m, "ratio_exact": ((lp - old).exp() - 1).abs().max(),  # the ratio as the loss forms it, exp(logp - old)
+         "logp_mismatch": (lp - rollout_logp.float()).abs().max()}  # replay vs sampler: round-off or a numerics gap
     return loss * (len(idx) / len(b.tasks)), m

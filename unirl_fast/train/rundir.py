@@ -38,7 +38,12 @@ RESUMABLE = ("steps", "eval_every", "eval_prompts", "eval_samples", "save_every"
              "allow_outside_paths",  # where the task files may point, not what the data is: tasks.json checks that
              "reward_timeout", "reward_retries", "reward_concurrency", "reward_batch_size",
              "reward_token_env", "reward_allow_insecure_token",
-             "reward_ca_file")  # how a reward service is reached, not what it computes
+             "reward_ca_file",  # how a reward service is reached, not what it computes
+             "old_logp")  # the DiT window's old log-probs: the replay's or the sampler's, equal up to float round-off
+# what a run made before a sampler option existed sampled with (config.json without the key)
+_BEFORE_OPTION = {"timestep_schedule": "linspace", "window": "fixed", "window_start": 0, "window_last": None,
+                  "window_every": 25, "window_stride": 1, "branch_at": None, "ode_solver": "euler", "ode_tail": 1.0,
+                  "old_logp": "rollout"}
 
 
 def _writable_parent(path: Path) -> Path:
@@ -69,7 +74,8 @@ def check_run_dir(cfg) -> dict:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{saved_path} is not valid JSON ({e}); pick another --run-dir") from None
-    saved.setdefault("timestep_schedule", "linspace")  # what runs made before the option sampled with
+    for key, value in _BEFORE_OPTION.items():  # what runs made before a sampler option sampled with
+        saved.setdefault(key, value)
     saved = {**earlier_defaults(saved), **saved}  # and before the options of released checkpoints
     now = config_record(cfg)[0]  # as config.json holds it (tuples are lists there, input paths resolved)
     changes = {k: (saved.get(k), v) for k, v in now.items() if k in saved and not same_value(k, saved[k], v)}
@@ -188,7 +194,8 @@ def saved_config(run_dir, **over):
     if not path.is_file():
         raise ValueError(f"{str(run_dir)!r} has no config.json (not a run directory)")
     saved = json.loads(path.read_text())
-    saved.setdefault("timestep_schedule", "linspace")  # what runs made before the option sampled with
+    for key, value in _BEFORE_OPTION.items():  # what runs made before a sampler option sampled with
+        saved.setdefault(key, value)
     saved = {**earlier_defaults(saved), **saved}  # and before the options of released checkpoints
     cfg = TrainConfig(**saved)  # run_dir as given now: the directory may have moved
     return dataclasses.replace(cfg, zero_stage=None, run_dir=str(run_dir), **over).validate()

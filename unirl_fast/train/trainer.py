@@ -37,7 +37,7 @@ from .plots import N_SHOW
 from .preflight_checks import run_checks
 from .pretrain import pretrain, run_lm_has_vision, world_model_config
 from .progress import bar, say
-from .rl import image_loss, reference_outputs, rollout, rollout_engines, score, text_loss
+from .rl import image_loss, reference_outputs, rollout, rollout_engines, rollout_record, score, text_loss
 from .rundir import check_run_dir, check_tasks_unchanged, create_or_resume, lock_run_dir, trim_metrics, unlock_run_dir
 from .scenarios import get_scenario
 
@@ -310,7 +310,7 @@ class Trainer:
         m.eval()
         t0 = time.time()
         with self._full_weights(), self._autocast():
-            b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase, engines=self._engines())
+            b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase, engines=self._engines(), step=self.step)
         with timer.phase("reward"), self._full_weights(), self._autocast(), self._cycle_model() as inverse:
             score(m, s, c, b, self.gen, reward=self.reward, inverse_model=inverse)
             adv = group_advantages(b.rewards, gid, std=c.adv_std, impl=c.impl).to(m.device)
@@ -356,8 +356,9 @@ class Trainer:
         times = timer.finish_step()
         self.step += 1
         rec = {"step": self.step, "reward": _mean(p["total"] for p in b.reward_parts),
-               **_host_values({"adv_std": adv.float().std(), "grad_norm": gnorm, **metrics}),  # one read
-               **_reward_parts(b.reward_parts), **times}
+               **_host_values({"adv_std": adv.float().std(), "useful_frac": _useful_frac(b.rewards, gid),
+                               "grad_norm": gnorm, **metrics}),  # one read
+               **_reward_parts(b.reward_parts), **rollout_record(b), **times}
         rec.update(self._throughput(b, n_local, rec["step_ms"] / 1e3))
         rec.update(self._nvml_record(t0, time.time()))
         if self.dist is not None:
@@ -667,13 +668,28 @@ def _call(fn, *args):
     return fn(*args)
 
 
+_MAX_METRICS = ("ratio_exact", "logp_mismatch")  # maxima over the step's micro-batches (train.rl.image_loss)
+
+
 def _accumulate(metrics, prefix, loss, m, weight):
-    """Loss values are already scaled for accumulation (they add up); metrics are micro-batch means (weighted).
-    Summed on the device: the step reads them once (`_host_values`), not once per micro-batch."""
+    """Loss values are already scaled for accumulation (they add up); metrics are micro-batch means (weighted),
+    _MAX_METRICS the maximum. Kept on the device: the step reads them once (`_host_values`), not per micro-batch."""
     metrics[f"{prefix}_loss"] = metrics.get(f"{prefix}_loss", 0.0) + loss.detach().float()
     for k, v in m.items():
         key = f"{prefix}_{k}"
-        metrics[key] = metrics.get(key, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v) * weight
+        v = v.detach().float() if isinstance(v, torch.Tensor) else v
+        if k in _MAX_METRICS:
+            metrics[key] = torch.maximum(metrics[key], v) if key in metrics else v
+        else:
+            metrics[key] = metrics.get(key, 0.0) + v * weight
+
+
+def _useful_frac(rewards, group_ids):
+    """The share of samples in groups whose rewards differ (the samples a group advantage gives a gradient)."""
+    r, g = rewards.float(), group_ids.to(rewards.device)  # group ids < B (whole groups of >= 2 per rank)
+    hi = torch.full_like(r, -float("inf")).scatter_reduce(0, g, r, "amax")
+    lo = torch.full_like(r, float("inf")).scatter_reduce(0, g, r, "amin")
+    return (hi[g] > lo[g]).float().mean()
 
 
 def _host_values(d: dict) -> dict:
