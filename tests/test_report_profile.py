@@ -71,7 +71,8 @@ def _fake_batch(B=4, P=7, T=5, Lc=9, K=6, S=2, guidance=1.0):
     text = types.SimpleNamespace(prompt_ids=torch.zeros(B, P), completion_ids=torch.zeros(B, T))
     trainable = torch.zeros(K, dtype=torch.bool)
     trainable[:S] = True
-    traj = types.SimpleNamespace(params=types.SimpleNamespace(cfg=guidance != 1.0, num_steps=K), trainable=trainable)
+    traj = types.SimpleNamespace(params=types.SimpleNamespace(cfg=guidance != 1.0, num_steps=K), trainable=trainable,
+                                 trained_steps=lambda: trainable.nonzero().flatten())
     return types.SimpleNamespace(tasks=[None] * B, text=text, traj=traj, cond_ids=torch.zeros(B, Lc))
 
 
