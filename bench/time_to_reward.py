@@ -74,6 +74,14 @@ CONFIGS = {
     # the same with a 4-step rollout and 2 trained timesteps per sample (what the world needs: see README)
     "nft_fast": ("--image-algo", "nft", "--rollout-steps", "4", "--fp-timesteps", "2"),
     "awm_fast": ("--image-algo", "awm", "--rollout-steps", "4", "--fp-timesteps", "2"),
+    # the rollout scheduler (train.sampler): the window moved to step 3 and the group branched there (one ODE prefix
+    # per prompt: DiT rows per group 3 + G (T - 3) instead of G T); the same with a 2-step window and the ODE tail
+    # after it halved; MixGRPO's sliding window (every 5 RL steps one step later) branched at its start; the
+    # second-order ODE solver alone (no compute change: what it does to learning)
+    "branch3": ("--window-start", "3", "--branch-at", "3"),
+    "branch3_fast": ("--window-start", "3", "--sde-window", "2", "--branch-at", "3", "--ode-tail", "0.5"),
+    "slide": ("--window", "slide", "--window-every", "5", "--branch-at", "window"),
+    "dpm2": ("--ode-solver", "dpm2"),
 }
 # what the harness owns; a configuration may not set the evaluation either (--common may: it is the same for all)
 HARNESS_OWNED = ("scenario", "seed", "run_dir", "steps", "eval_every", "save_every")

@@ -90,6 +90,10 @@ def test_step_flops_structure():
     assert nokl["ref"] == 0.0 and nokl["train"] == f1["train"]
     frozen_lm = step_flops(m, get_scenario("generate"), cfg, _fake_batch())
     assert frozen_lm["train"] < f1["train"]
+    branched = _fake_batch()
+    branched.traj.dit_rows = 2 * 1 + 4 * 4  # 2 prefix steps on 1 row, then 4 steps on the 4 branches (K 6)
+    fb = step_flops(m, s, cfg, branched)
+    assert f1["image_rollout"] - fb["image_rollout"] == pytest.approx(2 * dit_forward_flops(dit, 3, n_img, 8))
 
 
 def test_report_prints_table_and_writes_plots(smoke_run, capsys):

@@ -70,7 +70,7 @@ def step_flops(model, scenario, cfg, b) -> dict:
         Lc, K = b.cond_ids.shape[1], b.traj.params.num_steps
         cond = _condition(lm, B, Lc, Q, c == 2)
         dit_step = dit_forward_flops(dit, c * B, img_tokens, Q)
-        rows = b.traj.dit_rows if b.traj.dit_rows is not None else K * B  # fewer when the group branched
+        rows = getattr(b.traj, "dit_rows", None) or K * B  # fewer when the group branched
         out["image_rollout"] = cond + rows / B * dit_step
         if scenario.edit:
             out["reward"] = cond + K * dit_step

@@ -1,0 +1,50 @@
+"""The first update's ratio is exactly 1 for the DiT window (`--old-logp replay`, train.rl.image_loss): the trainer's
+per-step `image_ratio_exact` (max |ratio - 1| over the step's micro-batches, all before its one optimizer step) is 0
+in fp32 on a CPU for odd batch and micro-batch sizes, padded prompts, LoRA and the FP8 emulation, while the sampler's
+own log-probs (`--old-logp rollout`) differ from the batched replay by float round-off."""
+
+import pytest
+import torch
+
+from unirl_fast.profiling.profile_run import build_model
+from unirl_fast.train import TrainConfig, Trainer
+from unirl_fast.train.scenarios import get_scenario
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = dict(scenario="generate", preset="tiny", steps=2, prompts_per_step=3, group_size=3, micro_batch=3,
+            image_steps=5, sde_window=2, sde_type="cps", noise_level=0.7, beta_velocity=0.005, impl="reference",
+            reward=("reward_fns:brightness",))
+CASES = {
+    "odd-batch": dict(),  # 9 samples in micro-batches of 3; prompts of several lengths (left-padded)
+    "padding-lm": dict(scenario="reason-generate", prompts_per_step=1, max_new_tokens=12),  # LM-written prompts
+    "lora": dict(lora_dit="4,8"),
+    "fp8": dict(preset="tiny-fp8", fp8=True),  # the trainer converts before the reference copy: FP8 GEMMs emulated
+    "window-branch-dpm2": dict(image_steps=7, window_start=2, branch_at="window", ode_solver="dpm2",
+                               micro_batch=9),
+}
+
+
+def _step(tmp_path, old_logp, **kw) -> dict:
+    c = TrainConfig(**{**BASE, **kw, "old_logp": old_logp, "run_dir": str(tmp_path / old_logp)})
+    model = build_model(c.preset, get_scenario(c.scenario).edit, 0, torch.device("cpu"), torch.float32)
+    t = Trainer(c, model=model, log=lambda *a, **k: None)
+    return t.train_step()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ratio_is_exactly_one_at_the_first_update(tmp_path, case):
+    rec = _step(tmp_path, "replay", **CASES[case])
+    assert rec["image_ratio_exact"] == 0.0
+    assert rec["image_ratio_mean"] == 1.0 and rec["image_clip_frac"] == 0.0
+    assert 0.0 <= rec["image_logp_mismatch"] < 1e-3  # the sampler and the replay agree up to round-off
+    roll = _step(tmp_path, "rollout", **CASES[case])
+    assert roll["image_ratio_exact"] == pytest.approx(roll["image_logp_mismatch"], rel=1e-3, abs=1e-7)
+    assert roll["image_logp_mismatch"] == rec["image_logp_mismatch"]  # the same rollout, the same replay
+
+
+def test_the_sampler_log_probs_are_not_bitwise_the_replays(tmp_path):
+    """Why replay: the per-step sampler calls (B rows) and the batched replay (S x micro rows) round differently, so
+    with the sampler's log-probs the first ratio is 1 + round-off, not 1."""
+    recs = [_step(tmp_path / case, "rollout", **CASES[case]) for case in ("odd-batch", "lora")]
+    assert max(r["image_ratio_exact"] for r in recs) > 0.0
