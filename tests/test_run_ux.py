@@ -133,13 +133,16 @@ def test_a_bug_of_ours_always_shows_its_traceback(tmp_path, monkeypatch):
         main([*SMOKE, "--run-dir", str(tmp_path / "run")])
 
 
-def test_eval_says_what_it_loaded_not_resumed(tmp_path, capsys):
+def test_eval_and_export_say_what_they_loaded_not_resumed(tmp_path, capsys):
     run = tmp_path / "run"
     assert main([*SMOKE, "--run-dir", str(run), "--steps", "1"]) == 0
     capsys.readouterr()
     assert main(["eval", str(run), "--eval-prompts", "2"]) == 0
     out = capsys.readouterr()
     assert "resumed" not in out.out + out.err and "loaded" in out.out + out.err
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr()
+    assert "resumed" not in out.out + out.err and "Setting accelerator" not in out.out + out.err
 
 
 # progress ---------------------------------------------------------------------------------------------

@@ -341,6 +341,10 @@ def _cmd_export(args) -> int:
         merged = merge_lora(model)
         say(f"merged {merged} LoRA layers into the weights", file=sys.stderr)
     progress.update(1)
+    import torch
+
+    if not torch.cuda.is_available():  # transformers' save path imports DeepSpeed when installed, which warns that
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # it found no GPU: this process only writes files
     model.save_pretrained(out)
     progress.update(1)
     progress.close()

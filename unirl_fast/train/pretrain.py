@@ -162,6 +162,17 @@ def base_key(cfg, scenario) -> str:
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _stage(name, steps, step_fn, metric, digits, log, show):
+    """One warm-up stage: a progress bar with its ETA (on a terminal) and a log line every 100 steps."""
+    with bar(steps, f"pretrain {name}", show=show) as progress:
+        for i in range(steps):
+            loss = f"{step_fn():.{digits}f}"
+            progress.update(1)
+            progress.set_postfix({metric: loss}, refresh=False)
+            if (i + 1) % 100 == 0 or i + 1 == steps:
+                log(f"pretrain {name:<3} {i + 1:4d}/{steps}  {metric} {loss}")
+
+
 def pretrain(cfg, scenario, log=say, show=True) -> UnifiedModel:
     """Build (or load from the run directory's cache) the warmed-up base model for a scenario (`show`: progress bars
     with ETA on a terminal; a log line every 100 steps either way)."""
@@ -181,24 +192,14 @@ def pretrain(cfg, scenario, log=say, show=True) -> UnifiedModel:
         pairs = [(scenario.lm_prompt(t, image=True), lm_target(scenario, t), t) for t in tasks]
         step = lm_sft_step_images
     opt = torch.optim.AdamW(model.lm.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    with bar(cfg.pretrain_lm_steps, "pretrain lm", show=show) as progress:
-        for i in range(cfg.pretrain_lm_steps):
-            loss = step(model, tok, pairs, opt, cfg.pretrain_batch, rng)
-            progress.update(1)
-            progress.set_postfix(ce=f"{loss:.3f}", refresh=False)
-            if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_lm_steps:
-                log(f"pretrain lm  {i + 1:4d}/{cfg.pretrain_lm_steps}  ce {loss:.3f}")
+    _stage("lm", cfg.pretrain_lm_steps, lambda: step(model, tok, pairs, opt, cfg.pretrain_batch, rng), "ce", 3, log,
+           show)
     tasks = image_pretrain_tasks(scenario, "train")
     if tasks:
         params = list(model.dit.parameters()) + list(model.connector.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)
-        with bar(cfg.pretrain_dit_steps, "pretrain dit", show=show) as progress:
-            for i in range(cfg.pretrain_dit_steps):
-                loss = dit_fm_step(model, tok, tasks, opt, cfg.pretrain_batch, rng)
-                progress.update(1)
-                progress.set_postfix(fm=f"{loss:.4f}", refresh=False)
-                if (i + 1) % 100 == 0 or i + 1 == cfg.pretrain_dit_steps:
-                    log(f"pretrain dit {i + 1:4d}/{cfg.pretrain_dit_steps}  fm {loss:.4f}")
+        _stage("dit", cfg.pretrain_dit_steps, lambda: dit_fm_step(model, tok, tasks, opt, cfg.pretrain_batch, rng),
+               "fm", 4, log, show)
     tmp = cache.with_name(cache.name + ".tmp")
     model.save_pretrained(tmp, layout="single")  # an internal cache (see UnifiedModel.save_pretrained)
     tmp.replace(cache)
