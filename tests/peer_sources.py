@@ -75,13 +75,13 @@ def copy_tests(tree: Path, parts, into: Path) -> Path:
     return into
 
 
-def run_python(code: str, cwd: Path, *args, timeout: int = 1500, env: dict | None = None):
-    """Run `code` in a fresh interpreter (this repository importable) in `cwd`; returns (returncode, the JSON
-    object on the last line starting with "RESULT ", stdout + stderr)."""
+def run_python(code: str, cwd: Path, *args, timeout: int = 1500, env: dict | None = None, paths=()):
+    """Run `code` in a fresh interpreter in `cwd`, with `paths` and this repository first on its path; returns
+    (returncode, the JSON object on the last line starting with "RESULT ", stdout + stderr)."""
     script = cwd / "_peer_runner.py"
     script.write_text(code)
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                **(env or {})}
+    path = os.pathsep.join([*map(str, paths), str(REPO), os.environ.get("PYTHONPATH", "")])
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": path}
     out = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, capture_output=True, text=True,
                          timeout=timeout, env=full_env)
     text = out.stdout + out.stderr
