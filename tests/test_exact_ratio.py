@@ -48,3 +48,33 @@ def test_the_sampler_log_probs_are_not_bitwise_the_replays(tmp_path):
     with the sampler's log-probs the first ratio is 1 + round-off, not 1."""
     recs = [_step(tmp_path / case, "rollout", **CASES[case]) for case in ("odd-batch", "lora")]
     assert max(r["image_ratio_exact"] for r in recs) > 0.0
+
+
+@pytest.mark.parametrize("algo", ["flow_grpo", "nft", "awm"])
+def test_every_algorithm_takes_the_scheduler_and_the_harness_counts_it(tmp_path, algo):
+    """Branching, DPM-Solver++(2M) and the compressed tail in one train step of each image algorithm: the policy's
+    DiT rows the counter's hooks see are the rollout's K P + (T' - K) B (T' after the tail) plus the loss's (and the
+    old policy's) rows, and the step records the sampler it used."""
+    from unirl_fast.profiling import ComputeCounter
+    from unirl_fast.train import forward_rl
+
+    kw = dict(image_algo=algo, image_steps=10, branch_at="2", ode_solver="dpm2", ode_tail=0.5, beta_velocity=0.0)
+    if algo == "flow_grpo":
+        kw.update(window_start=2, sde_window=2)
+    c = TrainConfig(**{**BASE, **kw, "run_dir": str(tmp_path / algo)})
+    t = Trainer(c, model=build_model(c.preset, False, 0, torch.device("cpu"), torch.float32), log=lambda *a, **k: None)
+    counter = ComputeCounter().attach(t.model)
+    rec = t.train_step()
+    rows = counter.totals("train").dit_forward
+    counter.detach()
+    P, B, K = 3, 9, 2
+    S = 2 if algo == "flow_grpo" else 1  # the trained window / the stochastic branch step
+    T = 7  # prefix 2 + stochastic S + the ODE tail halved: 6 -> 3 steps (flow_grpo), 7 -> 4 (nft / awm)
+    assert (rec["branch_at"], rec["window_start"], rec["window_size"], rec["rollout_steps"]) == (K, K, S, T)
+    assert rec["rollout_dit_rows"] == K * P + (T - K) * B
+    if algo == "flow_grpo":
+        trained = S * B
+    else:
+        n = forward_rl.num_timesteps(c)
+        trained = n * B * (2 if forward_rl.needs_old(c) and not forward_rl.old_is_current(c) else 1)
+    assert rows == rec["rollout_dit_rows"] + trained
