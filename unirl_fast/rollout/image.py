@@ -9,6 +9,13 @@ Flow-GRPO-Fast window: only steps in [window_start, window_start + window_size) 
 the rest are ODE steps (deterministic, no log-prob). Without a window every step is stochastic, except that a
 "cps" step into sigma = 0 has zero variance, so with sde="cps" the last step is always ODE.
 
+Shared prefixes (`branch_at` with `sample(branches=...)`): the first K steps run once per prefix (rows with one
+prompt), then every row continues from its prefix's sample: K P + (T - K) B DiT rows instead of T B, the recorded
+prefixes bit-identical copies. ODE solver (`ode_solver`): "euler", or "dpm2", DPM-Solver++(2M) as the Euler step plus
+c_i (x0_i - x0_{i-1}) with host-side coefficients (`rollout.schedule.dpm2_coefficients`, FORMULAS.md section 4); the
+stochastic steps never change. `ode_tail` < 1 re-spaces the ODE steps after the last stochastic one into fewer, so a
+trajectory may hold fewer than num_steps steps (`ImageSamplingParams.plan`).
+
 Guidance: CFG-free by default (one conditional DiT pass per step, UniGRPO). With guidance_scale != 1 the
 conditional and unconditional (empty-prompt) branches run as one 2B batch and v = v_u + w (v_c - v_u)
 (`cfg_velocity`); that costs about twice the DiT FLOPs per step.
@@ -17,7 +24,8 @@ Trajectory record (`ImageTrajectory`): every step in one tensor each, step-major
 [T, B, C, h, w] fp32, sigmas / sigmas_next [T, B], log_probs [T, B] (0 at ODE steps), trainable [T] bool.
 `replay_logprobs` recomputes the log-probs of the trainable steps in one batched DiT call of T_train * B rows
 with `flow_step_logprob` on the stored (sample, next_sample) pairs: with unchanged weights it reproduces the
-rollout's log-probs (up to float round-off of the batched DiT call).
+rollout's log-probs up to float round-off of the batched DiT call (the trainer's `--old-logp replay` takes the
+training replay's own log-probs as the old ones, so its first ratio is exactly 1).
 Memory: 2 T B C h w fp32 for the record (at 512 px, DC-AE: 2 * 10 * 64 * 32 * 16 * 16 * 4 B = 42 MB).
 """
 from __future__ import annotations
