@@ -78,3 +78,31 @@ def test_every_algorithm_takes_the_scheduler_and_the_harness_counts_it(tmp_path,
         n = forward_rl.num_timesteps(c)
         trained = n * B * (2 if forward_rl.needs_old(c) and not forward_rl.old_is_current(c) else 1)
     assert rows == rec["rollout_dit_rows"] + trained
+
+
+@pytest.mark.parametrize("case", ["padding-lm", "lora-lm"])
+def test_lm_tokens_ratio_is_exactly_one_with_old_logp_lm_replay(tmp_path, monkeypatch, case):
+    """`--old-logp-lm replay`: the loss's own token log-probs and the old ones are the same bits (captured where the
+    reference loss forms the ratio), so every valid token's ratio is exactly 1; the sampler's (`rollout`) differ."""
+    import unirl_fast.reference as R
+
+    seen = []
+    real = R.policy_loss_ref
+
+    def capture(logp, old_logp, advantages, mask, **kw):
+        seen.append((logp.detach().clone(), old_logp.clone(), mask.clone()))
+        return real(logp, old_logp, advantages, mask, **kw)
+
+    monkeypatch.setattr(R, "policy_loss_ref", capture)
+    kw = dict(CASES["padding-lm"], prompts_per_step=2, micro_batch=3)  # two micro-batches of 3 (odd)
+    if case == "lora-lm":
+        kw.update(lora_lm="4,8", lora_dit="4,8")
+    rec = _step(tmp_path, "replay", old_logp_lm="replay", **kw)
+    assert len(seen) == 2
+    for logp, old, mask in seen:
+        assert torch.equal(logp[mask], old[mask])
+    assert rec["text_ratio_mean"] == 1.0 and rec["text_clip_frac_low"] == rec["text_clip_frac_high"] == 0.0
+    seen.clear()
+    roll = _step(tmp_path / "r", "replay", old_logp_lm="rollout", **kw)
+    assert rec["text_logp_mismatch"] > 0.0 and "text_logp_mismatch" not in roll  # decode vs whole-sequence forward
+    assert any(not torch.equal(lp[m], o[m]) for lp, o, m in seen)  # so the sampler's old log-probs: ratio != 1

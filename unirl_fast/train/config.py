@@ -184,6 +184,9 @@ class TrainConfig:
     old_logp: str = _f("replay", "the DiT window's old log-probs: replay (the training replay's own, detached: the "
                        "first update's ratio is exactly 1, no extra forward) or rollout (the sampler's, equal up to "
                        "float round-off)", ("replay", "rollout"))
+    old_logp_lm: str = _f("rollout", "the LM tokens' old log-probs: rollout (the sampler's, from the decode) or replay "
+                          "(the LM head on the training forward's hidden states, detached: one extra head pass; the "
+                          "first ratio is exactly 1 on the reference path)", ("rollout", "replay"))
     group_noise: bool = _f(False, "one initial latent per group (DanceGRPO): in-group differences come from the "
                            "trained window only")
     cycle_back: str = _f("policy", "edit scenarios: who makes the inverse edit of the cycle reward, the policy or the "

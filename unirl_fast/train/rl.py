@@ -276,7 +276,12 @@ def reference_outputs(ref, scenario, cfg, b: Batch, micro_batch: int) -> Batch:
 
 def text_loss(model, cfg, b: Batch, idx, adv, n_total_tokens):
     """GRPO-family loss on the completions of rows `idx`; returns (loss scaled for accumulation, metrics).
-    With beta > 0 the reference log-probs come from `reference_outputs` (b.ref_logp)."""
+    With beta > 0 the reference log-probs come from `reference_outputs` (b.ref_logp).
+
+    Old log-probs (cfg.old_logp_lm): "rollout" (default) the sampler's (the decode's, with a KV cache); "replay"
+    the LM head's on this forward's hidden states, detached (one extra head pass, no extra decoder forward): on the
+    reference path they are the bits the loss computes, so the first ratio is exactly 1; the Triton loss and
+    log-prob kernels may round differently. Metric (replay) logp_mismatch: max |replay - sampler log-prob|."""
     out = b.text
     P = out.prompt_ids.shape[1]
     ids, mask, pos = _sequences(b, idx)
@@ -291,11 +296,19 @@ def text_loss(model, cfg, b: Batch, idx, adv, n_total_tokens):
     loss_type = "dapo" if cfg.loss_type in ("bnpo", "dapo") else cfg.loss_type
     if loss_type == "dapo":
         kw["num_tokens"] = max(n_total_tokens, 1)
-    loss, m = fused_linear_policy_loss(h, head.weight, out.completion_ids[idx], out.logprobs[idx], adv,
-                                       out.completion_mask[idx], bias=getattr(head, "bias", None),
+    bias, targets, cmask = getattr(head, "bias", None), out.completion_ids[idx], out.completion_mask[idx]
+    old = out.logprobs[idx]
+    if cfg.old_logp_lm == "replay":  # the head on these hidden states, as the loss computes it, without the graph
+        with torch.no_grad():
+            old = fused_linear_logprobs(h.detach(), head.weight, targets, bias=bias, temperature=cfg.temperature,
+                                        impl=cfg.impl)[0]
+    loss, m = fused_linear_policy_loss(h, head.weight, targets, old, adv, cmask, bias=bias,
                                        temperature=cfg.temperature, loss_type=loss_type, eps_low=cfg.eps_low,
                                        eps_high=cfg.eps_high, beta=cfg.beta, kl="k3",
                                        max_completion_length=cfg.max_new_tokens, impl=cfg.impl, **kw)
+    if cfg.old_logp_lm == "replay":  # replay vs sampler on the valid tokens
+        gap = torch.where(cmask.bool(), (old.float() - out.logprobs[idx].float()).abs(), 0.0)
+        m = {**m, "logp_mismatch": gap.max() if gap.numel() else gap.sum()}
     scale = 1.0 if loss_type == "dapo" else len(idx) / len(b.tasks)
     return loss * scale, m
 

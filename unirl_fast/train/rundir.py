@@ -39,11 +39,11 @@ RESUMABLE = ("steps", "eval_every", "eval_prompts", "eval_samples", "save_every"
              "reward_timeout", "reward_retries", "reward_concurrency", "reward_batch_size",
              "reward_token_env", "reward_allow_insecure_token",
              "reward_ca_file",  # how a reward service is reached, not what it computes
-             "old_logp")  # the DiT window's old log-probs: the replay's or the sampler's, equal up to float round-off
+             "old_logp", "old_logp_lm")  # the old log-probs: the replay's or the sampler's, equal up to round-off
 # what a run made before a sampler option existed sampled with (config.json without the key)
 _BEFORE_OPTION = {"timestep_schedule": "linspace", "window": "fixed", "window_start": 0, "window_last": None,
                   "window_every": 25, "window_stride": 1, "branch_at": None, "ode_solver": "euler", "ode_tail": 1.0,
-                  "old_logp": "rollout"}
+                  "old_logp": "rollout", "old_logp_lm": "rollout"}
 
 
 def _writable_parent(path: Path) -> Path:
