@@ -8,10 +8,16 @@ wrapped to compile with `warmup=True` (the argument specialisation of a real lau
 divisibility by 16, i32/i64) without launching. Autotuned kernels compile every config. Launchers that ask the
 device for its multiprocessor count get the H100's (132). The process must not run the Triton interpreter.
 
-Columns (one row per distinct kernel x constexprs x config x grid):
+Columns (one row per distinct kernel x constexprs x argument dtypes and unit integers x config x grid):
+    dtypes, ones     the tensor arguments' dtypes in order, and the integer arguments equal to 1 (strides Triton
+                     compiles as constants): the launches are planned with the dtypes and strides the trainer and
+                     FP8Linear pass (fp32 latents with a bf16 or fp32 velocity for the flow kernels; the quantizers'
+                     own scale layouts for the FP8 GEMMs)
     regs, local      registers per thread and local (stack / spill) bytes per thread, from the cubin (cuobjdump)
     spill_st/ld      spill store / load bytes (ptxas -v on the kernel's PTX with the ptxas Triton used)
-    smem             shared memory per program (cubin; includes the 1 KiB system reserve on sm_90)
+    smem, smem_dyn   shared memory per program: static (cubin) + dynamic (the launch's `shared`, what Triton's
+                     pipelined buffers and reductions use), and the dynamic part alone; occupancy adds the 1 KiB
+                     system reserve per program on sm_90
     warps/SM, progs/SM   resident warps and programs per SM on an H100: min over registers (65536 per SM, allocated
                      per warp in units of 256), shared memory (228 KiB per SM, 1 KiB reserved per program),
                      64 warps and 32 programs per SM
@@ -19,6 +25,9 @@ Columns (one row per distinct kernel x constexprs x config x grid):
     ld, st           global load / store widths in the PTX, widest first, as bytes-per-thread x count
     prefetch         "reg" (a streaming loop carries its next slice's load in registers), "async" (software
                      pipelined cp.async / TMA copies), "no" (a streaming loop that waits on each slice), "-" (no loop)
+    ldg_pos          where the global loads sit in each loop of the final machine code (SASS, after ptxas
+                     scheduling): "first-last/length" instruction indices per loop (a register prefetch only hides
+                     latency when its loads come before the loop's math, not after it)
     wgmma            Hopper warpgroup MMA in the PTX (yes / no / "mma.sync" for Ampere-style MMA)
     bytes_iter       bytes one program loads per iteration of its streaming loop (whole kernel when it has none)
     traffic          for kernels that read part of their input twice (forward_process_loss at D > 8192): the bytes
@@ -63,9 +72,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 H100 = dict(sms=132, regs=65536, reg_unit=256, smem=228 * 1024, smem_reserved=1024, warps=64, programs=32)
 INFLIGHT_TARGET = 48 * 1024
-COLUMNS = ["op", "shape", "kernel", "constexprs", "config", "num_warps", "num_stages", "grid", "regs", "local",
-           "spill_st", "spill_ld", "smem", "warps_per_sm", "progs_per_sm", "waves", "ld", "st", "prefetch", "wgmma",
-           "bytes_iter", "traffic", "est_bw", "error"]
+COLUMNS = ["op", "shape", "kernel", "constexprs", "dtypes", "ones", "config", "num_warps", "num_stages", "grid",
+           "regs", "local",
+           "spill_st", "spill_ld", "smem", "smem_dyn", "warps_per_sm", "progs_per_sm", "waves", "ld", "st", "prefetch",
+           "ldg_pos", "wgmma", "bytes_iter", "traffic", "est_bw", "error"]
 
 
 # ------------------------------------------------------------------------------------------------ compiling
@@ -111,7 +121,8 @@ class Recorder:
             g = grid(bound) if callable(grid) else grid
             g = tuple(g) + (1,) * (3 - len(g))
             consts = {p.name: bound.get(p.name) for p in self.params if p.is_constexpr and p.name in bound}
-            rec.launches.append((self.fn.__name__, consts, rec._config, g, kernel))
+            args = _arg_signature([(p.name, bound.get(p.name)) for p in self.params if not p.is_constexpr])
+            rec.launches.append((self.fn.__name__, consts, rec._config, g, kernel, args))
             return kernel
 
         def tune(self, *args, **kwargs):
@@ -133,6 +144,15 @@ class Recorder:
                 driver._active = None
             else:
                 driver.set_active(old)
+
+
+def _arg_signature(args) -> dict:
+    """What a launch specialises on besides its constexprs: the tensor arguments' dtypes, in order, and the integer
+    arguments equal to 1 (Triton compiles those as constants: a unit stride, for one)."""
+    dtypes = [str(v.dtype).replace("torch.", "").replace("float", "f")
+              for _, v in args if isinstance(v, torch.Tensor)]
+    ones = [n for n, v in args if isinstance(v, int) and not isinstance(v, bool) and v == 1]
+    return {"dtypes": ",".join(dtypes), "ones": " ".join(ones)}
 
 
 # ------------------------------------------------------------------------------------------------ launch plans
@@ -207,19 +227,25 @@ def plan_advantages(N, G):
 
 
 def plan_flow(B, C, h, w, T=10):
+    """The flow kernels at the dtypes the trainer passes: the sampler's latents, noise and stored samples in fp32, the
+    DiT's velocity in bf16 (`--precision bf16` autocast) or fp32; the sampler step on B rows, the replay and the loss
+    on T x B."""
     from unirl_fast.kernels import flow as K
     from unirl_fast.kernels import flow_loss as KL
 
-    x = meta(B, C * h * w)
-    sig = f32(B)
-    for kind in (K.KIND_SDE, K.KIND_CPS, K.KIND_ODE):
-        K.flow_sde_step_fwd(x, x, x, sig, sig, None, 0.7, kind, B)  # one sampler step
-    xr, sr = meta(T * B, C * h * w), f32(T * B)
-    K.flow_step_logprob_fwd(xr, xr, f32(T * B, C * h * w), sr, sr, None, 0.7, K.KIND_CPS, T * B)  # replay
-    K.flow_step_logprob_bwd(sr, xr, xr, f32(T * B, C * h * w), sr, sr, None, 0.7, K.KIND_CPS, T * B)
-    lp = f32(T, B)
-    out, dlogp = KL.flow_policy_loss_fwd(lp, lp, f32(B), xr, xr, xr, xr, sr, 1e-4, 0.01, 0.01)
-    KL.flow_policy_loss_bwd(f32(1), dlogp, True, xr, xr, xr, xr, sr, 0.01, 0.01)
+    D, sig = C * h * w, f32(B)
+    x, xr, sr, lp = f32(B, D), f32(T * B, D), f32(T * B), f32(T, B)
+    for vd in (torch.bfloat16, torch.float32):
+        v, vr = meta(B, D, dtype=vd), meta(T * B, D, dtype=vd)
+        for kind in (K.KIND_SDE, K.KIND_CPS, K.KIND_ODE):  # one sampler step (sigma_max a device scalar for sde)
+            K.flow_sde_step_fwd(v, x, f32(B, D), sig, sig, f32() if kind == K.KIND_SDE else None, 0.7, kind, B)
+        K.flow_step_logprob_fwd(vr, xr, xr, sr, sr, None, 0.7, K.KIND_CPS, T * B)  # replay
+        K.flow_step_logprob_bwd(sr, vr, xr, xr, sr, sr, None, 0.7, K.KIND_CPS, T * B)
+        out, dlogp = KL.flow_policy_loss_fwd(lp, lp, f32(B), vr, vr, None, None, None, 1e-4, 0.01, 0.0)  # trainer's
+        KL.flow_policy_loss_bwd(f32(1), dlogp, True, vr, vr, None, None, None, 0.01, 0.0)
+    vr = meta(T * B, D)  # every term of the op (latent KL too), bf16
+    out, dlogp = KL.flow_policy_loss_fwd(lp, lp, f32(B), vr, vr, vr, vr, sr, 1e-4, 0.01, 0.01)
+    KL.flow_policy_loss_bwd(f32(1), dlogp, True, vr, vr, vr, vr, sr, 0.01, 0.01)
 
 
 def plan_forward_loss(B, C, h, w, T=10):
@@ -236,18 +262,21 @@ def plan_forward_loss(B, C, h, w, T=10):
 
 
 def plan_fp8(M, N, K):
+    """FP8Linear's launches with the operands and scale layouts its forward and backward pass (fp8/linear.py):
+    forward x 1x128 (or the fused dual pass in training) x W 128x128, dgrad dy 1x128 x W^T (the transposed FP8
+    weight and its scales made contiguous), wgrad dy 128x1 x x 128x1 (the quantizers' [C, R_pad] outputs)."""
     from unirl_fast.kernels import fp8_gemm as KG
     from unirl_fast.kernels import fp8_quant as KQ
 
-    x = meta(M, K)
-    KQ.fp8_quant_fwd(x, "1x128")
-    KQ.fp8_quant_fwd(x, "128x1")
-    KQ.fp8_quant_fwd(meta(N, K), "128x128")
-    KQ.fp8_quant_dual_fwd(x)
-    e4 = torch.float8_e4m3fn
-    a, bt = meta(M, K, dtype=e4), meta(N, K, dtype=e4)
-    KG.fp8_gemm_fwd(a, f32(K // 128, M).t(), bt, f32(N // 128, K // 128))  # forward: 128x128 weight scales
-    KG.fp8_gemm_fwd(meta(N, M, dtype=e4), f32(N, M // 128), meta(K, M, dtype=e4), f32(K, M // 128))  # wgrad
+    x, dy = meta(M, K), meta(M, N)
+    wq, ws = KQ.fp8_quant_fwd(meta(N, K), "128x128")
+    xq, xs = KQ.fp8_quant_fwd(x, "1x128")  # rollout forward
+    _, _, xtq, xts = KQ.fp8_quant_dual_fwd(x)  # training forward: both layouts of x from one read
+    KG.fp8_gemm_fwd(xq, xs, wq, ws)  # forward [M, N]
+    dyq, dys, dytq, dyts = KQ.fp8_quant_dual_fwd(dy)
+    KG.fp8_gemm_fwd(dyq, dys, wq.t().contiguous(), ws.t().contiguous())  # dgrad [M, K]
+    KG.fp8_gemm_fwd(dytq, dyts, xtq, xts)  # wgrad [N, K]
+    KQ.fp8_quant_fwd(x, "128x1")  # the wgrad operand when the activation is not saved in FP8
 
 
 def plans(shapes: str):
@@ -306,7 +335,11 @@ def resources(kernel, workdir: Path) -> dict:
     ptx.write_text(kernel.asm["ptx"])
     usage = subprocess.run([str(_tool("cuobjdump")), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    out = dict(regs=int(m.group(1)), local=int(m.group(4)), smem=int(m.group(3))) if m else {}
+    dyn = kernel.metadata.shared  # requested at launch: Triton's shared buffers are dynamic
+    out = dict(regs=int(m.group(1)), local=int(m.group(4)), smem=int(m.group(3)) + dyn) if m else {}
+    out["smem_dyn"] = dyn
+    sass = subprocess.run([str(_tool("cuobjdump")), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    out["ldg_pos"] = " ".join(f"{lo}-{hi}/{n}" for n, lo, hi in sass_loops(sass)) or "-"
     log = subprocess.run([_ptxas(), *_ptxas_flags(kernel), "--gpu-name=sm_90a", str(ptx), "-o",
                           str(workdir / f"{name}.o")], capture_output=True, text=True)
     s = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.stderr + log.stdout)
@@ -315,6 +348,26 @@ def resources(kernel, workdir: Path) -> dict:
         r = re.search(r"Used (\d+) registers", log.stderr)
         out["regs"] = int(r.group(1)) if r else None
     out.setdefault("smem", kernel.metadata.shared)
+    return out
+
+
+_SASS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def sass_loops(sass: str) -> list:
+    """[(instructions, first LDG index, last LDG index)] of every loop of the SASS that loads from global memory (a
+    loop: the instructions from a backward branch's target to the branch)."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in map(_SASS.match, sass.splitlines()) if m]
+    at = {a: i for i, (a, _) in enumerate(ins)}
+    out = []
+    for i, (a, text) in enumerate(ins):
+        b = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if not b or int(b.group(1), 16) >= a or int(b.group(1), 16) not in at:
+            continue
+        body = ins[at[int(b.group(1), 16)]:i + 1]
+        ldg = [j for j, (_, t) in enumerate(body) if re.search(r"\bLDG(STS)?\b", t)]
+        if ldg:
+            out.append((len(body), ldg[0], ldg[-1]))
     return out
 
 
@@ -390,7 +443,7 @@ def loops(ttgir: str) -> list:
 def analyse(kernel, workdir: Path) -> dict:
     md = kernel.metadata
     res = resources(kernel, workdir)
-    warps_sm, progs_sm = occupancy(res.get("regs"), res.get("smem", md.shared), md.num_warps)
+    warps_sm, progs_sm = occupancy(res.get("regs"), res.get("smem", md.shared), md.num_warps)  # static + dynamic
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     w = widths(ptx)
     lp = loops(ttgir)
@@ -425,14 +478,14 @@ def report(shapes="bench", ops=None, log=print) -> list:
             except Exception as e:  # noqa: BLE001 - a compile error is a finding, reported as a row
                 rows.append({"op": op, "shape": shape, "kernel": "?", "error": f"{type(e).__name__}: {e}"[:300]})
                 log(f"compile error in {op} {shape}:\n{traceback.format_exc()[-2000:]}")
-            for name, consts, config, grid, kernel in rec.launches[start:]:
-                key = (op, shape, name, repr(consts), config, grid)
+            for name, consts, config, grid, kernel, args in rec.launches[start:]:
+                key = (op, shape, name, repr(consts), config, grid, args["dtypes"], args["ones"])
                 if key in seen or kernel is None:
                     continue
                 seen.add(key)
                 row = {"op": op, "shape": shape, "kernel": name,
                        "constexprs": " ".join(f"{k}={v}" for k, v in consts.items()), "config": config or "",
-                       "grid": "x".join(map(str, grid)), **analyse(kernel, Path(tmp))}
+                       "grid": "x".join(map(str, grid)), **args, **analyse(kernel, Path(tmp))}
                 row["waves"] = round(math.prod(grid) / max(row["progs_per_sm"] * H100["sms"], 1), 2)
                 if name in traffic:
                     row["traffic"] = round(traffic[name], 2)

@@ -229,9 +229,10 @@ def _flow_step_logprob_bwd_kernel(
 # launchers: tensors in, tensors out
 
 
-# Programs per SM each kernel keeps resident on an H100 (the smaller of Triton 3.6 and 3.9 in the compile report,
-# bench/kernel_report.py): a launch uses at most this many per SM, so it runs in one wave (no nearly empty tail).
-RESIDENT = {"step": 4, "logprob": 8, "loss": 8}
+# Programs per SM each kernel keeps resident on an H100 (the smallest over Triton 3.6 / 3.9 and the dtypes the trainer
+# passes in the compile report, bench/kernel_report.py: with fp32 latents the replay kernels take 40 registers a
+# thread, 6 programs of 8 warps per SM): a launch uses at most this many per SM, so it runs in one wave.
+RESIDENT = {"step": 4, "logprob": 6, "loss": 8}
 
 
 def plan(N, D, device, block=None, resident=4, share=1, spare=0):

@@ -56,13 +56,13 @@ def _row_stats(p_row, p_body, n_body, head, inv_temp, V, BLOCK_V: tl.constexpr, 
 
 
 @triton.jit
-def _grad_slice(p, o, mask, cols, tgt, g, gh, m_safe, ez, inv_s, inv_temp, b_z):
-    """dzr over one slice (raw logits b_z already loaded), written in place at p + o."""
+def _grad_values(cols, tgt, g, gh, m_safe, ez, inv_s, inv_temp, b_z, OUT: tl.constexpr):
+    """dzr over one slice (raw logits b_z already loaded), in the logits' dtype OUT."""
     zd = b_z.to(tl.float32) * inv_temp - m_safe
     pr = tl.exp(zd) * inv_s
     dz = -g * pr - gh * tl.where(pr > 0, pr * (zd - ez), 0.0)
     dz = tl.where(cols == tgt, dz + g, dz)
-    tl.store(p + o, (dz * inv_temp).to(p.dtype.element_ty), mask=mask)
+    return (dz * inv_temp).to(OUT)
 
 
 @triton.jit
@@ -122,16 +122,26 @@ def _flpl_chunk_kernel(
                 g = tl.load(g_ptr + i_n)
                 gh = tl.load(gh_ptr + i_n)
             inv_s = 1.0 / s
+            out_ty = z_ptr.dtype.element_ty
             b_e = tl.load(z_row + o_e, mask=m_e, other=-float("inf"))
-            _grad_slice(z_row, o_e, m_e, o_e.to(tl.int64), tgt, g, gh, m_safe, ez, inv_s, inv_temp, b_e)
+            tl.store(z_row + o_e, _grad_values(o_e.to(tl.int64), tgt, g, gh, m_safe, ez, inv_s, inv_temp, b_e,
+                                               out_ty), mask=m_e)
+            # Pipelined by one slice: iteration v0 loads slice v0 + 1, then stores the gradient of slice v0 - 1 (made
+            # in the previous iteration), then computes slice v0's. The store may alias the load (same buffer), so
+            # the compiler cannot sink the load below it: the next slice's load is issued before this slice's math
+            # (with the store right after the math it was sunk behind the math; bench/kernel_report.py: ldg_pos).
             b_cur = tl.load(z_body + o_v, mask=o_v // VEC < n_vec, other=-float("inf"))
+            o_prev = o_v - BLOCK_V + n_body * 0  # the type of v0 + o_v (n_body's)
+            dz_prev = tl.zeros([BLOCK_V], dtype=out_ty)
             for v0 in range(0, n_body, BLOCK_V):
                 o = v0 + o_v
                 b_z = b_cur
                 o_n = o + BLOCK_V
                 b_cur = tl.load(z_body + o_n, mask=o_n // VEC < n_vec, other=-float("inf"))  # in flight meanwhile
-                _grad_slice(z_body, o, o // VEC < n_vec, (head + o).to(tl.int64), tgt, g, gh, m_safe, ez, inv_s,
-                            inv_temp, b_z)
+                tl.store(z_body + o_prev, dz_prev, mask=(o_prev >= 0) & (o_prev // VEC < n_vec))
+                dz_prev = _grad_values((head + o).to(tl.int64), tgt, g, gh, m_safe, ez, inv_s, inv_temp, b_z, out_ty)
+                o_prev = o
+            tl.store(z_body + o_prev, dz_prev, mask=(o_prev >= 0) & (o_prev // VEC < n_vec))
 
 
 @launch_guard

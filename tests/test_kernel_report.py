@@ -1,7 +1,9 @@
 """The compile report (bench/kernel_report.py): every kernel launch of the public ops compiles for sm_90 without a
 GPU, with no spill in any shipped config, and the compiled form meets the report's targets: prefetch in the
-logprobs and fused-loss row kernels, >= 32 resident warps per SM for the dual FP8 quantizer, and the flow replay
-at T10 x B32 and the flow loss in one wave on an H100.
+logprobs and fused-loss row kernels (the fused loss's second sweep issuing its next slice's loads before its math
+in the final SASS), >= 32 resident warps per SM for the dual FP8 quantizer, and the flow replay at T10 x B32 and
+the flow loss in one wave on an H100 at the dtypes the trainer passes (fp32 latents, bf16 or fp32 velocity). The
+report counts dynamic shared memory and compiles the FP8 GEMMs with FP8Linear's scale layouts.
 
 The report runs in a fresh process without the Triton interpreter (conftest sets TRITON_INTERPRET=1 for this one).
 The parsers are also checked on small hand-written inputs.
@@ -68,6 +70,40 @@ def test_flow_replay_and_loss_fit_one_wave(report_rows):
             assert float(r["waves"]) <= 1.0, r
 
 
+def test_flow_kernels_compiled_at_the_trainers_dtypes(report_rows):
+    for kernel, v in (("_flow_sde_step_fwd_kernel", 0), ("_flow_step_logprob_fwd_kernel", 0),
+                      ("_flow_step_logprob_bwd_kernel", 1)):  # the velocity's position (the bwd's g comes first)
+        dtypes = [r["dtypes"].split(",") for r in _rows(report_rows, kernel)]
+        assert {d[v] for d in dtypes} == {"bf16", "f32"}, (kernel, dtypes)  # the velocity bf16 or fp32
+        assert all(d[v + 1] == d[v + 2] == "f32" for d in dtypes), (kernel, dtypes)  # the latents always fp32
+
+
+def test_shared_memory_counts_the_dynamic_part(report_rows):
+    for r in _rows(report_rows, "_fp8_gemm_kernel"):
+        assert int(r["smem"]) >= int(r["smem_dyn"]) > 64 * 1024, r  # pipelined tiles live in dynamic shared memory
+    for r in _rows(report_rows, "_fp8_gemm_kernel", config="BM=64, BN=128"):
+        assert int(r["warps_per_sm"]) == 4 and int(r["progs_per_sm"]) == 1, r  # ~123 KB: one 4-warp program per SM
+
+
+def test_fp8_gemms_compiled_with_fp8linears_scale_layouts(report_rows):
+    """The quantizers' outputs feed the GEMMs: activation / gradient scales column-major (stride 1 along rows),
+    128x128 weight scales row-major, and in wgrad both operands' 128x1 scales column-major."""
+    for r in _rows(report_rows, "_fp8_gemm_kernel", constexprs="B_GROUP_N=128"):
+        assert {"stride_sam", "stride_sbk"} <= set(r["ones"].split()), r
+    for r in _rows(report_rows, "_fp8_gemm_kernel", constexprs="B_GROUP_N=1 "):
+        assert {"stride_sam", "stride_sbn"} <= set(r["ones"].split()) and "stride_sak" not in r["ones"], r
+
+
+def test_fused_loss_second_sweep_issues_its_loads_before_its_math(report_rows):
+    """The gradient sweep of the fused-loss row kernel (its last loop) loads the next slice in the first quarter of
+    the loop body in SASS; before the one-slice store pipeline ptxas sank those loads to the end (~660 of ~760)."""
+    sweeps = [r for r in _rows(report_rows, "_flpl_chunk_kernel") if r["constexprs"].startswith(("MODE=1", "MODE=2"))]
+    assert sweeps
+    for r in sweeps:
+        lo_hi, n = r["ldg_pos"].split()[-1].split("/")
+        assert int(lo_hi.split("-")[1]) < 0.25 * int(n), r
+
+
 def test_forward_loss_reads_short_rows_once(report_rows):
     """forward_process_loss: rows of D <= 8192 (DC-AE) are held in registers (no streaming loop, read once, estimate
     >= 0.8 of copy); SD3's D = 65536 streams its head with prefetch and is charged for re-reading it (traffic < 1)."""
@@ -102,6 +138,13 @@ def test_parsers_on_hand_written_input():
     waiting = carried.replace("scf.yield %z, %y", "scf.yield %z, %x")
     assert R.loops(carried) == [{"bytes": 8192, "prefetch": "reg"}]
     assert R.loops(waiting) == [{"bytes": 8192, "prefetch": "no"}]
+    sass = """        /*0100*/                   LDG.E R2, desc[UR14][R2.64] ;
+        /*0110*/                   FADD R3, R2, R2 ;
+        /*0120*/                   MUFU.EX2 R4, R3 ;
+        /*0130*/                   LDG.E.128 R8, desc[UR14][R6.64] ;
+        /*0140*/              @!P0 BRA 0x100 ;
+        /*0150*/                   EXIT ;"""
+    assert R.sass_loops(sass) == [(5, 0, 3)]
     assert R.occupancy(64, 1024, 4) == (32, 8)  # 64 regs: 32 warps by registers
     assert R.occupancy(255, 1024, 8) == (8, 1)
     assert R.occupancy(32, 120 * 1024, 4) == (4, 1)  # shared memory bound
