@@ -14,7 +14,7 @@ from unirl_fast.cli import main
 from unirl_fast.fp8 import convert_to_fp8
 from unirl_fast.models import Conditioning, UnifiedModel
 from unirl_fast.profiling import dit_forward_flops, lm_forward_flops
-from unirl_fast.profiling.profile_run import TOLERANCE, check_losses, profile_model_config
+from unirl_fast.profile_run import TOLERANCE, check_losses, profile_model_config
 from unirl_fast.profiling.step_flops import model_shapes, step_flops
 from unirl_fast.train import PRESETS, Trainer
 from unirl_fast.train.pretrain import world_model_config
@@ -112,7 +112,7 @@ def test_report_prints_table_and_writes_plots(smoke_run, capsys):
 
 
 def test_throughput_panels_merge_equal_series_and_drop_empty_ones():
-    from unirl_fast.profiling.report import _lines
+    from unirl_fast.report import _lines
 
     recs = [{"samples_per_s": 2.0, "images_per_s": 2.0, "gen_tokens_per_s": 50.0, "trained_tokens_per_s": 0.0},
             {"samples_per_s": 3.0, "images_per_s": 3.0, "gen_tokens_per_s": 70.0, "trained_tokens_per_s": 0.0}]
