@@ -5,13 +5,18 @@ reward, on the embedded world, over several seeds, paired against a baseline.
     unirl-fast bench --time-to-reward --config "fast=--image-steps 6 --sde-window 3" --config flow_grpo
     unirl-fast bench --time-to-reward --smoke            # seconds: CI's end-to-end check
     unirl-fast bench --time-to-reward --merge OUT_S0 OUT_S1 OUT_S2 --out OUT   # seeds run as parallel processes
+    unirl-fast bench --time-to-reward --reward-sleep 1 --side-by-side --config serial --config overlap \
+        --baseline serial        # wall-clock: the step's pipeline modes against a slow reward
 
 Configurations: a name from CONFIGS (trainer flags on top of the scenario's defaults; `--list` prints them), a
 new one as `--config "NAME=--flag value ..."`, or a YAML / JSON `--configs-file` ({name: "flags" | [flags] |
 {flag: value}}). `--common "FLAGS"` applies to every configuration. A configuration may not set what the harness
 owns (the scenario, seed, run directory, steps and the evaluation: it must be the same for all).
 
-Runs: for each seed, the baseline first, then every other configuration. All runs of a seed start from one
+Runs (bench/time_to_reward_runs.py): for each seed, the baseline first, then every other configuration; with
+`--side-by-side` every configuration of a seed is built first and they train in turn, one RL step each, all for the
+baseline's steps with evaluations at its steps (a wall-clock comparison on a shared machine: every configuration
+meets the same load). All runs of a seed start from one
 pretrained base model: each run directory's `base/` links to one cache (`--base-cache`, default `<out>/base`), so
 pretraining happens once per seed (and per preset / pretraining settings, which key the cache). Each run drives
 the public `Trainer` (train_step / evaluate) with a `ComputeCounter` attached to the policy, the frozen reference
@@ -32,6 +37,12 @@ the budget (or `--max-steps`), and is evaluated after the first step at or past 
 its last evaluation is at compute <= budget, so "at equal compute" never gives it more than the baseline had.
 `--budget X` instead gives every run (baseline included) the budget X and the grid X k / evals.
 
+Slow reward (`--reward-sleep S`): a reward service on 127.0.0.1 (bench/sleep_reward.py) that sleeps S seconds per
+request (one request at a time unless --reward-workers) is added to every run as a reward term of weight 0 (the run
+still trains on the world's reward, unchanged) and stops by itself when the harness is gone. The wall-clock table
+gives each configuration's RL steps per hour (steps / the steps' own wall-clock) and its per-seed ratio to the
+baseline's, and the held-out reward at the baseline's last step (equal steps).
+
 Report (bench/time_to_reward_analysis.py has the definitions): per configuration and seed, compute, wall-clock and
 steps to the target (default: the baseline's final held-out reward, mean over seeds), "not reached" when no
 evaluation got there; per configuration mean +- sample std over seeds; the paired per-seed ratio to the
@@ -43,20 +54,19 @@ runs/ (the trainer's run directories) and base/ (the cache).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
 import shlex
 import sys
-import time
 from pathlib import Path
 
 if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as a script: the checkout's bench package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, append_rows, env_columns  # noqa: E402
-from bench.time_to_reward_analysis import format_table, plot_curves, summarize  # noqa: E402
+from bench.time_to_reward_analysis import format_table, plot_curves, summarize, wall_table  # noqa: E402
+from bench.time_to_reward_runs import Schedule, attach_trainer, run_one, run_side_by_side  # noqa: E402,F401
 
 # name -> trainer flags over the scenario's defaults. flow_grpo / grpo: the defaults themselves (Flow-GRPO on the
 # DiT, GRPO on the LM where it trains); the others change one setting that moves the compute per step.
@@ -82,6 +92,10 @@ CONFIGS = {
     "branch3_fast": ("--window-start", "3", "--sde-window", "2", "--branch-at", "3", "--ode-tail", "0.5"),
     "slide": ("--window", "slide", "--window-every", "5", "--branch-at", "window"),
     "dpm2": ("--ode-solver", "dpm2"),
+    # the step's pipeline (train.pipeline) against a slow reward (--reward-sleep): the serial step, and rewards scored
+    # while the next rollout chunk runs (the same numbers)
+    "serial": ("--reward-overlap", "off"),
+    "overlap": ("--reward-overlap", "on"),
 }
 # what the harness owns; a configuration may not set the evaluation either (--common may: it is the same for all)
 HARNESS_OWNED = ("scenario", "seed", "run_dir", "steps", "eval_every", "save_every")
@@ -194,104 +208,6 @@ def run_config(base_flags, flags, seed, run_dir, steps, name):
         raise ValueError(f"config {name!r}: {e}") from None
 
 
-@dataclasses.dataclass
-class Schedule:
-    """When a run stops and evaluates: every `every` steps up to `steps`, or at the first step at or past each of
-    `grid` (compute) while the next step stays within `budget` (at most `max_steps` steps)."""
-    steps: int | None = None
-    every: int | None = None
-    grid: tuple = ()
-    budget: float | None = None
-    max_steps: int | None = None
-
-
-def _point(trainer, counter, wall_s, unit_key) -> dict:
-    """Evaluate (counted apart from training) and record the cumulative training compute before it."""
-    with counter.section("eval"):
-        ev = trainer.evaluate()
-    t, ref, evc = counter.totals("train"), counter.totals("train", "reference"), counter.totals("eval")
-    aux = counter.totals("train", "auxiliary")
-    p = {"step": trainer.step, "x": None, "dit_fe": t.dit_forward_equivalents, "dit_forward": t.dit_forward,
-         "dit_backward": t.dit_backward, "lm_te": t.lm_token_equivalents, "lm_forward_tokens": t.lm_forward_tokens,
-         "lm_backward_tokens": t.lm_backward_tokens, "ref_dit_forward": ref.dit_forward,
-         "ref_lm_forward_tokens": ref.lm_forward_tokens, "aux_dit_forward": aux.dit_forward,
-         "aux_lm_forward_tokens": aux.lm_forward_tokens, "eval_dit_forward": evc.dit_forward,
-         "eval_lm_forward_tokens": evc.lm_forward_tokens, "wall_s": wall_s, "eval_reward": ev["eval_reward"],
-         **{k: v for k, v in ev.items() if k.startswith("eval_reward_")},
-         "task_rewards": [float(v) for v in ev["_rewards"]]}
-    p["x"] = p[unit_key]
-    return p
-
-
-def _train_x(counter, unit_key) -> int:
-    t = counter.totals("train")
-    return t.dit_forward_equivalents if unit_key == "dit_fe" else t.lm_token_equivalents
-
-
-def attach_trainer(counter, trainer):
-    """Attach the trainer's policy, its frozen reference and any other model it keeps (e.g. an old policy, as
-    "auxiliary"). With LoRA the reference is the policy with its adapters off: counted as the policy."""
-    import torch
-
-    seen = set()
-    for value in vars(trainer).values():
-        if isinstance(value, torch.nn.Module) and (hasattr(value, "dit") or hasattr(value, "lm")) \
-                and id(value) not in seen:
-            seen.add(id(value))
-            role = "policy" if value is trainer.model else "reference" if value is trainer.ref else "auxiliary"
-            counter.attach(value, role=role)
-    return counter
-
-
-def run_one(cfg, schedule: Schedule, unit_key: str, log=print, trainer_log=None) -> list:
-    """Train one configuration for one seed on its schedule; returns its evaluation points (step 0 first)."""
-    from unirl_fast.profiling import ComputeCounter
-    from unirl_fast.train import Trainer
-
-    trainer = Trainer(cfg, log=trainer_log or (lambda *a, **k: None))
-    counter = attach_trainer(ComputeCounter(), trainer)
-    points, clock = [], {"wall": 0.0}
-
-    def evaluate(note=""):
-        points.append(_point(trainer, counter, clock["wall"], unit_key))
-        log(f"  step {trainer.step}: {unit_key} {points[-1]['x']}, held-out reward {points[-1]['eval_reward']:.3f}, "
-            f"{clock['wall']:.1f} s{note}")
-
-    try:
-        with counter.watch():  # an expert copy the counter is not attached to is an error, not uncounted compute
-            evaluate()
-            _train_loop(trainer, counter, schedule, unit_key, evaluate, clock)
-            if points[-1]["step"] != trainer.step:
-                evaluate(" (end)")
-    finally:
-        counter.detach()
-        trainer.reward.close()
-    return points
-
-
-def _train_loop(trainer, counter, schedule, unit_key, evaluate, clock):
-    """RL steps until the schedule's end, evaluating when due; clock["wall"] sums the steps' wall-clock."""
-    cost, grid = None, list(schedule.grid)
-    while True:
-        x0 = _train_x(counter, unit_key)
-        if schedule.steps is not None and trainer.step >= schedule.steps:
-            return
-        if schedule.budget is not None and (trainer.step >= schedule.max_steps or
-                                            (cost is not None and x0 + cost > schedule.budget)):
-            return
-        t0 = time.perf_counter()
-        trainer.train_step()
-        clock["wall"] += time.perf_counter() - t0
-        x = _train_x(counter, unit_key)
-        cost = x - x0
-        due = schedule.every is not None and trainer.step % schedule.every == 0
-        while grid and x >= grid[0]:
-            grid.pop(0)
-            due = True
-        if due:
-            evaluate()
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="unirl-fast bench --time-to-reward", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -325,6 +241,11 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="seconds: smoke trainer preset, 1 seed, 2 configurations")
     p.add_argument("--list", action="store_true", help="print the known configurations and exit")
     p.add_argument("--verbose", action="store_true", help="print the trainer's own log lines too")
+    p.add_argument("--reward-sleep", type=float, default=None, metavar="SECONDS", help="add a reward service on "
+                   "127.0.0.1 that sleeps this long per request (weight 0: the reward is unchanged) to every run")
+    p.add_argument("--reward-workers", type=int, default=1, help="requests that service answers at once (default 1)")
+    p.add_argument("--side-by-side", action="store_true", help="train a seed's configurations in turn, one step each, "
+                   "all for the baseline's steps (wall-clock comparisons on a shared machine)")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                    help="report together the runs of several result folders (e.g. seeds run as parallel processes "
                    "with --first-seed / --seeds 1 and one --base-cache): their settings must match; writes --out")
@@ -340,6 +261,12 @@ def parse_args(argv=None):
         raise ValueError("--resume needs --out (the folder whose runs to keep)")
     if args.budget is not None and not args.budget > 0:
         raise ValueError(f"--budget must be > 0, got {args.budget}")
+    if args.reward_sleep is not None and not args.reward_sleep >= 0:
+        raise ValueError(f"--reward-sleep must be >= 0 seconds, got {args.reward_sleep}")
+    if args.reward_workers < 1:
+        raise ValueError(f"--reward-workers must be >= 1, got {args.reward_workers}")
+    if args.side_by_side and args.budget is not None:
+        raise ValueError("--side-by-side trains every configuration for the baseline's steps: no --budget")
     return args
 
 
@@ -364,6 +291,13 @@ def plan(args) -> dict:
     for name, flags in specs.items():
         parse_flags(f"config {name!r}", flags, parser)
     base_flags = ["--config", args.trainer_config, "--scenario", args.scenario, *common]
+    if args.reward_sleep is not None:
+        sets = [f"config {n!r}" for n, f in specs.items() if parser.parse_known_args(list(f))[0].reward] + \
+            (["--common"] if parser.parse_known_args(common)[0].reward else [])
+        if sets:
+            raise ValueError(f"--reward-sleep adds its service to the world's reward; {', '.join(sets)} sets --reward")
+        if getattr(args, "reward_url", None):  # the service is up (main): every run gets it, at weight 0
+            base_flags += ["--reward", "world", "--reward", f"{args.reward_url}=0"]
     out = Path(args.out) if args.out else RESULTS_DIR / (
         f"time_to_reward-{args.scenario}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
         + ("-smoke" if args.smoke else ""))
@@ -381,15 +315,16 @@ def plan(args) -> dict:
         for name, flags in specs.items():
             if (name, seed) in done:
                 continue
-            own = steps if name == args.baseline and args.budget is None else p["max_steps"]
+            own = steps if (name == args.baseline or args.side_by_side) and args.budget is None else p["max_steps"]
             cfg = run_config(base_flags, flags, seed, out / "runs" / f"{name}-seed{seed}", own, name)
             preflight(cfg)
             p["cfgs"][name, seed] = cfg
     return p
 
 
+UNSET = {"reward_workers": 1, "side_by_side": False}  # what results made before these settings ran with
 COMPARISON = ("scenario", "baseline", "trainer_config", "common", "baseline_steps", "budget", "max_steps", "evals",
-              "unit")
+              "unit", "reward_sleep", "reward_workers", "side_by_side")
 
 
 def _kept_runs(out: Path, settings: dict, specs: dict) -> list:
@@ -399,8 +334,8 @@ def _kept_runs(out: Path, settings: dict, specs: dict) -> list:
     if not path.is_file():
         raise ValueError(f"--resume: {path} does not exist (nothing to keep)")
     old = json.loads(path.read_text())
-    diff = [f"{k} {old['settings'].get(k)!r} -> {settings[k]!r}" for k in COMPARISON
-            if old["settings"].get(k) != settings[k]]
+    diff = [f"{k} {old['settings'].get(k, UNSET.get(k))!r} -> {settings[k]!r}" for k in COMPARISON
+            if old["settings"].get(k, UNSET.get(k)) != settings[k]]
     diff += [f"config {r['config']!r} flags {r['flags']} -> {list(specs[r['config']])}" for r in old["runs"]
              if r["config"] in specs and list(specs[r["config"]]) != r["flags"]]
     if diff:
@@ -439,10 +374,11 @@ def merge(args) -> dict:
         if not path.is_file():
             raise ValueError(f"--merge {d}: no runs.json (not a time-to-reward result folder, or still running)")
         loads.append(json.loads(path.read_text()))
-    same = ("scenario", "baseline", "configs", "trainer_config", "common", "baseline_steps", "budget", "evals", "unit")
+    same = ("scenario", "baseline", "configs", "trainer_config", "common", "baseline_steps", "budget", "evals", "unit",
+            "reward_sleep", "reward_workers", "side_by_side")
     first = loads[0]["settings"]
     for d, ld in zip(args.merge[1:], loads[1:]):
-        diff = [k for k in same if ld["settings"].get(k) != first.get(k)]
+        diff = [k for k in same if ld["settings"].get(k, UNSET.get(k)) != first.get(k, UNSET.get(k))]
         if diff:
             raise ValueError(f"--merge {d}: settings {diff} differ from {args.merge[0]}'s")
     runs = [r for ld in loads for r in ld["runs"]]
@@ -455,8 +391,8 @@ def merge(args) -> dict:
     if (out / "curves.csv").exists():
         raise ValueError(f"{out} already holds results: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    for k in ("scenario", "baseline", "trainer_config", "common", "budget", "evals"):
-        setattr(args, k, first[k])
+    for k in ("scenario", "baseline", "trainer_config", "common", "budget", "evals", "reward_sleep", "side_by_side"):
+        setattr(args, k, first.get(k))
     args.seeds = len({r["seed"] for r in runs})
     p = {"steps": first["baseline_steps"], "specs": {k: tuple(v) for k, v in first["configs"].items()}}
     unit_key = first["unit"]
@@ -474,21 +410,55 @@ def main(argv=None) -> dict:
         for name, flags in CONFIGS.items():
             print(f"{name:12s} {' '.join(flags) or '(the scenario defaults)'}")
         return {}
-    p = plan(args)
-    unit_key, xlabel = _unit(args)
+    service = None
+    try:
+        if args.reward_sleep is not None:  # up before the plan: the trainers' preflight asks it GET /health
+            from bench.sleep_reward import start
+
+            service, port = start(args.reward_sleep, workers=args.reward_workers)
+            args.reward_url = f"http://127.0.0.1:{port}/sleep"
+        p = plan(args)
+        unit_key, xlabel = _unit(args)
+        runs = _run_all(args, p, unit_key)
+    finally:
+        if service is not None:
+            service.terminate()
+            service.wait()
+    return write_outputs(p["out"], runs, args, p, unit_key, xlabel)
+
+
+def _run_all(args, p, unit_key) -> list:
+    """Every planned run (seed-major, the baseline first in each seed), runs.json rewritten after each."""
     out, cache = p["out"], Path(args.base_cache) if args.base_cache else p["out"] / "base"
     runs = list(p["done"])
     if runs:
         print(f"kept {len(runs)} finished runs of {out / 'runs.json'}")
     env = {k: v for k, v in env_columns().items() if k in ("device", "torch", "commit", "date")}
-    for (name, seed), cfg in p["cfgs"].items():  # seed-major, the baseline first in each seed
-        print(f"[{name} seed {seed}] {' '.join(p['specs'][name]) or '(defaults)'}", flush=True)
-        _link_base(Path(cfg.run_dir), cache)
-        base = next((r["points"] for r in runs if r["config"] == args.baseline and r["seed"] == seed), None)
-        points = run_one(cfg, _schedule(args, p, name, base), unit_key, trainer_log=print if args.verbose else None)
-        runs.append({"config": name, "seed": seed, "flags": list(p["specs"][name]), "env": env, "points": points})
+    log = print if args.verbose else None
+    for seed in dict.fromkeys(seed for _, seed in p["cfgs"]):
+        todo = {name: cfg for (name, s), cfg in p["cfgs"].items() if s == seed}
+        for cfg in todo.values():
+            _link_base(Path(cfg.run_dir), cache)
+        if args.side_by_side:
+            every = max(1, math.ceil(p["steps"] / args.evals))
+            print(f"[seed {seed}] side by side: {', '.join(todo)}", flush=True)
+            done = run_side_by_side({n: (c, Schedule(steps=p["steps"], every=every)) for n, c in todo.items()},
+                                    unit_key, trainer_log=log)
+        else:
+            done = {}
+            for name, cfg in todo.items():
+                print(f"[{name} seed {seed}] {' '.join(p['specs'][name]) or '(defaults)'}", flush=True)
+                base = next((r["points"] for r in runs if r["config"] == args.baseline and r["seed"] == seed), None)
+                done[name] = run_one(cfg, _schedule(args, p, name, base), unit_key,
+                                     trainer_log=log)
+                runs.append({"config": name, "seed": seed, "flags": list(p["specs"][name]), "env": env,
+                             "points": done[name]})
+                (out / "runs.json").write_text(json.dumps({"settings": _settings(args, p, unit_key), "runs": runs}))
+            continue
+        runs += [{"config": n, "seed": seed, "flags": list(p["specs"][n]), "env": env, "points": pts}
+                 for n, pts in done.items()]
         (out / "runs.json").write_text(json.dumps({"settings": _settings(args, p, unit_key), "runs": runs}))
-    return write_outputs(out, runs, args, p, unit_key, xlabel)
+    return runs
 
 
 def _settings(args, p, unit_key) -> dict:
@@ -496,7 +466,8 @@ def _settings(args, p, unit_key) -> dict:
             "configs": {k: list(v) for k, v in p["specs"].items()}, "trainer_config": args.trainer_config,
             "common": args.common, "seeds": args.seeds,
             "first_seed": args.first_seed, "baseline_steps": p["steps"], "budget": args.budget,
-            "max_steps": p["max_steps"], "evals": args.evals, "unit": unit_key, **env_columns()}
+            "max_steps": p["max_steps"], "evals": args.evals, "unit": unit_key, "reward_sleep": args.reward_sleep,
+            "reward_workers": args.reward_workers, "side_by_side": args.side_by_side, **env_columns()}
 
 
 def write_outputs(out: Path, runs, args, p, unit_key, xlabel) -> dict:
@@ -513,7 +484,7 @@ def write_outputs(out: Path, runs, args, p, unit_key, xlabel) -> dict:
     n = len({r["seed"] for r in runs})
     title = f"{args.scenario}: held-out reward vs training compute, {n} seed{'s' if n > 1 else ''} (band: min-max)"
     plot_curves(runs, target, xlabel, out / "time_to_reward.png", title)
-    table = format_table(per_seed, per_config, unit_key)
+    table = format_table(per_seed, per_config, unit_key) + "\n\n" + wall_table(per_seed, per_config, args.baseline)
     how = "given (--target)" if args.target is not None else \
         f"the final held-out reward of {args.baseline!r} at its budget, mean over {n} seed{'s' if n > 1 else ''}"
     commits = list(dict.fromkeys(r.get("env", {}).get("commit", "unrecorded") for r in runs))
@@ -526,7 +497,11 @@ def write_outputs(out: Path, runs, args, p, unit_key, xlabel) -> dict:
         f"Trainer preset `{args.trainer_config}`" + (f", common flags `{args.common}`" if args.common else "")
         + f"; device {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}"
         + (f" (runs made at commits {', '.join(commits)})" if commits != [env["commit"]] else "")
-        + ". Wall-clock: the RL steps only, on a shared machine: noisy; the counts are exact.", "",
+        + ". Wall-clock: the RL steps only, on a shared machine: noisy; the counts are exact"
+        + ("; the configurations of a seed trained side by side (one step each in turn, the same load)"
+           if args.side_by_side else "; the runs one after another (the machine's load may differ between them)")
+        + (f". Reward: the world's plus a loopback service sleeping {args.reward_sleep:g} s per request (weight 0, "
+           f"{args.reward_workers} at once)" if args.reward_sleep is not None else "") + ".", "",
         "Configurations: " + "; ".join(f"`{k}`: `{' '.join(v) or '(defaults)'}`" for k, v in p["specs"].items()),
         "", table, ""])
     (out / "report.md").write_text(text)

@@ -17,6 +17,9 @@ per held-out task, optional)}, in the order they were taken (x non-decreasing). 
   budget (equal compute) minus the baseline's final one. Over seeds: mean and sample standard deviation (the
   spread; none for one seed), the paired difference's standard error over seeds, and over all held-out tasks of
   all seeds (per-task differences d, se = std(d) / sqrt(n), z = mean(d) / se, as the learning tests do).
+- wall-clock: steps per hour = 3600 x steps / the RL steps' wall-clock at the run's last evaluation; the speed ratio
+  is a run's steps per hour over the baseline's of the same seed (> 1: faster); the held-out reward at equal steps
+  is the latest evaluation at or before the baseline's last step, paired with the baseline's final one.
 """
 from __future__ import annotations
 
@@ -79,7 +82,18 @@ def seed_row(run: dict, base: dict, target: float) -> dict:
     elif hit:
         row["x_ratio_upper"] = _ratio(hit["x"], budget)
     row["_task_diffs"] = _task_diffs(eq, bfinal)
+    row["steps_per_hour"], base_rate = _rate(pts[-1]), _rate(bfinal)
+    row["speed_ratio"] = _ratio(row["steps_per_hour"], base_rate)
+    at = ([p for p in pts if p["step"] <= bfinal["step"]] or [None])[-1]
+    row["reward_at_equal_steps"] = at["eval_reward"] if at else None
+    row["diff_at_equal_steps"] = at["eval_reward"] - bfinal["eval_reward"] if at else None
+    row["_step_diffs"] = _task_diffs(at, bfinal)
     return row
+
+
+def _rate(point):
+    """RL steps per hour up to an evaluation point (None before any step or without a clock)."""
+    return 3600.0 * point["step"] / point["wall_s"] if point["step"] and point.get("wall_s") else None
 
 
 def _task_diffs(p, q) -> list:
@@ -100,7 +114,8 @@ def aggregate_row(rows: list) -> dict:
     for key in ("x_to_target", "wall_to_target_s", "steps_to_target"):  # defined only when every seed got there
         m, s = mean_std([r[key] for r in rows]) if len(reached) == n else (None, None)
         out[f"{key}_mean"], out[f"{key}_std"] = m, s
-    for key in ("x_ratio", "wall_ratio", "final_reward", "final_x", "reward_at_equal_x"):
+    for key in ("x_ratio", "wall_ratio", "final_reward", "final_x", "reward_at_equal_x", "steps_per_hour",
+                "speed_ratio", "reward_at_equal_steps"):
         vals = [r[key] for r in rows if r[key] is not None]
         out[f"{key}_mean"], out[f"{key}_std"] = mean_std(vals)
         out[f"{key}_n"] = len(vals)
@@ -112,6 +127,13 @@ def aggregate_row(rows: list) -> dict:
     se = ts / math.sqrt(len(tasks)) if ts is not None else None
     out["diff_se_tasks"], out["diff_n_tasks"] = se, len(tasks)
     out["diff_z_tasks"] = tm / se if se else None
+    steps = [r["diff_at_equal_steps"] for r in rows if r["diff_at_equal_steps"] is not None]
+    m, s = mean_std(steps)
+    out["step_diff_mean"], out["step_diff_se_seeds"] = m, (s / math.sqrt(len(steps)) if s is not None else None)
+    tm, ts = mean_std([d for r in rows for d in r["_step_diffs"]])
+    n = sum(len(r["_step_diffs"]) for r in rows)
+    out["step_diff_se_tasks"] = ts / math.sqrt(n) if ts is not None else None
+    out["step_diff_z_tasks"] = tm / out["step_diff_se_tasks"] if out["step_diff_se_tasks"] else None
     return out
 
 
@@ -168,6 +190,27 @@ def format_table(per_seed: list, per_config: list, unit: str) -> str:
             diff += f" (se {agg['diff_se_tasks']:.3f}, z {agg['diff_z_tasks']:+.2f}, n {agg['diff_n_tasks']})"
         lines.append(f"| {agg['config']} | {agg['n_reached']}/{agg['n_seeds']} | {to_target} | {seeds} | {wall} | "
                      f"{ratios} | {_pm(agg['final_reward_mean'], agg['final_reward_std'], '{:.3f}')} | {diff} |")
+    return "\n".join(lines)
+
+
+def wall_table(per_seed: list, per_config: list, baseline: str) -> str:
+    """A markdown table of the wall-clock columns: RL steps per hour, the per-seed speed ratio to the baseline, and
+    the held-out reward at the baseline's last step paired with the baseline's."""
+    lines = [f"| config | RL steps per hour (mean ± std) | per seed | speed vs {baseline} (per seed) | mean speed "
+             "ratio | held-out reward at equal steps | paired diff at equal steps (± se seeds; se, z over tasks) |",
+             "|" + "---|" * 7]
+    for agg in per_config:
+        rows = [r for r in per_seed if r["config"] == agg["config"]]
+        seeds = ", ".join(f"s{r['seed']}: " + (f"{r['steps_per_hour']:.0f}" if r["steps_per_hour"] else "-")
+                          for r in rows)
+        ratios = ", ".join(f"{r['speed_ratio']:.2f}" if r["speed_ratio"] else "-" for r in rows)
+        diff = _pm(agg["step_diff_mean"], agg["step_diff_se_seeds"], "{:+.3f}")
+        if agg["step_diff_se_tasks"]:
+            diff += f" (se {agg['step_diff_se_tasks']:.3f}, z {agg['step_diff_z_tasks']:+.2f})"
+        lines.append(f"| {agg['config']} | {_pm(agg['steps_per_hour_mean'], agg['steps_per_hour_std'], '{:.0f}')} | "
+                     f"{seeds} | {ratios} | {_pm(agg['speed_ratio_mean'], agg['speed_ratio_std'], '{:.2f}')} | "
+                     f"{_pm(agg['reward_at_equal_steps_mean'], agg['reward_at_equal_steps_std'], '{:.3f}')} | "
+                     f"{diff} |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import unirl_fast.train.pipeline as pl
 import unirl_fast.train.trainer as tm
 from unirl_fast.rollout.image import ImageTrajectory
 from unirl_fast.rollout.text import TextRolloutOutput
@@ -31,7 +32,7 @@ rank, world = int(DIST["RANK"]), int(DIST["WORLD_SIZE"])
 cfg = dataclasses.replace(PRESETS["smoke"], scenario="reason-generate", prompts_per_step=2, group_size=4,
                           micro_batch=2, steps=1, grad_clip=1e9, loss_type=loss_type, temperature=1.5,
                           run_dir=os.path.join(run_dir, f"plain-rank{rank}"))
-real_rollout, real_score = tm.rollout, tm.score
+real_rollout, real_score = tm.rollout, pl.score
 offset = [0]  # this process's first global row (rewards depend on the global row, as in the plain batch)
 
 
@@ -74,7 +75,7 @@ def rows(b, sl):
                                sources=cut(b.sources))
 
 
-tm.score = score
+pl.score = score
 Trainer(cfg, log=lambda *_: None)  # pretrains the base model into <run_dir>/plain-rank<r>/base/<key>
 base = next(p for p in (Path(cfg.run_dir) / "base").iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
 plain = Trainer(dataclasses.replace(cfg, model_path=str(base), run_dir=cfg.run_dir + "-b"), log=lambda *_: None)

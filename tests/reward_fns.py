@@ -46,3 +46,16 @@ def varied(batch):
 def completion_length(batch):
     """A text reward that varies from the first step: the completion's length / 10."""
     return [len(c) / 10 for c in batch.completions]
+
+
+def slow_varied(batch):
+    """varied(), marked slow (the trainer scores it beside the rollout by default); records which thread ran it."""
+    SLOW["threads"].append(__import__("threading").current_thread().name)
+    gate = SLOW["gate"]
+    if gate is not None:
+        gate(len(SLOW["threads"]))
+    return varied(batch)
+
+
+slow_varied.slow = True
+SLOW = {"threads": [], "gate": None}  # gate(call number): run inside each call before it answers (tests set it)

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import unirl_fast._checks as C
 from unirl_fast.fp8 import FP8Linear, convert_to_fp8
-from unirl_fast.profiling.profile_run import build_model
+from unirl_fast.profile_run import build_model
 from unirl_fast.rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine
 from unirl_fast.rollout import image as image_mod
 

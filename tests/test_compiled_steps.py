@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from unirl_fast.profiling.profile_run import build_model
+from unirl_fast.profile_run import build_model
 from unirl_fast.rollout import ImageEngine, ImageSamplingParams, SamplingParams, TextEngine
 from unirl_fast.train import TrainConfig, Trainer
 from unirl_fast.train.scenarios import get_scenario

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import unirl_fast._checks as C
-from unirl_fast.profiling.profile_run import build_model
+from unirl_fast.profile_run import build_model
 from unirl_fast.profiling.syncs import HostSyncCounter
 from unirl_fast.train import TrainConfig, Trainer
 from unirl_fast.train.scenarios import get_scenario

@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from unirl_fast.cli import main
 from unirl_fast.fp8 import convert_to_fp8
 from unirl_fast.models import Conditioning, UnifiedModel
-from unirl_fast.profiling import dit_forward_flops, lm_forward_flops
 from unirl_fast.profile_run import TOLERANCE, check_losses, profile_model_config
+from unirl_fast.profiling import dit_forward_flops, lm_forward_flops
 from unirl_fast.profiling.step_flops import model_shapes, step_flops
 from unirl_fast.train import PRESETS, Trainer
 from unirl_fast.train.pretrain import world_model_config
@@ -45,9 +45,9 @@ def test_train_records_phases_throughput_flops(smoke_run):
         assert r["tokens_generated"] == r["tokens_trained"] > 0
         assert r["gen_tokens_per_s"] == pytest.approx(r["tokens_generated"] / (r["step_ms"] / 1e3))
         assert all(r[f"flops/{p}"] > 0 for p in ("text_rollout", "image_rollout", "ref", "train"))
-        assert r["flops/reward"] == 0.0  # no edit: scoring runs no model
+        assert r["flops/cycle_edit"] == 0.0  # no edit: no inverse edit
         assert r["flops"] == pytest.approx(sum(r[f"flops/{p}"] for p in ("text_rollout", "image_rollout",
-                                                                        "reward", "ref", "train")))
+                                                                        "cycle_edit", "ref", "train")))
         assert r["mfu"] is None  # a CPU has no datasheet peak: never guessed
     assert recs[0]["nvml"].startswith("unavailable") and "nvml" not in recs[1]  # said once, never fails
 

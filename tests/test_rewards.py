@@ -378,7 +378,8 @@ def test_generate_on_a_jsonl_file_with_a_weighted_pair_one_over_http(tmp_path, s
 def test_a_reward_service_that_keeps_failing_stops_the_run_without_a_bad_checkpoint(tmp_path, serve, capsys,
                                                                                      monkeypatch):
     monkeypatch.setitem(reward_fns.CALLS, "n", 0)
-    monkeypatch.setitem(reward_fns.CALLS, "fail_from", 3)  # base evaluation, step 1, then it breaks
+    # base evaluation (1 call), step 1 (2 calls: a service's rollout comes in 2 chunks here), then it breaks
+    monkeypatch.setitem(reward_fns.CALLS, "fail_from", 4)
     url = serve(reward_fns.counted)
     run = tmp_path / "run"
     argv = ["train", "--config", "smoke", "--scenario", "generate", "--steps", "3", "--run-dir", str(run),

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 import unirl_fast._checks as C
 from unirl_fast._checks import DeferredCheckError
-from unirl_fast.profiling.profile_run import build_model
+from unirl_fast.profile_run import build_model
 from unirl_fast.train import TrainConfig, Trainer
 from unirl_fast.train import trainer as T
 from unirl_fast.train.scenarios import get_scenario

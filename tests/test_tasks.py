@@ -13,7 +13,7 @@ from unirl_fast import world as W
 from unirl_fast.cli import main
 from unirl_fast.tasks import Task, load_image, load_tasks
 from unirl_fast.train import PRESETS, TrainConfig
-from unirl_fast.train.config import with_image_schedule
+from unirl_fast.train.config import with_image_schedule, with_pipeline
 from unirl_fast.train.scenarios import get_scenario
 
 GEN, EDIT, UND = get_scenario("generate"), get_scenario("edit"), get_scenario("understand")
@@ -197,8 +197,8 @@ def test_config_file_every_flag_a_key_and_flags_win(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("config: smoke\nscenario: generate\nprompts-per-step: 4\nlr_dit: 1e-4\n"
                                        "reward: [world, 'format=0.5']\nfp8: false\nmodel_path: null\n")
     got = _resolved(["--config-file", str(tmp_path / "run.yaml")], capsys)
-    smoke = dataclasses.asdict(with_image_schedule(dataclasses.replace(  # printed as config.json holds it
-        PRESETS["smoke"], scenario="generate", prompts_per_step=4, lr_dit=1e-4, reward=("world", "format=0.5"))))
+    smoke = dataclasses.asdict(with_pipeline(with_image_schedule(dataclasses.replace(  # as config.json holds it
+        PRESETS["smoke"], scenario="generate", prompts_per_step=4, lr_dit=1e-4, reward=("world", "format=0.5")))))
     assert got == json.loads(json.dumps(smoke))
     got = _resolved(["--config-file", str(tmp_path / "run.yaml"), "--prompts-per-step", "6", "--reward", "world"],
                     capsys)

@@ -2,6 +2,7 @@
 paired-comparison arithmetic on synthetic curves, and the `--smoke` harness end to end."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from unirl_fast.rollout import ImageEngine, ImageSamplingParams, SamplingParams,
 from unirl_fast.rollout.image import replay_velocity
 from unirl_fast.rollout.text import recompute_logprobs
 from unirl_fast.train.pretrain import world_model_config
+
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +355,70 @@ def test_merge_reports_seeds_run_as_separate_processes(tmp_path, capsys):
     assert main(["bench", "--time-to-reward", "--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out",
                  str(tmp_path / "dup")]) == 2
     assert "appear in two folders" in capsys.readouterr().err
+
+
+# wall-clock: a sleeping loopback reward service, configurations side by side ------------------------------------------
+def test_the_sleeping_service_answers_zeros_and_stops_by_itself():
+    """It answers 0 per sample after its sleep, one request at a time; it stops after --max-requests answers, after
+    --idle-exit seconds without a request, and when the process that started it is gone."""
+    import http.client
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from bench import sleep_reward
+
+    ports, done = [], {}
+    th = threading.Thread(target=lambda: done.setdefault("n", sleep_reward.serve(
+        0.01, max_requests=2, idle_exit=60, announce=lambda line: ports.append(int(line.split()[1])))))
+    th.start()
+    while not ports:
+        time.sleep(0.01)
+    for _ in range(2):
+        conn = http.client.HTTPConnection("127.0.0.1", ports[0], timeout=30)
+        conn.request("POST", "/", body=json.dumps({"samples": [{"prompt": "a"}, {"prompt": "b"}]}).encode(),
+                     headers={"Content-Type": "application/json"})
+        assert json.loads(conn.getresponse().read()) == {"scores": [0.0, 0.0], "parts": {}}
+        conn.close()
+    th.join(30)
+    assert not th.is_alive() and done["n"] == 2
+    assert sleep_reward.serve(0.01, idle_exit=0.2, announce=lambda line: None) == 0  # nobody came: it stops
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                               "from bench.sleep_reward import start; p, port = start(0.01); print(p.pid, flush=True);"
+                               " import time; time.sleep(600)", str(HERE.parent)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(300):  # its parent is gone: it stops within a poll (0.1 s), once the kernel reparents it
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the service {child} outlived the process that started it")
+
+
+def test_side_by_side_wall_clock_against_a_sleeping_service(tmp_path, capsys):
+    """--reward-sleep adds the service (weight 0: the same rewards) to every run; --side-by-side trains the seed's
+    configurations in turn; serial and overlap then give bitwise the same curves (only wall-clock differs), and the
+    report has the wall-clock table."""
+    from unirl_fast.cli import main
+
+    out = tmp_path / "ttr"
+    assert main(["bench", "--time-to-reward", "--smoke", "--out", str(out), "--reward-sleep", "0.01",
+                 "--side-by-side", "--config", "serial", "--config", "overlap", "--baseline", "serial"]) == 0
+    runs = json.loads((out / "runs.json").read_text())
+    assert runs["settings"]["side_by_side"] and runs["settings"]["reward_sleep"] == 0.01
+    by = {r["config"]: r["points"] for r in runs["runs"]}
+    strip = [[{k: v for k, v in p.items() if k != "wall_s"} for p in by[n]] for n in ("serial", "overlap")]
+    assert strip[0] == strip[1] and [p["step"] for p in by["serial"]] == [0, 1, 2]
+    cfg = json.loads((out / "runs" / "overlap-seed0" / "config.json").read_text())
+    assert cfg["reward"][0] == "world" and cfg["reward"][1].endswith("/sleep=0") and cfg["reward_overlap"] == "on"
+    assert cfg["rollout_chunks"] == 2
+    report = (out / "report.md").read_text()
+    assert "RL steps per hour" in report and "side by side" in report and "sleeping 0.01 s per request" in report
+    rows = _csv(out / "summary.csv")
+    assert float([r for r in rows if r["config"] == "overlap" and r["seed"] == "0"][0]["speed_ratio"]) > 0

@@ -50,9 +50,9 @@ def test_cps_window_replays_its_own_logprobs(tmp_path):
 def test_eval_samples_average_each_task_over_its_draws(tmp_path, monkeypatch):
     """eval_samples K: every held-out task is drawn K times and `_rewards[i]` is task i's mean over its K draws
     (micro-batches straddle the passes here: 3 tasks x 2 draws in micro-batches of 4); images: the first pass."""
-    import unirl_fast.train.trainer as trainer_mod
+    import unirl_fast.train.pipeline as pipeline_mod
 
-    real_score = trainer_mod.score
+    real_score = pipeline_mod.score
     seen = {}
 
     def tagged_score(*args, **kw):  # reward = task index + 10 x (how often that task was scored before)
@@ -69,27 +69,27 @@ def test_eval_samples_average_each_task_over_its_draws(tmp_path, monkeypatch):
                               micro_batch=4)
     t = Trainer(cfg, log=lambda *_: None)
     t_eval = t.eval_tasks
-    monkeypatch.setattr(trainer_mod, "score", tagged_score)
+    monkeypatch.setattr(pipeline_mod, "score", tagged_score)
     out = t.evaluate()
     assert out["_rewards"].tolist() == [5.0, 6.0, 7.0]  # (i + 0 + i + 10) / 2
     assert out["eval_reward"] == pytest.approx(6.0)
     assert [s["prompt"] for s in out["_samples"]] == [t.prompt for t in t_eval]  # the first pass, once each
-    monkeypatch.setattr(trainer_mod, "score", real_score)
+    monkeypatch.setattr(pipeline_mod, "score", real_score)
     one = Trainer(dataclasses.replace(cfg, eval_samples=1), log=lambda *_: None).evaluate()
     assert one["_rewards"].shape == (3,)
 
 
 def test_trained_experts_change_and_frozen_ones_do_not(tmp_path, monkeypatch):
-    import unirl_fast.train.trainer as trainer_mod
+    import unirl_fast.train.pipeline as pipeline_mod
 
-    real_score = trainer_mod.score
+    real_score = pipeline_mod.score
 
     def varied_score(*args, **kw):  # rewards that differ inside each group, so advantages are not all zero
         b = real_score(*args, **kw)
         b.rewards = torch.arange(len(b.rewards), dtype=torch.float32) % 2
         return b
 
-    monkeypatch.setattr(trainer_mod, "score", varied_score)
+    monkeypatch.setattr(pipeline_mod, "score", varied_score)
     cfg = dataclasses.replace(SMOKE, scenario="refine-prompt", run_dir=str(tmp_path), steps=1, lr_lm=1e-2)
     t = Trainer(cfg, log=lambda *_: None)
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
@@ -223,15 +223,22 @@ def test_device_resolution():
 def test_scenario_defaults_apply_to_tiny_and_yield_to_flags():
     import argparse
 
-    from unirl_fast.train.config import SCENARIO_DEFAULTS, add_config_args, config_from_args, with_image_schedule
+    from unirl_fast.train.config import (
+        SCENARIO_DEFAULTS,
+        add_config_args,
+        config_from_args,
+        with_image_schedule,
+        with_pipeline,
+    )
 
     p = argparse.ArgumentParser()
     add_config_args(p)
     gen = config_from_args(p.parse_args(["--scenario", "generate"]))
     assert {k: getattr(gen, k) for k in SCENARIO_DEFAULTS["generate"]} == SCENARIO_DEFAULTS["generate"]
     assert config_from_args(p.parse_args(["--scenario", "generate", "--sde-type", "sde"])).sde_type == "sde"
-    # the default run: reason-generate, unchanged (the schedule resolved: linspace, shift 1)
-    assert config_from_args(p.parse_args([])) == with_image_schedule(TrainConfig())
+    # the default run: reason-generate, unchanged (the schedule resolved: linspace, shift 1; one rollout chunk and no
+    # reward overlap for the world's reward)
+    assert config_from_args(p.parse_args([])) == with_pipeline(with_image_schedule(TrainConfig()))
     assert config_from_args(p.parse_args(["--config", "smoke", "--scenario", "generate"])).sde_type == "sde"
 
 

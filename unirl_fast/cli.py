@@ -430,7 +430,7 @@ def _add_plan_parser(sub) -> None:
 
 
 def _cmd_report(args) -> int:
-    from .profiling.report import report
+    from .report import report
 
     try:
         text, _, paths = report(args.run_dir, warmup=args.warmup, plots=not args.no_plots)
@@ -455,7 +455,7 @@ def _add_report_parser(sub) -> None:
 def _cmd_profile(args) -> int:
     import dataclasses
 
-    from .profiling.profile_run import profile
+    from .profile_run import profile
     from .train.config import config_from_args
 
     if args.config is None:

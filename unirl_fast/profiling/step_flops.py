@@ -6,7 +6,7 @@ Lc, Q connector queries, S trained window steps, K denoising steps, c = 2 with C
     text_rollout   prefill B x P + decode B x T (lm_decode_flops)
     image_rollout  conditioning: LM forward over B x (Lc + Q) tokens without the head (+ B x Q for the CFG
                    null branch); K DiT forwards over c*B images
-    reward         edit scenarios only: the inverse edit (its own conditioning + K DiT forwards, ODE)
+    cycle_edit     edit scenarios only: the inverse edit (its own conditioning + K DiT forwards, ODE), a rollout stage
     ref            text: reference LM forward over B x (P + T) with the head on the T completion tokens (beta > 0);
                    image: reference conditioning + one DiT forward over S x c*B rows (beta_velocity > 0)
     old            nft / awm: the old policy's conditioning + one DiT forward over K x B rows (K drawn timesteps;
@@ -56,7 +56,7 @@ def step_flops(model, scenario, cfg, b) -> dict:
     """{phase: FLOPs} of one train step over batch `b` (a train.rl.Batch after rollout); see the module docstring."""
     lm, dit, img_tokens = model_shapes(model)
     Q = model.config.num_queries
-    out = {"text_rollout": 0.0, "image_rollout": 0.0, "reward": 0.0, "ref": 0.0, "train": 0.0}
+    out = {"text_rollout": 0.0, "image_rollout": 0.0, "cycle_edit": 0.0, "ref": 0.0, "train": 0.0}
     B = len(b.tasks)
     if b.text is not None:
         P, T = b.text.prompt_ids.shape[1], b.text.completion_ids.shape[1]
@@ -73,7 +73,7 @@ def step_flops(model, scenario, cfg, b) -> dict:
         rows = getattr(b.traj, "dit_rows", None) or K * B  # fewer when the group branched
         out["image_rollout"] = cond + rows / B * dit_step
         if scenario.edit:
-            out["reward"] = cond + K * dit_step
+            out["cycle_edit"] = cond + K * dit_step
         if scenario.train_dit and getattr(b, "fp", None) is not None:  # nft / awm: K drawn timesteps per sample
             Kf, cond1 = b.fp.t.shape[0], _lm_seq(lm, B, Lc + Q, 0)
             out["train"] += (3 if scenario.train_lm else 1) * cond1 + 3 * Kf * dit_step

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks as C
+from .. import _stop
 from ..fp8.linear import has_fp8_layers, with_fp8_weight_cache
 from ..models.unified import Conditioning
 from ..ops import cfg_velocity, flow_sde_step, flow_step_logprob
@@ -253,6 +254,7 @@ class ImageEngine:
         args = _rows_of((cond, uncond, source_latents), None if pre is None else pre[0])
         x0_prev = None
         for i in range(T):
+            _stop.check()  # another thread's failure (a reward chunk) stops the sampler here
             if i == K and pre is not None:  # branch: every row continues from its prefix's sample
                 x, x0_prev = _expand(x, to_rows), _expand(x0_prev, to_rows)
                 args = (cond, uncond, source_latents)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks as C
+from .. import _stop
 from ..fp8.linear import has_fp8_layers, with_fp8_weight_cache
 from ..models.experts import full_sequence_mask, sdpa_or_flash
 from ..ops import fused_linear_logprobs
@@ -292,6 +293,7 @@ class TextEngine:
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         all_done = _AllDone(dev)
         for t in range(T):
+            _stop.check()  # another thread's failure (a reward chunk) stops the decode here
             logp = sampling_logprobs(logits, 1.0 if greedy else params.temperature, params.top_k, params.top_p)
             y = sample_from_logprobs(logp, greedy, generator)
             live = ~done

@@ -215,6 +215,14 @@ class TrainConfig:
     old_decay_max: float = _f(0.5, "nft / awm: cap of that decay (NFT 0.5, AWM 0.3; 0: the old policy is the weights "
                               "at the start of each step and costs no forward)")
     format_weight: float = _f(0.2, "weight of the format part of the reward")
+    rollout_chunks: int | None = _f(None, "pieces the step's rollout is cut into, each of whole prompt groups, rolled "
+                                    "out in turn (each scored as it finishes; see --reward-overlap); default: 4 (at "
+                                    "most prompts_per_step) when the reward is a service or a callable marked slow, "
+                                    "else 1")
+    reward_overlap: str = _f("auto", "score each rollout chunk on a thread while the next one rolls out (and the last "
+                             "while the reference runs): on, off, or auto (on when the reward is a service or a "
+                             "callable marked slow). Changes no number: metrics and weights are bitwise those of off",
+                             ("auto", "on", "off"))
     impl: str = _f("auto", "op backend: auto (Triton kernels on CUDA, PyTorch elsewhere), triton (never falls back; "
                    "needs CUDA), reference (eager PyTorch everywhere)", ("auto", "triton", "reference"))
     fp8: bool = _f(False, "FP8 unified precision flow: eligible Linear layers run in FP8 in rollout and training "
@@ -378,6 +386,8 @@ class TrainConfig:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.old_decay_max < 1.0:
             bad(f"old_decay_max must be in [0, 1), got {self.old_decay_max}")
+        if self.rollout_chunks is not None and self.rollout_chunks < 1:
+            bad(f"rollout_chunks must be >= 1, got {self.rollout_chunks}")
         if self.fp_timesteps is not None and self.fp_timesteps < 1:
             bad(f"fp_timesteps must be >= 1, got {self.fp_timesteps}")
         if self.impl == "triton":
@@ -626,7 +636,34 @@ def config_from_args(args) -> TrainConfig:
         cfg = dataclasses.replace(base, **{**from_file, **over})
     except TypeError as e:
         raise ValueError(f"bad config: {e}") from None
-    return with_image_schedule(cfg.validate())
+    return with_pipeline(with_image_schedule(cfg.validate()))
+
+
+def slow_reward(cfg) -> bool:
+    """Whether the run's reward is slow enough to score on a thread while the rollout goes on: a service (an
+    http(s):// term), or a Python callable marked slow (an attribute `slow = True` on the function or object)."""
+    from ..rewards import load_callable, parse_spec, spec_kind
+
+    for text in reward_specs(cfg):
+        try:
+            spec, _ = parse_spec(text)
+            kind = spec_kind(spec)
+            if kind == "http" or (kind == "callable" and getattr(load_callable(spec), "slow", False) is True):
+                return True
+        except ValueError as e:  # an unknown name, a module that does not import: as preflight says it
+            raise ValueError(f"bad config: {e}") from None
+    return False
+
+
+def with_pipeline(cfg):
+    """cfg with the step's pipeline resolved, so config.json says what ran: rollout_chunks (default 4, at most
+    prompts_per_step, for a slow reward, else 1) and reward_overlap (auto: on for a slow reward)."""
+    if cfg.rollout_chunks is not None and cfg.reward_overlap != "auto":
+        return cfg
+    slow = slow_reward(cfg)
+    chunks = cfg.rollout_chunks if cfg.rollout_chunks is not None else min(4, cfg.prompts_per_step) if slow else 1
+    overlap = cfg.reward_overlap if cfg.reward_overlap != "auto" else "on" if slow else "off"
+    return dataclasses.replace(cfg, rollout_chunks=chunks, reward_overlap=overlap)
 
 
 def image_schedule(cfg) -> tuple[str, float]:

@@ -48,6 +48,8 @@ class Batch:
     fp: object = None  # forward_rl.ForwardBatch: timesteps, noise and frozen velocities of nft / awm
     cond_vision: object = None  # VisionInputs the LM sees while conditioning the DiT (a VLM editing), else None
     lm_images: list = None  # the tasks' images as the VLM got them ([3, h, w] each, own aspect ratio), else None
+    cycled: list = None  # edits: each image edited back by the inverse instruction (None where a task has none)
+    versions: torch.Tensor = None  # [B] long: the policy version (optimizer steps) that rolled each sample out
 
 
 def _no_phase(name):
@@ -129,10 +131,12 @@ def rollout_engines(model, cfg, *, compile=None) -> Engines:
 
 @torch.no_grad()
 def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=False, phase=_no_phase,
-            engines: Engines | None = None, step: int = 0) -> Batch:
-    """Text then image rollout; `phase(name)` (a context-manager factory, e.g. PhaseTimer.phase) brackets each part
-    as "text_rollout" / "image_rollout". engines: the run's (`rollout_engines`); None makes eager ones for this call.
-    step: the RL step (0-based) whose sampler to use (a moving SDE window, train.sampler)."""
+            engines: Engines | None = None, step: int = 0, inverse=None) -> Batch:
+    """Text, image, then (edits) cycle-edit rollout; `phase(name)` (a context-manager factory, e.g. PhaseTimer.phase)
+    brackets each part as "text_rollout" / "image_rollout" / "cycle_edit". engines: the run's (`rollout_engines`);
+    None makes eager ones for this call. step: the RL step (0-based) whose sampler to use (a moving SDE window,
+    train.sampler). inverse: who edits back for the cycle reward, a factory of a context yielding that model (None
+    in it: the policy; see `cycle_edit`); None: the policy."""
     tok, dev = model.tokenizer, model.device
     engines = engines if engines is not None else rollout_engines(model, cfg, compile=False)
     b = Batch(tasks, group_ids)
@@ -155,6 +159,31 @@ def rollout(model, scenario, cfg, tasks, group_ids, generator, *, eval_mode=Fals
             params = image_params(cfg, eval_mode=eval_mode, step=step)
             _image_rollout(model, scenario, cfg, b, generator, engines, params,
                            vision if sees and scenario.edit else None, eval_mode)
+    if scenario.edit:
+        with phase("cycle_edit"), (inverse or nullcontext)() as inv:
+            cycle_edit(model if inv is None else inv, scenario, cfg, b, generator)
+    return b
+
+
+@torch.no_grad()
+def cycle_edit(inv, scenario, cfg, b: Batch, generator) -> Batch:
+    """The rollout's last stage in edit scenarios: each edited image edited back with its task's inverse instruction
+    (ODE, no gradient; tasks without one get None) by `inv`, into b.cycled for the cycle-consistency reward. The
+    trainer passes its frozen reference with cycle_back="reference", so that reward is a fixed function of the
+    edited image (edited back by the policy itself, every update also changes the inverse edit, which the policy
+    gradient does not see)."""
+    rows = [i for i, t in enumerate(b.tasks) if t.inverse]
+    b.cycled = [None] * len(b.tasks)
+    if rows:
+        sees = sees_images(inv, scenario)  # a VLM sees the edited image it edits back
+        vision = vlm.process_images(inv.lm, b.images[rows]) if sees else None
+        ids, mask = _prompts(inv, [(vlm.IMAGE_MARK if sees else "") + b.tasks[i].inverse for i in rows], vision,
+                             inv.device)
+        back = ImageEngine(inv, impl=cfg.impl).generate(ids, mask, image_params(cfg, eval_mode=True),
+                                                        source_images=b.images[rows], generator=generator,
+                                                        vision=vision)
+        for i, img in zip(rows, back.images):
+            b.cycled[i] = img
     return b
 
 
@@ -193,33 +222,15 @@ def rollout_record(b: Batch) -> dict:
 
 
 @torch.no_grad()
-def score(model, scenario, cfg, b: Batch, generator, *, reward=None, inverse_model=None) -> Batch:
-    """Rewards of a rolled-out batch: `reward` (a unirl_fast.rewards reward; default the embedded world's) on the
-    batch's tasks, completions and images. Edits are first edited back with each task's inverse instruction (ODE,
-    no gradient; tasks without one get no cycled image) by `inverse_model` (default `model`; with
-    cycle_back="reference" the trainer passes its frozen reference, so that the cycle-consistency reward is a fixed
-    function of the edited image: edited back by the policy itself, every update also changes the inverse edit,
-    which the policy gradient does not see)."""
-    from ..rewards import RewardBatch, build_reward
+def score(b: Batch, reward) -> Batch:
+    """The rewards of a rolled-out batch (b.rewards [B] float32, b.reward_parts: per sample {part: value, "total"}):
+    `reward` (a unirl_fast.rewards reward, required) on its tasks, completions, images, cycled images and sources.
+    Nothing else: the rollout made everything the reward reads (the cycle edit included)."""
+    from ..rewards import RewardBatch
 
-    cycled = None
-    if scenario.edit:
-        rows = [i for i, t in enumerate(b.tasks) if t.inverse]
-        cycled = [None] * len(b.tasks)
-        if rows:
-            inv = model if inverse_model is None else inverse_model
-            sees = sees_images(inv, scenario)  # a VLM sees the edited image it edits back
-            vision = vlm.process_images(inv.lm, b.images[rows]) if sees else None
-            ids, mask = _prompts(inv, [(vlm.IMAGE_MARK if sees else "") + b.tasks[i].inverse for i in rows], vision,
-                                 inv.device)
-            back = ImageEngine(inv, impl=cfg.impl).generate(ids, mask, image_params(cfg, eval_mode=True),
-                                                            source_images=b.images[rows], generator=generator,
-                                                            vision=vision)
-            for i, img in zip(rows, back.images):
-                cycled[i] = img
     if reward is None:
-        reward = build_reward(["world"], scenario=scenario, format_weight=cfg.format_weight)
-    rb = RewardBatch(b.tasks, b.completions or [""] * len(b.tasks), b.images, cycled, b.sources)
+        raise ValueError("score needs the run's reward (train.setup builds it from --reward)")
+    rb = RewardBatch(b.tasks, b.completions or [""] * len(b.tasks), b.images, b.cycled, b.sources)
     res = reward(rb)
     b.rewards = res.scores.float()
     cols = {k: v.tolist() for k, v in res.parts.items()}  # host tensors, read whole (not one element at a time)

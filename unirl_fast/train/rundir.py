@@ -35,6 +35,7 @@ _HELD: dict = {}  # run directory (resolved) -> the fd of its .lock held by this
 
 RESUMABLE = ("steps", "eval_every", "eval_prompts", "eval_samples", "save_every", "keep_checkpoints", "device",
              "threads", "impl", "run_dir", "report_to",  # run_dir: a run directory may be moved or copied
+             "reward_overlap",  # when the scores arrive, not what they are
              "allow_outside_paths",  # where the task files may point, not what the data is: tasks.json checks that
              "reward_timeout", "reward_retries", "reward_concurrency", "reward_batch_size",
              "reward_token_env", "reward_allow_insecure_token",

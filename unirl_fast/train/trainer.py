@@ -23,21 +23,31 @@ import torch
 
 from .. import group_advantages
 from .._checks import DeferredCheckError, any_rank_error, pending_error
+from .._stop import StopFlag, check, watching
 from ..fp8 import fp8_weight_cache
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
 from . import forward_rl
 from .checkpoint import check_run_files, latest_checkpoint, load_checkpoint, read_entry, save_checkpoint, write_entry
-from .config import check_reward_specs, resolve_device, reward_specs, use_device, use_threads, with_image_schedule
+from .config import (
+    check_reward_specs,
+    resolve_device,
+    reward_specs,
+    use_device,
+    use_threads,
+    with_image_schedule,
+    with_pipeline,
+)
 from .distributed import requested as _distributed_requested
 from .ema import ParamEMA
 from .forward_rl import forward_image_loss
 from .inputs import cast_frozen, check_inputs, load_run_model, run_tasks
+from .pipeline import Pending, Scoring, chunk_rows, roll_and_score
 from .plots import N_SHOW
 from .preflight_checks import run_checks
 from .pretrain import pretrain, run_lm_has_vision, world_model_config
 from .progress import bar, say
-from .rl import image_loss, reference_outputs, rollout, rollout_engines, rollout_record, score, text_loss
+from .rl import image_loss, reference_outputs, rollout, rollout_engines, rollout_record, text_loss
 from .rundir import check_run_dir, check_tasks_unchanged, create_or_resume, lock_run_dir, trim_metrics, unlock_run_dir
 from .scenarios import get_scenario
 
@@ -52,7 +62,7 @@ class Trainer:
         The run directory is locked for this process (rundir.lock_run_dir) before anything is written to it;
         config.json is written once the model and the reward are built."""
         self.readonly = readonly
-        cfg = with_image_schedule(cfg)  # config.json records the schedule sampled with, not "auto"
+        cfg = with_pipeline(with_image_schedule(cfg))  # config.json records what ran: the schedule, the chunks
         if not readonly and run_info is None:
             run_info = preflight(cfg)  # before any model is built or file written (validates cfg)
         self.cfg = cfg.validate() if readonly else cfg
@@ -129,6 +139,7 @@ class Trainer:
         self.step = 0
         self.history = []
         self.engines = None  # the rollout engines, made on first use (_engines)
+        self.stop = StopFlag()  # set by any thread of this run that fails (a reward chunk): every other one stops
         self._init_profiling()
         self._fwd = _call
         if self.dist is not None:
@@ -301,6 +312,16 @@ class Trainer:
         return tasks, gid
 
     def train_step(self) -> dict:
+        """One RL step (see the module docstring). Any failure in it, on this thread or another of the run's (a reward
+        chunk scored beside the rollout), stops the run: no weight changes, no checkpoint of the step."""
+        try:
+            with watching(self.stop):
+                return self._train_step()
+        except BaseException as e:
+            self.stop.set(e)  # the run's other threads (scorers) stop at their next check
+            raise
+
+    def _train_step(self) -> dict:
         c, m, s = self.cfg, self.model, self.scenario
         timer = PhaseTimer(m.device)
         tasks, gid = self._sample_tasks()
@@ -309,16 +330,16 @@ class Trainer:
         B = len(tasks)
         m.eval()
         t0 = time.time()
-        with self._full_weights(), self._autocast():
-            b = rollout(m, s, c, tasks, gid, self.gen, phase=timer.phase, engines=self._engines(), step=self.step)
-        with timer.phase("reward"), self._full_weights(), self._autocast(), self._cycle_model() as inverse:
-            score(m, s, c, b, self.gen, reward=self.reward, inverse_model=inverse)
-            adv = group_advantages(b.rewards, gid, std=c.adv_std, impl=c.impl).to(m.device)
+        pending = self._rollout(tasks, gid, timer)  # chunks of whole groups, each scored as soon as it is rolled out
+        b = pending.batch
         if c.image_algo != "flow_grpo" and s.train_dit and b.traj is not None:
             self._forward_process_batch(b, timer)
         ref_weights = self._full_weights() if self.ref is None else contextlib.nullcontext()  # LoRA: the policy's
         with timer.phase("ref"), ref_weights, self._reference() as ref, fp8_weight_cache(ref), self._autocast():
             reference_outputs(ref, s, c, b, c.micro_batch)  # frozen: one FP8 quantization per layer and step
+        with timer.phase("reward"):  # what is left of the scoring (all of it inline; the last chunk's overlapped)
+            b = pending.result()
+            adv = group_advantages(b.rewards, gid, std=c.adv_std, impl=c.impl).to(m.device)
         m.train()
         metrics = {}
         with timer.phase("train_fwd_bwd"):
@@ -327,6 +348,7 @@ class Trainer:
             if self.dist is not None:
                 n_tok = self.dist.token_norm(n_tok)  # global tokens / world: dapo's rank average = global mean
             for start in range(0, B, c.micro_batch):
+                check()  # a failure on another of the run's threads stops the step before any weight changes
                 idx = torch.arange(start, start + c.micro_batch, device=m.device)  # device rows: no H2D copy
                 loss = torch.zeros((), device=m.device)
                 if s.train_lm and b.text is not None:
@@ -356,6 +378,7 @@ class Trainer:
         times = timer.finish_step()
         self.step += 1
         rec = {"step": self.step, "reward": _mean(p["total"] for p in b.reward_parts),
+               "reward_call_ms": 1e3 * pending.scoring.busy_s,
                **_host_values({"adv_std": adv.float().std(), "useful_frac": _useful_frac(b.rewards, gid),
                                "grad_norm": gnorm, **metrics}),  # one read
                **_reward_parts(b.reward_parts), **rollout_record(b), **times}
@@ -364,6 +387,18 @@ class Trainer:
         if self.dist is not None:
             rec = self.dist.reduce_record(rec)
         return rec
+
+    def _rollout(self, tasks, gid, timer) -> Pending:
+        """The step's rollout in cfg.rollout_chunks chunks of whole groups, each submitted for scoring as it is done
+        (inline, or beside the next chunk's rollout with reward_overlap on: train.pipeline)."""
+        c = self.cfg
+        scoring = Scoring(self.reward, c.reward_overlap == "on", self._autocast, self.stop, phase=timer.phase)
+
+        def roll(t, g):
+            return rollout(self.model, self.scenario, c, t, g, self.gen, phase=timer.phase, engines=self._engines(),
+                           step=self.step, inverse=self._cycle_model)
+        with self._full_weights(), self._autocast():
+            return roll_and_score(roll, tasks, gid, chunk_rows(gid, c.rollout_chunks), scoring)
 
     def _forward_process_batch(self, b, timer):
         """nft / awm: draw each sample's timesteps and noise, then the old policy's velocities on them (unless the
@@ -459,18 +494,22 @@ class Trainer:
         tasks_all = self.eval_tasks * c.eval_samples
         n_show = min(N_SHOW, len(self.eval_tasks))  # the first tasks of the first pass go on the sample sheets
         starts = range(0, len(tasks_all), c.micro_batch)
-        with bar(len(starts), "eval", unit="batch", show=self.is_main) as progress:
+        # each micro-batch scored as it is rolled out (beside the next one's rollout with reward_overlap on)
+        scoring, batches = Scoring(self.reward, c.reward_overlap == "on", self._autocast, self.stop), []
+        with bar(len(starts), "eval", unit="batch", show=self.is_main) as progress, watching(self.stop):
             for start in starts:
                 tasks = tasks_all[start:start + c.micro_batch]
                 with self._autocast():
                     b = rollout(m, self.scenario, c, tasks, torch.arange(len(tasks)), gen, eval_mode=True,
-                                engines=self._engines())
-                with self._autocast(), self._cycle_model() as inverse:
-                    score(m, self.scenario, c, b, gen, reward=self.reward, inverse_model=inverse)
-                rewards.append(b.rewards)
-                parts += b.reward_parts
-                samples += _samples(b, range(min(len(tasks), max(0, n_show - start))))
+                                engines=self._engines(), inverse=self._cycle_model)
+                scoring.submit(b)
+                batches.append(b)
                 progress.update(1)
+            scoring.wait()
+        for start, b in zip(starts, batches):
+            rewards.append(b.rewards)
+            parts += b.reward_parts
+            samples += _samples(b, range(min(len(b.tasks), max(0, n_show - start))))
         per_task = torch.cat(rewards).view(c.eval_samples, len(self.eval_tasks)).mean(0)
         out = {"eval_reward": per_task.mean().item(), **_reward_parts(parts, prefix="eval_")}
         out["_samples"] = samples

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from ..train.config import use_device
 from .report import PHASES, summarize
+from .train.config import use_device
 
 IMPLS = {"fast": "auto", "reference": "reference"}
 TOLERANCE = {torch.float32: (1e-4, 1e-6), torch.bfloat16: (2e-2, 1e-3)}
@@ -50,8 +50,8 @@ CHECKED = ("text_loss", "image_loss", "reward")
 
 def profile_model_config(preset: str, edit: bool):
     """The UnifiedConfig the profiler builds for a model preset (see the module docstring)."""
-    from ..models import preset_config
-    from ..train.pretrain import world_model_config
+    from .models import preset_config
+    from .train.pretrain import world_model_config
 
     if preset in ("tiny", "tiny-fp8", "tiny-vlm"):
         return world_model_config(preset, edit)
@@ -64,7 +64,7 @@ def profile_model_config(preset: str, edit: bool):
 
 
 def build_model(preset: str, edit: bool, seed: int, device, dtype):
-    from ..models import UnifiedModel
+    from .models import UnifiedModel
 
     torch.manual_seed(seed)
     return UnifiedModel(profile_model_config(preset, edit)).to(device=device, dtype=dtype)
@@ -80,8 +80,8 @@ def _prepare_dir(d: Path) -> None:
 
 def run_impl(cfg, impl: str, out: Path, warmup: int, steps: int, device, dtype, log=print) -> list:
     """warmup + steps train steps of a fresh model at impl `impl` ("fast" | "reference"); the step records."""
-    from ..train import Trainer
-    from ..train.scenarios import get_scenario
+    from .train import Trainer
+    from .train.scenarios import get_scenario
 
     run_dir = out / impl
     _prepare_dir(run_dir)
