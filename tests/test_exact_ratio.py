@@ -6,7 +6,7 @@ own log-probs (`--old-logp rollout`) differ from the batched replay by float rou
 import pytest
 import torch
 
-from unirl_fast.profiling.profile_run import build_model
+from unirl_fast.profile_run import build_model
 from unirl_fast.train import TrainConfig, Trainer
 from unirl_fast.train.scenarios import get_scenario
 

@@ -13,7 +13,7 @@ from memprobe import AllocProbe
 
 import unirl_fast.train.trainer as T
 from unirl_fast.models.plan import memory_plan
-from unirl_fast.profiling.profile_run import build_model
+from unirl_fast.profile_run import build_model
 from unirl_fast.train import TrainConfig, Trainer
 from unirl_fast.train.scenarios import get_scenario
 
