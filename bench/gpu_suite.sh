@@ -13,8 +13,12 @@
 #   4. bench_*   unirl-fast bench, one step per op bench (policy_loss, logprobs, flow, forward_loss, fp8, checks): ours
 #                vs eager vs
 #                torch.compile vs peers; time, GB/s or TFLOP/s against ceilings measured in the same run, peak memory
-#   5. profile   unirl-fast profile --compare at bench-1.5b (fast vs reference, per phase, MFU)
-# Output: OUT_DIR/{env.txt, steps.csv, SUMMARY.md, <step>.txt, kernel_report.*, bench_<name>/, profile/}.
+#   5. gpu_checks  bench/gpu_checks.py: decode tokens/s with the compiled (fullgraph + CUDA graphs) vs the eager
+#                decode step, and the host syncs of one train step under torch.cuda.set_sync_debug_mode("warn")
+#                beside profiling.syncs.HostSyncCounter's count
+#   6. profile   unirl-fast profile --compare at bench-1.5b (fast vs reference, per phase, MFU)
+# Output: OUT_DIR/{env.txt, steps.csv, SUMMARY.md, <step>.txt, kernel_report.*, bench_<name>/, gpu_checks.json,
+# profile/}.
 # Commit OUT_DIR under bench/results/ with the device named (the folder name or env.txt says which).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +27,13 @@ SMOKE="${2:-}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
 # seconds per step: install, pytest, report, the op benches (policy_loss, logprobs, flow, forward_loss, fp8, checks),
-# profile. On the GPU they sum to 500 s, so the suite stays inside 8.5 minutes; each bench is its own step so that
-# one that runs long loses only its own rows. On a CPU (--smoke) nothing is a measurement and the limits are loose.
+# gpu_checks, profile. On the GPU they sum to 500 s, so the suite stays inside 8.5 minutes; each bench is its own
+# step so that one that runs long loses only its own rows. On a CPU (--smoke) nothing is a measurement and the limits
+# are loose.
 if [ "$SMOKE" = "--smoke" ]; then
-  LIMITS=(120 300 300 300 300 300 300 300 300 600)
+  LIMITS=(120 300 300 300 300 300 300 300 300 300 600)
 else
-  LIMITS=(30 90 45 75 60 45 30 45 30 50)
+  LIMITS=(25 80 40 70 55 40 25 40 25 50 50)
 fi
 BENCHES=(policy_loss logprobs flow forward_loss fp8 checks)
 echo "step,rc,seconds" > "$OUT/steps.csv"
@@ -67,11 +72,12 @@ for i in "${!BENCHES[@]}"; do
   step "bench_$b" "${LIMITS[$((3 + i))]}" "$PY" -m unirl_fast.cli bench ${SHAPES[@]+"${SHAPES[@]}"} \
     --out "$OUT/bench_$b" "$b"
 done
+step gpu_checks "${LIMITS[9]}" "$PY" bench/gpu_checks.py ${SHAPES[@]+"${SHAPES[@]}"} --out "$OUT"
 if [ "$SMOKE" = "--smoke" ]; then
-  step profile "${LIMITS[9]}" "$PY" -m unirl_fast.cli profile --preset tiny --scenario reason-generate --steps 1 \
+  step profile "${LIMITS[10]}" "$PY" -m unirl_fast.cli profile --preset tiny --scenario reason-generate --steps 1 \
     --warmup 0 --compare --quiet --out "$OUT/profile"
 else
-  step profile "${LIMITS[9]}" "$PY" -m unirl_fast.cli profile --preset bench-1.5b --scenario reason-generate \
+  step profile "${LIMITS[10]}" "$PY" -m unirl_fast.cli profile --preset bench-1.5b --scenario reason-generate \
     --steps 3 --warmup 1 --compare --out "$OUT/profile"
 fi
 
@@ -96,6 +102,12 @@ if rows:
     lines += ["| " + " | ".join(cell(r.get(k)) for k in ("bench", "op", "shape", "impl", "median_ms", "x_vs_ref",
                                                          "x_vs_compiled", "rate", "unit", "frac_ceiling")) + " |"
               for r in rows]
+checks = out / "gpu_checks.json"
+if checks.is_file():
+    import json
+    res = json.loads(checks.read_text())
+    lines += ["", "## gpu_checks (decode compiled vs eager; host syncs per train step)", "", "```",
+              json.dumps({k: v for k, v in res.items()}, indent=1)[:3000], "```"]
 prof = out / "profile.txt"
 if prof.is_file():
     lines += ["", "## profile --compare (tail)", "", "```", *prof.read_text().splitlines()[-30:], "```"]

@@ -185,7 +185,7 @@ def test_summary_groups_by_name_and_sizes():
 
 def test_gpu_suite_smoke_runs_every_step(tmp_path):
     """bench/gpu_suite.sh --smoke: the GPU suite's steps at tiny shapes on a CPU, so the script keeps working between
-    the rare sessions with a GPU (install, pytest -m gpu, compile report, op benches, profile --compare)."""
+    the rare sessions with a GPU (install, pytest -m gpu, compile report, op benches, gpu_checks, profile --compare)."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
@@ -195,10 +195,12 @@ def test_gpu_suite_smoke_runs_every_step(tmp_path):
                        capture_output=True, text=True, timeout=1500)
     steps = list(csv.DictReader(open(out / "steps.csv")))
     benches = ["bench_policy_loss", "bench_logprobs", "bench_flow", "bench_forward_loss", "bench_fp8", "bench_checks"]
-    assert [s["step"] for s in steps] == ["install", "pytest", "report", *benches, "profile"]
+    assert [s["step"] for s in steps] == ["install", "pytest", "report", *benches, "gpu_checks", "profile"]
     assert p.returncode == 0 and all(s["rc"] == "0" for s in steps), (steps, p.stdout[-3000:], p.stderr[-3000:])
     assert (out / "kernel_report_smoke.csv").is_file()
     assert all((out / b / "summary.csv").is_file() for b in benches)
     assert (out / "profile" / "profile.json").is_file()
+    checks = json.loads((out / "gpu_checks.json").read_text())
+    assert checks["decode"]["compiled_tokens_per_s"] > 0 and checks["train_step_syncs"]["host_sync_counter"] > 0
     summary = (out / "SUMMARY.md").read_text()
     assert "| report | 0 |" in summary and "## Ours in the op benches" in summary
