@@ -37,7 +37,7 @@ def brightness(batch):
 
 
 def decode_rates(preset, dev, B, P, T, reps) -> dict:
-    from unirl_fast.profiling.profile_run import build_model
+    from unirl_fast.profile_run import build_model
     from unirl_fast.rollout import SamplingParams, TextEngine
 
     model = build_model(preset, False, 0, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -66,7 +66,7 @@ def decode_rates(preset, dev, B, P, T, reps) -> dict:
 
 def step_syncs(dev) -> dict:
     from unirl_fast import _checks as C
-    from unirl_fast.profiling.profile_run import build_model
+    from unirl_fast.profile_run import build_model
     from unirl_fast.profiling.syncs import HostSyncCounter
     from unirl_fast.train import TrainConfig, Trainer
     from unirl_fast.train.scenarios import get_scenario
