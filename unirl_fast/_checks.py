@@ -94,13 +94,14 @@ def _tracing() -> bool:
 
 
 def value_checks_enabled() -> bool:
-    """Cheap (O(output), sync-free) value checks are on: mode "cheap" or "full", and not tracing."""
-    return get_checks() != "off" and not _tracing()
+    """Cheap (O(output), sync-free) value checks are on: mode "cheap" or "full", and not tracing. (Tracing is asked
+    first: a graph then never reads the mode, so it is not recompiled when a loop pauses the checks.)"""
+    return not _tracing() and get_checks() != "off"
 
 
 def full_checks_enabled() -> bool:
     """The thorough input scans (mode "full"): O(input) and one host sync each."""
-    return get_checks() == "full" and not _tracing()
+    return not _tracing() and get_checks() == "full"
 
 
 class DeferredCheckError(ValueError):
