@@ -6,7 +6,7 @@ reward, on the embedded world, over several seeds, paired against a baseline.
     unirl-fast bench --time-to-reward --smoke            # seconds: CI's end-to-end check
     unirl-fast bench --time-to-reward --merge OUT_S0 OUT_S1 OUT_S2 --out OUT   # seeds run as parallel processes
     unirl-fast bench --time-to-reward --reward-sleep 1 --side-by-side --config serial --config overlap \
-        --baseline serial        # wall-clock: the step's pipeline modes against a slow reward
+        --config off_policy --baseline serial        # wall-clock: the step's pipeline modes against a slow reward
 
 Configurations: a name from CONFIGS (trainer flags on top of the scenario's defaults; `--list` prints them), a
 new one as `--config "NAME=--flag value ..."`, or a YAML / JSON `--configs-file` ({name: "flags" | [flags] |
@@ -92,10 +92,12 @@ CONFIGS = {
     "branch3_fast": ("--window-start", "3", "--sde-window", "2", "--branch-at", "3", "--ode-tail", "0.5"),
     "slide": ("--window", "slide", "--window-every", "5", "--branch-at", "window"),
     "dpm2": ("--ode-solver", "dpm2"),
-    # the step's pipeline (train.pipeline) against a slow reward (--reward-sleep): the serial step, and rewards scored
-    # while the next rollout chunk runs (the same numbers)
+    # the step's pipeline (train.pipeline, train.offpolicy) against a slow reward (--reward-sleep): the serial step,
+    # rewards scored while the next rollout chunk runs (the same numbers), and the rollout of step k + 1 made with
+    # step k's weights while step k trains
     "serial": ("--reward-overlap", "off"),
     "overlap": ("--reward-overlap", "on"),
+    "off_policy": ("--reward-overlap", "on", "--off-policy", "1"),
 }
 # what the harness owns; a configuration may not set the evaluation either (--common may: it is the same for all)
 HARNESS_OWNED = ("scenario", "seed", "run_dir", "steps", "eval_every", "save_every")

@@ -51,3 +51,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def slow_reward():
+    """tests/reward_fns.py's slow_varied reward with its call log cleared before and after (SLOW: threads, gate)."""
+    import reward_fns
+
+    reward_fns.SLOW.update(threads=[], gate=None)
+    yield reward_fns.SLOW
+    reward_fns.SLOW.update(threads=[], gate=None)

@@ -14,14 +14,8 @@ from unirl_fast.train.config import with_image_schedule, with_pipeline
 from unirl_fast.train.pipeline import TRAJ_JOIN, chunk_rows
 
 SMOKE = PRESETS["smoke"]
+pytestmark = pytest.mark.usefixtures("slow_reward")
 TIMING = ("_ms", "per_s", "mfu", "tflops", "mem", "nvml")
-
-
-@pytest.fixture(autouse=True)
-def _reset_slow():
-    reward_fns.SLOW.update(threads=[], gate=None)
-    yield
-    reward_fns.SLOW.update(threads=[], gate=None)
 
 
 def _numbers(rec):

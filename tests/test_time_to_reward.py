@@ -403,18 +403,20 @@ def test_the_sleeping_service_answers_zeros_and_stops_by_itself():
 
 def test_side_by_side_wall_clock_against_a_sleeping_service(tmp_path, capsys):
     """--reward-sleep adds the service (weight 0: the same rewards) to every run; --side-by-side trains the seed's
-    configurations in turn; serial and overlap then give bitwise the same curves (only wall-clock differs), and the
-    report has the wall-clock table."""
+    configurations in turn; serial and overlap then give bitwise the same curves (only wall-clock differs), one step
+    off-policy its own, and the report has the wall-clock table."""
     from unirl_fast.cli import main
 
     out = tmp_path / "ttr"
     assert main(["bench", "--time-to-reward", "--smoke", "--out", str(out), "--reward-sleep", "0.01",
-                 "--side-by-side", "--config", "serial", "--config", "overlap", "--baseline", "serial"]) == 0
+                 "--side-by-side", "--config", "serial", "--config", "overlap", "--config", "off_policy",
+                 "--baseline", "serial"]) == 0
     runs = json.loads((out / "runs.json").read_text())
     assert runs["settings"]["side_by_side"] and runs["settings"]["reward_sleep"] == 0.01
     by = {r["config"]: r["points"] for r in runs["runs"]}
     strip = [[{k: v for k, v in p.items() if k != "wall_s"} for p in by[n]] for n in ("serial", "overlap")]
     assert strip[0] == strip[1] and [p["step"] for p in by["serial"]] == [0, 1, 2]
+    assert [p["step"] for p in by["off_policy"]] == [0, 1, 2] and by["off_policy"][-1] != by["serial"][-1]
     cfg = json.loads((out / "runs" / "overlap-seed0" / "config.json").read_text())
     assert cfg["reward"][0] == "world" and cfg["reward"][1].endswith("/sleep=0") and cfg["reward_overlap"] == "on"
     assert cfg["rollout_chunks"] == 2

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import weakref
 from typing import Callable, Iterable
 
@@ -41,6 +42,7 @@ _ENV = "UNIRL_FAST_VALUE_CHECKS"
 _ENV_MODES = {"0": "off", "off": "off", "1": "cheap", "cheap": "cheap", "full": "full", "": "cheap"}
 _mode: str | None = None  # set_checks(); None: the environment variable decides (default "cheap")
 MAX_PENDING = 256  # deferred flags kept before the oldest is waited for (bounds pinned memory, never reached in a step)
+_loop = threading.local()  # .paused: this thread is inside a decode / sampler loop's later steps (paused_in_loop)
 
 
 def set_checks(mode: str | None) -> str | None:
@@ -67,16 +69,23 @@ def checks(mode: str | None):
 def paused_in_loop():
     """For the steps of a decode or sampler loop after its first: in mode "cheap" the per-call value checks are
     off (no check work per layer call or per step); the loop checks its first step as usual and its outputs once
-    (the rollout engines do). Mode "full" keeps checking every call; "off" stays off."""
+    (the rollout engines do). Mode "full" keeps checking every call; "off" stays off. Per thread: a rollout on
+    another thread (one-step-off training) pauses its own checks, never the training thread's."""
     if get_checks() != "cheap":
         yield
         return
-    with checks("off"):
+    prev, _loop.paused = getattr(_loop, "paused", False), True
+    try:
         yield
+    finally:
+        _loop.paused = prev
 
 
 def get_checks() -> str:
-    """The mode in force: set_checks() if called, else UNIRL_FAST_VALUE_CHECKS (unset: "cheap")."""
+    """The mode in force: set_checks() if called, else UNIRL_FAST_VALUE_CHECKS (unset: "cheap"); "off" inside this
+    thread's paused_in_loop."""
+    if getattr(_loop, "paused", False):
+        return "off"
     if _mode is not None:
         return _mode
     env = os.environ.get(_ENV, "1").strip().lower()

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PHASES = ("text_rollout", "image_rollout", "cycle_edit", "reward", "ref", "train_fwd_bwd", "optimizer", "other")
+PHASES = ("text_rollout", "image_rollout", "cycle_edit", "reward", "ref", "train_fwd_bwd", "prefetch_wait", "optimizer",
+          "other")
 
 
 def load_run(run_dir):

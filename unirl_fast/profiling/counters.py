@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,7 @@ class ComputeCounter:
         self._device: dict = {}  # (section, role, field) -> 0-dim tensor (mask sums, never synced per call)
         self._handles: list = []
         self._experts: dict = {}  # id(module) -> module: every attached DiT and LM decoder (for `watch`)
+        self._lock = threading.Lock()  # hooks fire on any thread (a one-step-off rollout runs beside the losses)
 
     # attaching --------------------------------------------------------------------------------------------------
     def attach(self, model, role: str = "policy") -> "ComputeCounter":
@@ -174,10 +176,12 @@ class ComputeCounter:
         key = (section, role, field)
         if isinstance(n, torch.Tensor):
             n = n.detach().to(torch.int64)
-            prev = self._device.get(key)
-            self._device[key] = n if prev is None else prev + n
+            with self._lock:
+                prev = self._device.get(key)
+                self._device[key] = n if prev is None else prev + n
         else:
-            self._host[key] = self._host.get(key, 0) + int(n)
+            with self._lock:
+                self._host[key] = self._host.get(key, 0) + int(n)
 
     def _on_backward(self, out, section, role, field, n):
         """Count n once per backward pass whose gradient reaches `out`."""

@@ -139,7 +139,8 @@ class TrainConfig:
     beta: float = _f(0.0, "weight of the k3 KL of the text policy to the frozen reference (0: no reference pass)")
     flow_clip_range: float = _f(1e-3, "PPO clip range of the Flow-GRPO step ratio")
     beta_velocity: float = _f(0.005, "UniGRPO velocity-MSE weight to the frozen reference DiT (0: off)")
-    tis_cap: float = _f(2.0, "truncated importance sampling cap on the rollout / training log-prob ratio")
+    tis_cap: float = _f(2.0, "--off-policy 1: cap of the truncated importance weight min(pi_prox / pi_behaviour, cap) "
+                        "(per token for text, per image trajectory for Flow-GRPO; verl's and TRL's default 2)")
     temperature: float = _f(1.0, "sampling temperature of the text rollouts (and of the scored log-probs)")
     max_new_tokens: int = _f(40, "longest completion")
     image_steps: int = _f(8, "sampler steps per image (evaluation; training rollouts too unless --rollout-steps)")
@@ -223,6 +224,9 @@ class TrainConfig:
                              "while the reference runs): on, off, or auto (on when the reward is a service or a "
                              "callable marked slow). Changes no number: metrics and weights are bitwise those of off",
                              ("auto", "on", "off"))
+    off_policy: int = _f(0, "1: the rollout of step k + 1 runs (with step k's weights) while step k trains, and the "
+                         "losses take the behaviour log-probs through a truncated importance weight (decoupled PPO "
+                         "with one update per batch: see train.offpolicy); 0: on-policy", (0, 1))
     impl: str = _f("auto", "op backend: auto (Triton kernels on CUDA, PyTorch elsewhere), triton (never falls back; "
                    "needs CUDA), reference (eager PyTorch everywhere)", ("auto", "triton", "reference"))
     fp8: bool = _f(False, "FP8 unified precision flow: eligible Linear layers run in FP8 in rollout and training "

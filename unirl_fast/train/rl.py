@@ -324,16 +324,9 @@ def text_loss(model, cfg, b: Batch, idx, adv, n_total_tokens):
     return loss * scale, m
 
 
-def image_loss(model, cfg, b: Batch, idx, adv):
-    """Flow-GRPO loss on the trained window of rows `idx`; returns (loss scaled for accumulation, metrics).
-    With beta_velocity > 0 the reference velocities come from `reference_outputs` (b.ref_velocity).
-
-    Old log-probs (cfg.old_logp): "replay" takes this replay's own, detached. Every micro-batch of a step runs
-    before its one optimizer step, so the policy that sampled is the one replayed here, and a separate no-grad
-    replay of the same rows in the same call would compute these very numbers: the ratio is exactly 1 (not
-    1 + round-off of the sampler's per-step calls against this batched one), at no extra forward. "rollout" takes
-    the sampler's. Metrics ratio_exact = max |ratio - 1| and logp_mismatch = max |replay - sampler log-prob| (a
-    numerics gap between the rollout and training paths shows there; the trainer keeps their max over the step)."""
+def replay_window(model, cfg, b: Batch, idx) -> tuple:
+    """The trained window of rows `idx` replayed with gradients: (velocities, log-probs [S, B_idx], the velocity-MSE
+    keywords of flow_policy_loss: the reference's velocities when beta_velocity > 0, else none)."""
     traj = b.traj
     steps = traj.trained_steps()
     cond = model.condition(b.cond_ids[idx], b.cond_mask[idx], _rows(b.cond_vision, idx))
@@ -347,7 +340,21 @@ def image_loss(model, cfg, b: Batch, idx, adv):
         if b.ref_velocity is None:
             raise ValueError("beta_velocity > 0 needs the reference velocities: call reference_outputs(...) first")
         kw = dict(velocity=v, ref_velocity=b.ref_velocity[:, idx], beta_velocity=cfg.beta_velocity)
-    rollout_logp = traj.log_probs[steps][:, idx]
+    return v, logp, kw
+
+
+def image_loss(model, cfg, b: Batch, idx, adv):
+    """Flow-GRPO loss on the trained window of rows `idx`; returns (loss scaled for accumulation, metrics).
+    With beta_velocity > 0 the reference velocities come from `reference_outputs` (b.ref_velocity).
+
+    Old log-probs (cfg.old_logp): "replay" takes this replay's own, detached. Every micro-batch of a step runs
+    before its one optimizer step, so the policy that sampled is the one replayed here, and a separate no-grad
+    replay of the same rows in the same call would compute these very numbers: the ratio is exactly 1 (not
+    1 + round-off of the sampler's per-step calls against this batched one), at no extra forward. "rollout" takes
+    the sampler's. Metrics ratio_exact = max |ratio - 1| and logp_mismatch = max |replay - sampler log-prob| (a
+    numerics gap between the rollout and training paths shows there; the trainer keeps their max over the step)."""
+    v, logp, kw = replay_window(model, cfg, b, idx)
+    rollout_logp = b.traj.log_probs[b.traj.trained_steps()][:, idx]
     old = logp.detach() if cfg.old_logp == "replay" else rollout_logp
     loss, m = flow_policy_loss(logp, old, adv, clip_range=cfg.flow_clip_range, impl=cfg.impl, **kw)
     lp, old = logp.detach().float(), old.float()

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from .. import group_advantages
-from .._checks import DeferredCheckError, any_rank_error, pending_error
+from .._checks import DeferredCheckError, any_rank_error, mark_host_resident, pending_error
 from .._stop import StopFlag, check, watching
 from ..fp8 import fp8_weight_cache
 from ..profiling import NvmlSampler, PhaseTimer, device_peak_tflops
 from ..profiling.step_flops import step_flops
-from . import forward_rl
+from . import forward_rl, offpolicy
 from .checkpoint import check_run_files, latest_checkpoint, load_checkpoint, read_entry, save_checkpoint, write_entry
 from .config import (
     check_reward_specs,
@@ -47,7 +47,7 @@ from .plots import N_SHOW
 from .preflight_checks import run_checks
 from .pretrain import pretrain, run_lm_has_vision, world_model_config
 from .progress import bar, say
-from .rl import image_loss, reference_outputs, rollout, rollout_engines, rollout_record, text_loss
+from .rl import _no_phase, image_loss, reference_outputs, rollout, rollout_engines, rollout_record, text_loss
 from .rundir import check_run_dir, check_tasks_unchanged, create_or_resume, lock_run_dir, trim_metrics, unlock_run_dir
 from .scenarios import get_scenario
 
@@ -118,6 +118,8 @@ class Trainer:
         else:
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._set_trainable()
+        if cfg.off_policy:
+            offpolicy.check_model(self.model)
         self.ema = None  # the averaged weights evaluation uses (ema_decay > 0), kept by the process that evaluates
         if cfg.ema_decay > 0 and self.is_main:
             self.ema = ParamEMA(self.model, cfg.ema_decay)
@@ -138,7 +140,8 @@ class Trainer:
             create_or_resume(cfg, run_info)  # the run exists from here: what failed before left no config.json
         self.step = 0
         self.history = []
-        self.engines = None  # the rollout engines, made on first use (_engines)
+        self.engines = self.prefetch_engines = None  # the rollout engines, made on first use (_engines)
+        self.prefetched = self.prefetched_ids = None  # --off-policy 1: the next step's batch (pipeline.Pending)
         self.stop = StopFlag()  # set by any thread of this run that fails (a reward chunk): every other one stops
         self._init_profiling()
         self._fwd = _call
@@ -264,6 +267,7 @@ class Trainer:
             st = ck["state"]
             self._load_ema(ck.get("ema"), path)
             self._load_old_policy(ck.get("old_policy"), path)
+            self._load_prefetch(ck.get("prefetch"), path)
         self.step, self.history = st["step"], st["history"]
         if self.is_main and not self.readonly:
             dropped = trim_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -291,12 +295,21 @@ class Trainer:
                              "one: it was written by another algorithm or version; start a new --run-dir")
         self.old.load_state_dict(state)
 
+    def _load_prefetch(self, state, path):
+        """--off-policy 1: the batch the checkpointed run had rolled out for its next step (none after its last)."""
+        if state is None or not self.cfg.off_policy or self.readonly:
+            return
+        b, self.prefetched_ids = offpolicy.batch_from_state(state, self.train_tasks, self.model.device)
+        self.prefetched = Pending(b, Scoring(None, False, contextlib.nullcontext, self.stop))
+
     def save(self):
         st = {"step": self.step, "history": self.history, "py_rng": self.rng.getstate(),
               "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         if self.old is not None:
             extra["old_policy"] = self.old.state_dict()
+        if self.prefetched is not None:  # --off-policy 1: the next step's batch, scored (waits for its scores)
+            extra["prefetch"] = offpolicy.batch_state(self.prefetched.result(), self.prefetched_ids)
         if self.dist is not None:
             return self.dist.save(self, st, extra)
         return save_checkpoint(self.run_dir, self.step, {"model": self._trained_state(),
@@ -305,32 +318,31 @@ class Trainer:
 
     # one step -------------------------------------------------------------------------------------------------
     def _sample_tasks(self):
+        """The step's tasks (each prompt group_size times) and group ids; their indices into train_tasks are kept in
+        self.sampled_ids (a one-step-off checkpoint stores the next step's batch by them)."""
         c = self.cfg
-        prompts = [self.train_tasks[self.rng.randrange(len(self.train_tasks))] for _ in range(c.prompts_per_step)]
-        tasks = [t for t in prompts for _ in range(c.group_size)]
+        self.sampled_ids = [self.rng.randrange(len(self.train_tasks)) for _ in range(c.prompts_per_step)]
+        tasks = [self.train_tasks[i] for i in self.sampled_ids for _ in range(c.group_size)]
         gid = torch.arange(c.prompts_per_step).repeat_interleave(c.group_size)
         return tasks, gid
 
     def train_step(self) -> dict:
         """One RL step (see the module docstring). Any failure in it, on this thread or another of the run's (a reward
-        chunk scored beside the rollout), stops the run: no weight changes, no checkpoint of the step."""
+        chunk scored beside the rollout, the next step's rollout), stops the run: no weight changes, no checkpoint of
+        the step."""
         try:
             with watching(self.stop):
                 return self._train_step()
         except BaseException as e:
-            self.stop.set(e)  # the run's other threads (scorers) stop at their next check
+            self.stop.set(e)  # the run's other threads (scorers, a prefetch) stop at their next check
             raise
 
     def _train_step(self) -> dict:
         c, m, s = self.cfg, self.model, self.scenario
         timer = PhaseTimer(m.device)
-        tasks, gid = self._sample_tasks()
-        if self.dist is not None:
-            tasks, gid = self.dist.shard(tasks, gid)  # this rank's whole groups
-        B = len(tasks)
         m.eval()
         t0 = time.time()
-        pending = self._rollout(tasks, gid, timer)  # chunks of whole groups, each scored as soon as it is rolled out
+        pending = self._batch(timer)  # chunks of whole groups, each scored as soon as it is rolled out
         b = pending.batch
         if c.image_algo != "flow_grpo" and s.train_dit and b.traj is not None:
             self._forward_process_batch(b, timer)
@@ -339,33 +351,14 @@ class Trainer:
             reference_outputs(ref, s, c, b, c.micro_batch)  # frozen: one FP8 quantization per layer and step
         with timer.phase("reward"):  # what is left of the scoring (all of it inline; the last chunk's overlapped)
             b = pending.result()
-            adv = group_advantages(b.rewards, gid, std=c.adv_std, impl=c.impl).to(m.device)
+            adv = group_advantages(b.rewards, b.group_ids, std=c.adv_std, impl=c.impl).to(m.device)
         m.train()
-        metrics = {}
+        nxt = self._prefetch()  # --off-policy 1: the next step's rollout runs from here, beside this step's losses
         with timer.phase("train_fwd_bwd"):
-            self.opt.zero_grad(set_to_none=True)
-            n_local = n_tok = int(b.text.completion_mask.sum()) if b.text is not None else 0
-            if self.dist is not None:
-                n_tok = self.dist.token_norm(n_tok)  # global tokens / world: dapo's rank average = global mean
-            for start in range(0, B, c.micro_batch):
-                check()  # a failure on another of the run's threads stops the step before any weight changes
-                idx = torch.arange(start, start + c.micro_batch, device=m.device)  # device rows: no H2D copy
-                loss = torch.zeros((), device=m.device)
-                if s.train_lm and b.text is not None:
-                    with self._autocast():
-                        lt, mt = self._fwd(text_loss, m, c, b, idx, adv[idx], n_tok)
-                    loss = loss + lt
-                    _accumulate(metrics, "text", lt, mt, c.micro_batch / B)
-                if s.train_dit and b.traj is not None:
-                    with self._autocast():
-                        li, mi = self._fwd(forward_image_loss if b.fp is not None else image_loss, m, c, b, idx,
-                                           adv[idx])
-                    loss = loss + li
-                    _accumulate(metrics, "image", li, mi, c.micro_batch / B)
-                if self.dist is not None:
-                    self.dist.backward(loss, last=start + c.micro_batch >= B)
-                else:
-                    loss.backward()
+            metrics, n_local = self._losses(b, adv)
+        if nxt is not None:
+            with timer.phase("prefetch_wait"):  # the weights it reads must not move under it
+                self.prefetched, self.prefetched_ids = nxt.join(), nxt.task_ids
         self._stop_on_failed_checks()  # before any weight changes: a flagged NaN never reaches the weights
         with timer.phase("optimizer"):
             gnorm = self._optimizer_step()
@@ -379,24 +372,85 @@ class Trainer:
         self.step += 1
         rec = {"step": self.step, "reward": _mean(p["total"] for p in b.reward_parts),
                "reward_call_ms": 1e3 * pending.scoring.busy_s,
-               **_host_values({"adv_std": adv.float().std(), "useful_frac": _useful_frac(b.rewards, gid),
+               **_host_values({"adv_std": adv.float().std(), "useful_frac": _useful_frac(b.rewards, b.group_ids),
                                "grad_norm": gnorm, **metrics}),  # one read
                **_reward_parts(b.reward_parts), **rollout_record(b), **times}
+        if c.off_policy:
+            rec.update(offpolicy.staleness(b, self.step - 1), prefetch_rollout_ms=1e3 * nxt.seconds if nxt else 0.0)
         rec.update(self._throughput(b, n_local, rec["step_ms"] / 1e3))
         rec.update(self._nvml_record(t0, time.time()))
         if self.dist is not None:
             rec = self.dist.reduce_record(rec)
         return rec
 
-    def _rollout(self, tasks, gid, timer) -> Pending:
-        """The step's rollout in cfg.rollout_chunks chunks of whole groups, each submitted for scoring as it is done
-        (inline, or beside the next chunk's rollout with reward_overlap on: train.pipeline)."""
+    def _losses(self, b, adv) -> tuple:
+        """Forward and backward of the step's losses over micro-batches (gradients accumulate): (metrics summed on
+        the device, this rank's completion tokens)."""
+        c, m, s = self.cfg, self.model, self.scenario
+        B, metrics = len(b.tasks), {}
+        text_fn, image_fn = (offpolicy.text_loss, offpolicy.image_loss) if c.off_policy else (text_loss, image_loss)
+        self.opt.zero_grad(set_to_none=True)
+        n_local = n_tok = int(b.text.completion_mask.sum()) if b.text is not None else 0
+        if self.dist is not None:
+            n_tok = self.dist.token_norm(n_tok)  # global tokens / world: dapo's rank average = global mean
+        for start in range(0, B, c.micro_batch):
+            check()  # a failure on another of the run's threads stops the step before any weight changes
+            idx = torch.arange(start, start + c.micro_batch, device=m.device)  # device rows: no H2D copy
+            loss = torch.zeros((), device=m.device)
+            if s.train_lm and b.text is not None:
+                with self._autocast():
+                    lt, mt = self._fwd(text_fn, m, c, b, idx, adv[idx], n_tok)
+                loss = loss + lt
+                _accumulate(metrics, "text", lt, mt, c.micro_batch / B)
+            if s.train_dit and b.traj is not None:
+                with self._autocast():
+                    li, mi = self._fwd(forward_image_loss if b.fp is not None else image_fn, m, c, b, idx, adv[idx])
+                loss = loss + li
+                _accumulate(metrics, "image", li, mi, c.micro_batch / B)
+            if self.dist is not None:
+                self.dist.backward(loss, last=start + c.micro_batch >= B)
+            else:
+                loss.backward()
+        return metrics, n_local
+
+    def _batch(self, timer) -> Pending:
+        """This step's batch: the one rolled out during the last step (--off-policy 1), else rolled out now."""
+        if self.prefetched is not None:
+            pending, self.prefetched = self.prefetched, None
+            return pending
+        tasks, gid = self._sample_tasks()
+        if self.dist is not None:
+            tasks, gid = self.dist.shard(tasks, gid)  # this rank's whole groups
+        return self._rollout(tasks, gid, timer, self.step)
+
+    def _prefetch(self):
+        """--off-policy 1: the next step's tasks drawn and its rollout started on a thread with the current weights
+        (train.offpolicy); None on-policy and at the run's last step."""
+        if not self.cfg.off_policy or self.step + 1 >= self.cfg.steps:
+            return None
+        tasks, gid = self._sample_tasks()
+        step = self.step + 1
+
+        def roll():
+            with self._autocast():
+                return self._rollout(tasks, gid, None, step, engines=self._engines(prefetch=True))
+        nxt = offpolicy.Prefetch(roll, self.stop, self.model.device)
+        nxt.task_ids = [i for i in self.sampled_ids for _ in range(self.cfg.group_size)]  # per sample
+        return nxt
+
+    def _rollout(self, tasks, gid, timer, step, engines=None) -> Pending:
+        """Step `step`'s rollout (0-based: the sampler's schedule) in cfg.rollout_chunks chunks of whole groups, each
+        submitted for scoring as it is done (inline, or beside the next chunk's rollout with reward_overlap on:
+        train.pipeline); each sample records the policy version (optimizer steps so far) that rolled it out."""
         c = self.cfg
-        scoring = Scoring(self.reward, c.reward_overlap == "on", self._autocast, self.stop, phase=timer.phase)
+        phase = timer.phase if timer is not None else None
+        scoring = Scoring(self.reward, c.reward_overlap == "on", self._autocast, self.stop, phase=phase)
 
         def roll(t, g):
-            return rollout(self.model, self.scenario, c, t, g, self.gen, phase=timer.phase, engines=self._engines(),
-                           step=self.step, inverse=self._cycle_model)
+            b = rollout(self.model, self.scenario, c, t, g, self.gen, phase=phase or _no_phase,
+                        engines=engines or self._engines(), step=step, inverse=self._cycle_model)
+            b.versions = mark_host_resident(torch.full((len(t),), self.step, dtype=torch.long))
+            return b
         with self._full_weights(), self._autocast():
             return roll_and_score(roll, tasks, gid, chunk_rows(gid, c.rollout_chunks), scoring)
 
@@ -452,10 +506,15 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)  # freed now: rollout and the reference phase never hold them
         return gnorm
 
-    def _engines(self):
+    def _engines(self, prefetch=False):
         """The run's rollout engines, made on first use and kept: one static KV cache per batch size (the step's and
         the evaluation's), compiled decode and sampler steps on CUDA; eager under ZeRO-3, whose gathered weights
-        move between calls."""
+        move between calls. prefetch: the one-step-off rollout thread's, on CUDA a second eager set (the compiled
+        engines' CUDA graphs belong to the thread that captured them)."""
+        if prefetch and self.model.device.type == "cuda":
+            if self.prefetch_engines is None:
+                self.prefetch_engines = rollout_engines(self.model, self.cfg, compile=False)
+            return self.prefetch_engines
         if self.engines is None:
             zero3 = self.dist is not None and self.dist.stage == 3
             self.engines = rollout_engines(self.model, self.cfg, compile=False if zero3 else None)
@@ -476,7 +535,11 @@ class Trainer:
         With eval_samples K > 1 every task is drawn K times (pass k over all tasks uses the k-th noise draws)
         and a task's reward is the mean of its K; `_rewards` holds one value per task, `_samples` the sample-sheet
         records of the first N_SHOW tasks (first pass).
-        With ema_decay > 0 the averaged weights are evaluated (swapped in, then the trained ones put back)."""
+        With ema_decay > 0 the averaged weights are evaluated (swapped in, then the trained ones put back).
+        --off-policy 1: the next step's batch is scored first (one reward call at a time)."""
+        if self.prefetched is not None:
+            with watching(self.stop):
+                self.prefetched.result()
         if self.dist is not None and not getattr(self, "_in_eval", False):
             self._in_eval = True  # rank 0 evaluates (full weights), every rank gets the numbers
             try:
@@ -655,6 +718,7 @@ def preflight(cfg) -> dict:
         check_tasks_unchanged(cfg.run_dir, info["tasks"])
     check_reward_specs(cfg, scenario)  # imports a callable, looks for a CLIP directory: loads no model
     forward_rl.check_config(cfg, scenario)
+    offpolicy.check_config(cfg, scenario)
     info["notes"] = run_checks(cfg, scenario, info["tasks"])  # LoRA, services, images, memory (preflight_checks)
     if cfg.fp8 and cfg.model_path is None and cfg.lm_path is None:
         from ..fp8 import convert_to_fp8
