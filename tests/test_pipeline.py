@@ -53,7 +53,7 @@ def test_defaults_chunk_and_overlap_only_a_slow_reward():
 
 def _trainer(tmp_path, name, scenario, **over):
     cfg = dataclasses.replace(SMOKE, scenario=scenario, run_dir=str(tmp_path / name), prompts_per_step=4,
-                              micro_batch=4, reward=("reward_fns:slow_varied",), **over)
+                              **{"micro_batch": 4, "reward": ("reward_fns:slow_varied",), **over})
     return Trainer(cfg, log=lambda *_: None)
 
 
@@ -103,6 +103,31 @@ def test_scoring_runs_while_the_next_chunk_rolls_out(tmp_path):
     finally:
         trainer_mod.rollout = real
     assert len(began) == 4 and reward_fns.SLOW["threads"] == ["reward-scorer"] * 4
+
+
+def test_the_first_micro_batches_train_while_the_last_chunk_is_scored(tmp_path):
+    """Advantages wait for their group's scores only: the last chunk's reward call waits until the first micro-batch's
+    loss has run (scoring everything before the losses could never get there), and the step's numbers are the
+    serial step's."""
+    serial = _trainer(tmp_path, "serial", "generate", micro_batch=2, reward_overlap="off")
+    want = _numbers(serial.train_step())
+    t = _trainer(tmp_path, "r", "generate", micro_batch=2)
+    real_fwd, losses = t._fwd, []
+
+    def fwd(*a):
+        losses.append(1)
+        return real_fwd(*a)
+
+    def gate(n):
+        for _ in range(3000):  # at most 30 s
+            if n < 4 or losses:
+                return
+            threading.Event().wait(0.01)
+        raise AssertionError("no micro-batch trained while the last chunk was being scored")
+
+    reward_fns.SLOW.update(threads=[], gate=gate)
+    t._fwd = fwd
+    assert _numbers(t.train_step()) == want
 
 
 def test_a_failing_chunk_stops_the_next_chunks_rollout_and_the_step(tmp_path):

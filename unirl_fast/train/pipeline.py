@@ -4,6 +4,8 @@ as soon as it is rolled out, on a thread while the next chunk rolls out (`--rewa
     chunks = chunk_rows(group_ids, cfg.rollout_chunks)      # K contiguous runs of whole groups
     pending = roll_and_score(roll, tasks, group_ids, chunks, scoring)
     ... the reference's forwards, the old policy's: they need no reward ...
+    adv = Advantages(pending, cfg.adv_std, cfg.impl, device)
+    for each micro-batch: adv.rows(start, end), then its loss   # waits only for the chunks holding those rows
     b = pending.result()                                     # every chunk's scores: b.rewards, b.reward_parts
 
 Why chunks of whole groups: a group's advantage needs all of its scores, and a reward may normalise within a group;
@@ -15,23 +17,26 @@ the same chunking is the check: metrics and weights bitwise equal (tests/test_pi
 change the numbers against an uncut rollout (other batch shapes, another order of draws), which is why the chunk
 count is its own setting (`--rollout-chunks`, part of what a run is) and overlap only a schedule.
 
-Time: with K chunks the rollout's time R and the reward's S (inline) give R + S per step; with overlap about
-R + S / K when S / K < R / K per chunk (each chunk's scores come back while the next chunk rolls out), and the last
-chunk's scores wait behind the reference's forwards too. The cost: a K times smaller rollout batch, which on a GPU
-decodes at nearly the same time per token as the whole batch (decoding is memory-bound): chunking pays only when
-the reward is slow. So by default (`config.with_pipeline`) a run chunks (K = 4) and overlaps only when its reward is
-a service or a callable marked slow.
+Time: with K chunks, the rollout's time R, the reward's S (inline) and the losses' L give R + S + L per step; with
+overlap each chunk's scores come back while the next chunk rolls out and, past the rollout, while the reference runs
+and the scored chunks' micro-batches train, so a step takes about max(R + L, R / K + S + L / K) instead. The
+cost: a K times smaller rollout batch, which on a GPU decodes at nearly the same time per token as the whole batch
+(decoding is memory-bound): chunking pays only when the reward is slow. So by default (`config.with_pipeline`) a run
+chunks (K = 4) and overlaps only when its reward is a service or a callable marked slow.
 
-Threads: one scorer thread per batch, started at its first chunk, scoring the chunks in order under the trainer's
-autocast and no_grad (both are per thread). A failure there is the step's: the scorer sets the step's StopFlag
-(`unirl_fast._stop`) and the training thread raises that error at its next check, within one decode step, sampler
-step or micro-batch: no more rollout, no optimizer step, no checkpoint of the step, no reward made up.
+Threads: one scorer thread per run (`Scorer`), started on demand, scoring the queued chunks in order under the
+trainer's autocast and no_grad (both are per thread), so a reward never sees two calls at once. Advantages wait for
+their group's scores, not the whole batch's (`Advantages`: with GRPO's per-group std a chunk's rows get theirs as
+soon as it is scored), so the losses of the first micro-batches run while the last chunks are still being scored. A
+failure there is the run's: the scorer sets the run's StopFlag (`unirl_fast._stop`) and the training thread raises
+that error at its next check, within one decode step, sampler step or micro-batch: no more rollout, no optimizer
+step, no checkpoint of the step, no reward made up.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
-import queue
 import threading
 import time
 
@@ -55,67 +60,99 @@ def chunk_rows(group_ids: torch.Tensor, k: int) -> list:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-class Scoring:
-    """Scores a batch's chunks in the order they come: inline (overlap off), or on one thread (on) that sets the run's
-    `flag` when a chunk fails. `context()`: the block every reward call runs in (autocast). busy_s: the time spent in
-    the reward calls (inline or on the thread)."""
+class Scorer:
+    """The run's scorer thread: reward calls queued by every batch (the step's chunks, the next step's under
+    --off-policy 1, an evaluation's) run on it one at a time, in the order they came, so a reward never sees two
+    calls at once. Started on demand, it ends after a second with nothing to do, once the main thread is gone (the
+    interpreter exits: it never holds it), or when the run has failed. Not a daemon: a reward call in flight is never
+    cut off by the interpreter."""
 
-    def __init__(self, reward, overlap: bool, context, flag: _stop.StopFlag, phase=None):
-        self.reward, self.overlap, self.context, self.flag = reward, overlap, context, flag
-        self.phase = phase  # inline scoring is timed as this phase ("reward"); a thread's time is busy_s only
-        self.chunks, self.busy_s = [], 0.0
-        self._queue, self._thread = queue.SimpleQueue(), None
+    IDLE_S = 1.0
 
-    def submit(self, chunk: Batch) -> None:
-        self.chunks.append(chunk)
-        if not self.overlap:
-            with self.phase("reward") if self.phase is not None else contextlib.nullcontext():
-                self._score(chunk)
-            return
-        if self._thread is None:  # not a daemon: a reward call in flight is never cut off by the interpreter's exit
-            self._thread = threading.Thread(target=self._work, name="reward-scorer")
-            self._thread.start()
-        self._queue.put(chunk)
+    def __init__(self, flag: _stop.StopFlag):
+        self.flag = flag
+        self._jobs, self._cv, self._thread = collections.deque(), threading.Condition(), None
 
-    def _score(self, chunk):
-        t0 = time.perf_counter()
-        with torch.no_grad(), self.context():
-            score(chunk, self.reward)
-        self.busy_s += time.perf_counter() - t0
+    def submit(self, job) -> None:
+        with self._cv:
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="reward-scorer")
+                self._thread.start()
+            self._cv.notify()
 
     def _work(self):
-        """Score queued chunks until the end marker; stop early once the flag is set (this run failed) or the main
-        thread is gone (the interpreter is exiting: never hold it)."""
         while True:
-            try:
-                chunk = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                if self.flag.error is not None or not threading.main_thread().is_alive():
-                    return
-                continue
-            if chunk is None or self.flag.error is not None:
-                return
-            try:
-                self._score(chunk)
-            except BaseException as e:  # the run's error: the training thread raises it at its next check
-                self.flag.set(e)
-                return
+            with self._cv:
+                while not self._jobs:
+                    if not self._cv.wait(self.IDLE_S) or not threading.main_thread().is_alive():
+                        if not self._jobs:
+                            self._thread = None
+                            return
+                job = self._jobs.popleft()
+            if self.flag.error is None:
+                job()
+
+
+class Scoring:
+    """Scores a batch's chunks in the order they come: inline (overlap off, timed as `phase("reward")`), or as jobs
+    of the run's Scorer (on); a failure sets the run's `flag`. `context()`: the block every reward call runs in
+    (autocast). busy_s: the time spent in the reward calls."""
+
+    def __init__(self, reward, overlap: bool, context, flag: _stop.StopFlag, phase=None, scorer: Scorer = None):
+        self.reward, self.overlap, self.context, self.flag = reward, overlap, context, flag
+        self.phase, self.scorer = phase, scorer if scorer is not None or not overlap else Scorer(flag)
+        self.chunks, self.busy_s = [], 0.0
+        self.scored = []  # one Event per submitted chunk, set once its scores are in
+
+    def submit(self, chunk: Batch) -> None:
+        j = len(self.chunks)
+        self.chunks.append(chunk)
+        self.scored.append(threading.Event())
+        if not self.overlap:
+            with self.phase("reward") if self.phase is not None else contextlib.nullcontext():
+                self._score(j)
+            return
+        self.scorer.submit(lambda: self._score(j))
+
+    def _score(self, j):
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad(), self.context():
+                score(self.chunks[j], self.reward)
+        except BaseException as e:  # the run's error: the training thread raises it at its next check
+            self.flag.set(e)
+            if not self.overlap:
+                raise
+            return
+        finally:
+            self.busy_s += time.perf_counter() - t0
+        self.scored[j].set()
+
+    def wait_chunk(self, j: int) -> Batch:
+        """Chunk j, once scored (the run's failure raised instead, within 0.05 s of it)."""
+        while not self.scored[j].wait(0.05):
+            self.flag.raise_if_set()
+        return self.chunks[j]
 
     def wait(self) -> None:
-        """Every submitted chunk scored; the first failure (this batch's or the step's) raised."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        self.flag.raise_if_set()
-
+        """Every submitted chunk scored; the run's failure raised instead."""
+        for j in range(len(self.chunks)):
+            self.wait_chunk(j)
 
 
 class Pending:
-    """A rolled-out batch whose chunks are being scored (`result` waits for them)."""
+    """A rolled-out batch whose chunks (rows `bounds`) are being scored (`result` waits for them all)."""
 
-    def __init__(self, batch: Batch, scoring: Scoring):
-        self.batch, self.scoring = batch, scoring
+    def __init__(self, batch: Batch, scoring: Scoring, bounds: list):
+        self.batch, self.scoring, self.bounds = batch, scoring, bounds
+
+    def chunk_rewards(self, j: int) -> torch.Tensor:
+        """Chunk j's scores, once they are in (a batch scored before, e.g. loaded from a checkpoint, has them)."""
+        if not self.scoring.chunks:
+            start, end = self.bounds[j]
+            return self.batch.rewards[start:end]
+        return self.scoring.wait_chunk(j).rewards
 
     def result(self) -> Batch:
         self.scoring.wait()
@@ -136,7 +173,46 @@ def roll_and_score(roll, tasks, group_ids, chunks, scoring: Scoring) -> Pending:
         scoring.submit(part)
         parts.append(part)
     _stop.check()
-    return Pending(parts[0] if len(parts) == 1 else cat_batches(parts), scoring)
+    return Pending(parts[0] if len(parts) == 1 else cat_batches(parts), scoring, chunks)
+
+
+class Advantages:
+    """The step's group advantages as their scores arrive: with std "group" (GRPO's) a group's advantage needs only
+    its own group's scores, so the rows of a chunk get theirs as soon as the chunk is scored and the losses of its
+    micro-batches can run while later chunks are still being scored; with std "global" every score first. Each
+    chunk's groups are computed together, in both modes, so the values are the same whenever they are asked for."""
+
+    def __init__(self, pending: Pending, std: str, impl: str, device):
+        from .. import group_advantages
+
+        self.pending, self.std, self.impl, self.device = pending, std, impl, device
+        self._fn, self._done = group_advantages, {}
+        self.waited_s = 0.0  # time spent waiting for scores
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """The advantages of rows [start, end) (waits for the chunks holding them)."""
+        bounds = self.pending.bounds if self.std == "group" else [(0, len(self.pending.batch.tasks))]
+        parts = []
+        for j, (a, b) in enumerate(bounds):
+            if a < end and b > start:
+                adv = self._chunk(j, a, b)
+                parts.append(adv[max(start, a) - a:min(end, b) - a])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def all(self) -> torch.Tensor:
+        return self.rows(0, len(self.pending.batch.tasks))
+
+    def _chunk(self, j, a, b):
+        if (a, b) not in self._done:
+            t0 = time.perf_counter()
+            if self.std == "group":
+                rewards = self.pending.chunk_rewards(j)
+            else:
+                rewards = torch.cat([self.pending.chunk_rewards(i) for i in range(len(self.pending.bounds))])
+            self.waited_s += time.perf_counter() - t0
+            gid = self.pending.batch.group_ids[a:b]
+            self._done[a, b] = self._fn(rewards, gid, std=self.std, impl=self.impl).to(self.device)
+        return self._done[a, b]
 
 
 # joining chunks -------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from .. import group_advantages
 from .._checks import DeferredCheckError, any_rank_error, mark_host_resident, pending_error
 from .._stop import StopFlag, check, watching
 from ..fp8 import fp8_weight_cache
@@ -42,7 +41,7 @@ from .distributed import requested as _distributed_requested
 from .ema import ParamEMA
 from .forward_rl import forward_image_loss
 from .inputs import cast_frozen, check_inputs, load_run_model, run_tasks
-from .pipeline import Pending, Scoring, chunk_rows, roll_and_score
+from .pipeline import Advantages, Pending, Scorer, Scoring, chunk_rows, roll_and_score
 from .plots import N_SHOW
 from .preflight_checks import run_checks
 from .pretrain import pretrain, run_lm_has_vision, world_model_config
@@ -143,6 +142,7 @@ class Trainer:
         self.engines = self.prefetch_engines = None  # the rollout engines, made on first use (_engines)
         self.prefetched = self.prefetched_ids = None  # --off-policy 1: the next step's batch (pipeline.Pending)
         self.stop = StopFlag()  # set by any thread of this run that fails (a reward chunk): every other one stops
+        self.scorer = Scorer(self.stop)  # the run's one reward thread (reward_overlap on)
         self._init_profiling()
         self._fwd = _call
         if self.dist is not None:
@@ -300,7 +300,8 @@ class Trainer:
         if state is None or not self.cfg.off_policy or self.readonly:
             return
         b, self.prefetched_ids = offpolicy.batch_from_state(state, self.train_tasks, self.model.device)
-        self.prefetched = Pending(b, Scoring(None, False, contextlib.nullcontext, self.stop))
+        self.prefetched = Pending(b, Scoring(None, False, contextlib.nullcontext, self.stop),
+                                  chunk_rows(b.group_ids, self.cfg.rollout_chunks))
 
     def save(self):
         st = {"step": self.step, "history": self.history, "py_rng": self.rng.getstate(),
@@ -349,13 +350,12 @@ class Trainer:
         ref_weights = self._full_weights() if self.ref is None else contextlib.nullcontext()  # LoRA: the policy's
         with timer.phase("ref"), ref_weights, self._reference() as ref, fp8_weight_cache(ref), self._autocast():
             reference_outputs(ref, s, c, b, c.micro_batch)  # frozen: one FP8 quantization per layer and step
-        with timer.phase("reward"):  # what is left of the scoring (all of it inline; the last chunk's overlapped)
-            b = pending.result()
-            adv = group_advantages(b.rewards, b.group_ids, std=c.adv_std, impl=c.impl).to(m.device)
+        adv = Advantages(pending, c.adv_std, c.impl, m.device)  # per chunk, as soon as its scores are in
         m.train()
         nxt = self._prefetch()  # --off-policy 1: the next step's rollout runs from here, beside this step's losses
-        with timer.phase("train_fwd_bwd"):
-            metrics, n_local = self._losses(b, adv)
+        metrics, n_local = self._losses(b, adv, timer)  # a micro-batch waits for its rows' advantages
+        with timer.phase("reward"):  # every score in by now (a global std waited for them all)
+            b, adv = pending.result(), adv.all()
         if nxt is not None:
             with timer.phase("prefetch_wait"):  # the weights it reads must not move under it
                 self.prefetched, self.prefetched_ids = nxt.join(), nxt.task_ids
@@ -383,35 +383,47 @@ class Trainer:
             rec = self.dist.reduce_record(rec)
         return rec
 
-    def _losses(self, b, adv) -> tuple:
-        """Forward and backward of the step's losses over micro-batches (gradients accumulate): (metrics summed on
-        the device, this rank's completion tokens)."""
-        c, m, s = self.cfg, self.model, self.scenario
+    def _losses(self, b, adv, timer) -> tuple:
+        """Forward and backward of the step's losses over micro-batches (gradients accumulate), each after its rows'
+        advantages (timed as "reward" while it waits for scores): (metrics summed on the device, this rank's
+        completion tokens)."""
+        c = self.cfg
         B, metrics = len(b.tasks), {}
         text_fn, image_fn = (offpolicy.text_loss, offpolicy.image_loss) if c.off_policy else (text_loss, image_loss)
-        self.opt.zero_grad(set_to_none=True)
-        n_local = n_tok = int(b.text.completion_mask.sum()) if b.text is not None else 0
-        if self.dist is not None:
-            n_tok = self.dist.token_norm(n_tok)  # global tokens / world: dapo's rank average = global mean
+        with timer.phase("train_fwd_bwd"):
+            self.opt.zero_grad(set_to_none=True)
+            n_local = n_tok = int(b.text.completion_mask.sum()) if b.text is not None else 0
+            if self.dist is not None:
+                n_tok = self.dist.token_norm(n_tok)  # global tokens / world: dapo's rank average = global mean
         for start in range(0, B, c.micro_batch):
             check()  # a failure on another of the run's threads stops the step before any weight changes
-            idx = torch.arange(start, start + c.micro_batch, device=m.device)  # device rows: no H2D copy
-            loss = torch.zeros((), device=m.device)
-            if s.train_lm and b.text is not None:
-                with self._autocast():
-                    lt, mt = self._fwd(text_fn, m, c, b, idx, adv[idx], n_tok)
-                loss = loss + lt
-                _accumulate(metrics, "text", lt, mt, c.micro_batch / B)
-            if s.train_dit and b.traj is not None:
-                with self._autocast():
-                    li, mi = self._fwd(forward_image_loss if b.fp is not None else image_fn, m, c, b, idx, adv[idx])
-                loss = loss + li
-                _accumulate(metrics, "image", li, mi, c.micro_batch / B)
-            if self.dist is not None:
-                self.dist.backward(loss, last=start + c.micro_batch >= B)
-            else:
-                loss.backward()
+            with timer.phase("reward"):
+                a = adv.rows(start, start + c.micro_batch)
+            with timer.phase("train_fwd_bwd"):
+                loss = self._micro_batch_loss(b, a, start, n_tok, metrics, text_fn, image_fn)
+                if self.dist is not None:
+                    self.dist.backward(loss, last=start + c.micro_batch >= B)
+                else:
+                    loss.backward()
         return metrics, n_local
+
+    def _micro_batch_loss(self, b, a, start, n_tok, metrics, text_fn, image_fn):
+        """The micro-batch at row `start`'s loss (scaled for accumulation); its metrics added to `metrics`."""
+        c, m, s = self.cfg, self.model, self.scenario
+        B = len(b.tasks)
+        idx = torch.arange(start, start + c.micro_batch, device=m.device)  # device rows: no H2D copy
+        loss = torch.zeros((), device=m.device)
+        if s.train_lm and b.text is not None:
+            with self._autocast():
+                lt, mt = self._fwd(text_fn, m, c, b, idx, a, n_tok)
+            loss = loss + lt
+            _accumulate(metrics, "text", lt, mt, c.micro_batch / B)
+        if s.train_dit and b.traj is not None:
+            with self._autocast():
+                li, mi = self._fwd(forward_image_loss if b.fp is not None else image_fn, m, c, b, idx, a)
+            loss = loss + li
+            _accumulate(metrics, "image", li, mi, c.micro_batch / B)
+        return loss
 
     def _batch(self, timer) -> Pending:
         """This step's batch: the one rolled out during the last step (--off-policy 1), else rolled out now."""
@@ -444,7 +456,8 @@ class Trainer:
         train.pipeline); each sample records the policy version (optimizer steps so far) that rolled it out."""
         c = self.cfg
         phase = timer.phase if timer is not None else None
-        scoring = Scoring(self.reward, c.reward_overlap == "on", self._autocast, self.stop, phase=phase)
+        scoring = Scoring(self.reward, c.reward_overlap == "on", self._autocast, self.stop, phase=phase,
+                          scorer=self.scorer)
 
         def roll(t, g):
             b = rollout(self.model, self.scenario, c, t, g, self.gen, phase=phase or _no_phase,
@@ -558,7 +571,8 @@ class Trainer:
         n_show = min(N_SHOW, len(self.eval_tasks))  # the first tasks of the first pass go on the sample sheets
         starts = range(0, len(tasks_all), c.micro_batch)
         # each micro-batch scored as it is rolled out (beside the next one's rollout with reward_overlap on)
-        scoring, batches = Scoring(self.reward, c.reward_overlap == "on", self._autocast, self.stop), []
+        scoring = Scoring(self.reward, c.reward_overlap == "on", self._autocast, self.stop, scorer=self.scorer)
+        batches = []
         with bar(len(starts), "eval", unit="batch", show=self.is_main) as progress, watching(self.stop):
             for start in starts:
                 tasks = tasks_all[start:start + c.micro_batch]
