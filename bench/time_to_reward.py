@@ -47,7 +47,8 @@ Report (bench/time_to_reward_analysis.py has the definitions): per configuration
 steps to the target (default: the baseline's final held-out reward, mean over seeds), "not reached" when no
 evaluation got there; per configuration mean +- sample std over seeds; the paired per-seed ratio to the
 baseline's compute to target; the held-out reward at the baseline's budget minus the baseline's, with its standard
-error over seeds and over held-out tasks. Files in --out: curves.csv (one row per evaluation per run), summary.csv
+error over seeds and over held-out tasks. Files in --out: curves.csv (one row per evaluation per run, with the means
+of the RL steps since the previous one: steps_reward, steps_useful_frac, steps_rollout_dit_rows), summary.csv
 (per seed and per configuration), time_to_reward.png, report.md, runs.json (everything, per-task rewards included),
 runs/ (the trainer's run directories) and base/ (the cache).
 """

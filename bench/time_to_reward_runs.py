@@ -59,6 +59,7 @@ class Run:
         self.counter = attach_trainer(ComputeCounter(), self.trainer)
         self.rng = torch.get_rng_state()  # this run's global RNG, as its Trainer left it
         self.points, self.wall, self.cost, self.grid = [], 0.0, None, list(schedule.grid)
+        self.recs = []  # the trainer's records of the steps since the last evaluation
 
     @contextlib.contextmanager
     def _turn(self):
@@ -93,7 +94,8 @@ class Run:
              "aux_lm_forward_tokens": aux.lm_forward_tokens, "eval_dit_forward": evc.dit_forward,
              "eval_lm_forward_tokens": evc.lm_forward_tokens, "wall_s": self.wall, "eval_reward": ev["eval_reward"],
              **{k: v for k, v in ev.items() if k.startswith("eval_reward_")},
-             "task_rewards": [float(v) for v in ev["_rewards"]]}
+             "task_rewards": [float(v) for v in ev["_rewards"]], **_step_means(self.recs)}
+        self.recs = []
         p["x"] = p[self.unit_key]
         self.points.append(p)
         self.log(f"  {self.name + ' ' if self.name else ''}step {tr.step}: {self.unit_key} {p['x']}, held-out reward "
@@ -110,7 +112,7 @@ class Run:
         x0 = self.x()
         with self._turn():
             t0 = time.perf_counter()
-            self.trainer.train_step()
+            self.recs.append(self.trainer.train_step())
             self.wall += time.perf_counter() - t0
         x = self.x()
         self.cost = x - x0
@@ -136,6 +138,16 @@ class Run:
             self.trainer.reward.close()
             self.trainer.close()  # the run directory's lock released
             self.counter = None
+
+
+def _step_means(recs) -> dict:
+    """Means over the RL steps since the last evaluation of what explains a curve: the training reward, the share of
+    samples in groups whose rewards differ (the ones a group advantage trains), the rollout's DiT rows per step."""
+    out = {}
+    for key in ("reward", "useful_frac", "rollout_dit_rows"):
+        vals = [r[key] for r in recs if r.get(key) is not None]
+        out[f"steps_{key}"] = sum(vals) / len(vals) if vals else None
+    return out
 
 
 def run_one(cfg, schedule: Schedule, unit_key: str, log=print, trainer_log=None) -> list:
