@@ -99,6 +99,8 @@ CONFIGS = {
     "serial": ("--reward-overlap", "off"),
     "overlap": ("--reward-overlap", "on"),
     "off_policy": ("--reward-overlap", "on", "--off-policy", "1"),
+    # no branching: the window kept at the noisy start, 2 steps, and the ODE after it at half its steps, second order
+    "window2_tail": ("--sde-window", "2", "--ode-solver", "dpm2", "--ode-tail", "0.5"),
 }
 # what the harness owns; a configuration may not set the evaluation either (--common may: it is the same for all)
 HARNESS_OWNED = ("scenario", "seed", "run_dir", "steps", "eval_every", "save_every")
