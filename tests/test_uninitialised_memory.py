@@ -4,8 +4,8 @@ Every float buffer made by torch.empty / empty_like / empty_strided is filled wi
 whatever bit pattern an allocator leaves), and every GEMM reads whole rows of a strided operand up to its row stride,
 multiplying the lanes past the row end by zero, as torch 2.13's CPU oneDNN bf16 GEMM does on some CPUs (and nothing
 guarantees a GPU GEMM never does). The fused head ops must still give finite outputs and gradients, on the reference
-and the Triton paths, in bf16, fp16 and fp32, with a vocabulary that is not a multiple of 8 (so the 16-byte aligned
-logits rows have padding columns).
+and the Triton paths, in bf16, fp16 and fp32, with logits in the inputs' dtype or in fp32 (`logits_dtype`), with a
+vocabulary that is not a multiple of 8 (so the 16-byte aligned logits rows have padding columns).
 """
 import pytest
 import torch
@@ -73,28 +73,35 @@ def _finite(*tensors):
 
 IMPLS = ["reference", "triton"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+LOGITS = [None, torch.float32]  # fp32 logits of 16-bit inputs; for fp32 inputs the same run as None
 
 
+def _dtype_id(d):
+    return "inputs_dtype" if d is None else str(d).split(".")[-1]
+
+
+@pytest.mark.parametrize("logits_dtype", LOGITS, ids=lambda d: "logits_" + _dtype_id(d))
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_fused_linear_logprobs_reads_no_uninitialised_memory(poisoned, device, impl, dtype):
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_fused_linear_logprobs_reads_no_uninitialised_memory(poisoned, device, impl, dtype, logits_dtype):
     h, w, b, y = _head(dtype, device)
-    logp, ent = U.fused_linear_logprobs(h, w, y, bias=b, return_entropy=True, impl=impl)
+    logp, ent = U.fused_linear_logprobs(h, w, y, bias=b, return_entropy=True, impl=impl, logits_dtype=logits_dtype)
     _finite(logp, ent)
     (logp.sum() + 0.1 * ent.sum()).backward()
     _finite(h.grad, w.grad, b.grad)
 
 
+@pytest.mark.parametrize("logits_dtype", LOGITS, ids=lambda d: "logits_" + _dtype_id(d))
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_fused_linear_policy_loss_reads_no_uninitialised_memory(poisoned, device, impl, dtype):
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_fused_linear_policy_loss_reads_no_uninitialised_memory(poisoned, device, impl, dtype, logits_dtype):
     h, w, b, y = _head(dtype, device)
     g = torch.Generator().manual_seed(1)
     old = (torch.randn(B, L, generator=g) * 0.3 - 4.0).to(device)
     adv = torch.randn(B, generator=g).to(device)
     mask = (y != -100)
     loss, metrics = U.fused_linear_policy_loss(h, w, y, old, adv, mask, bias=b, ref_logp=old, beta=0.04,
-                                               entropy_coef=0.01, impl=impl)
+                                               entropy_coef=0.01, impl=impl, logits_dtype=logits_dtype)
     _finite(loss, *[v for v in metrics.values() if torch.is_tensor(v)])
     loss.backward()
     _finite(h.grad, w.grad, b.grad)

@@ -29,7 +29,15 @@ supports one backward (a second raises instead of scaling twice).
 
 Precision: GEMMs run in the inputs' dtype (the autocast dtype when autocast is on, like F.linear);
 softmax, logp, entropy and the loss are fp32. fp16 runs its GEMMs in fp32: fp16 dlogits (~w p, 1e-9
-and below) would underflow. Registered as `unirl_fast::fused_linear_policy_loss` (custom_op +
+and below) would underflow. `logits_dtype=torch.float32` with a bf16 head: the chunk GEMM writes fp32 logits
+from the bf16 operands (`mm_fp32`: cuBLAS with out_dtype=float32 where torch has it, upcast operands elsewhere),
+the row kernel reads fp32 rows and writes fp32 dlogits over them, and a bf16 copy of those (rounded to nearest
+once, the dtype verl's fused kernel gives its backward GEMMs) feeds the dh / dW GEMMs, which stay bf16 tensor-core
+GEMMs; db sums the fp32 dlogits. The chunk keeps its byte budget: fp32 logits + their bf16 copy are 6 bytes a
+logit, so a chunk holds a third of the rows (half in a log-prob-only pass). The copy costs one more read of the
+fp32 dlogits and a bf16 write per logit (a bf16 store from the row kernel itself would save it; the kernel writes
+in place and is shared with the default path, which this leaves untouched). Error against the fp64 oracle:
+tests/test_logits_fp32.py. Registered as `unirl_fast::fused_linear_policy_loss` (custom_op +
 register_autograd + register_fake) so torch.compile(fullgraph=True) traces through it.
 """
 from __future__ import annotations
@@ -40,15 +48,18 @@ import torch
 
 from ..kernels import fused_linear_policy_loss as K
 from ..kernels._rows import aligned_rows
-from ..kernels.fused_linear_logprobs import _fp32_accumulate_ok
+from ..kernels.fused_linear_logprobs import _fp32_accumulate_ok, mm_fp32
 from ._dispatch import register_triton
 from .policy_loss_triton import METRIC_NAMES, _opt_float, metrics_dict, row_weights, run_policy_kernel, tis_input
 
 CHUNK_ELEMENTS = 1 << 28  # logits elements per chunk (tests lower it to exercise many chunks)
 
 
-def chunk_rows(N, V):
-    return max(1, min(N, CHUNK_ELEMENTS // V))
+def chunk_rows(N, V, wide=False, grads=True):
+    """Rows per chunk: CHUNK_ELEMENTS logits in the compute dtype. With fp32 logits (bf16 inputs) the same bytes hold
+    the fp32 logits and, when the pass makes gradients, their bf16 copy for the GEMMs: 6 bytes a logit, not 2."""
+    elems = CHUNK_ELEMENTS * 2 // (6 if grads else 4) if wide else CHUNK_ELEMENTS
+    return max(1, min(N, elems // V))
 
 
 def _addmm_fp32(acc, a, b):
@@ -65,46 +76,58 @@ def _addmm_fp32(acc, a, b):
         acc[r:r + step].addmm_(a[r:r + step].float(), b32)
 
 
-def _head_pass(h2, W, b, tgt, vec, opts, *, mode, need_dh, need_dw, need_db, accum_fp32):
+def _chunk_logits(hc, W, Wt, b, z, wide):
+    """z = hc W^T (+ b): in the GEMM dtype, or fp32 from the bf16 operands when wide (`mm_fp32`)."""
+    if wide:
+        mm_fp32(hc, Wt, b, out=z)  # [C, H] x [H, V] -> [C, V] fp32
+    elif b is None:
+        torch.mm(hc, Wt, out=z)  # [C, H] x [H, V] -> [C, V]
+    else:
+        torch.addmm(b, hc, Wt, out=z)
+
+
+def _head_pass(h2, W, b, tgt, vec, opts, *, mode, need_dh, need_dw, need_db, accum_fp32, fp32_logits=False):
     """One chunked sweep over the head: -> (logp [N], ent [N], dh | None, dW | None, db | None).
     With accum_fp32 (and a 16-bit head over more than one chunk) dW is summed over the chunks in an fp32
     [V, H] buffer and rounded to the head's dtype once at the end; otherwise cuBLAS adds each chunk into dW in
-    the head's dtype (one rounding per chunk)."""
+    the head's dtype (one rounding per chunk). fp32_logits (bf16 head): fp32 logits chunks; the row kernel writes
+    fp32 dlogits over them, and a bf16 copy (rounded to nearest once) feeds the dh / dW GEMMs; db sums the fp32."""
     N, H = h2.shape
     V = W.shape[0]
     f32 = dict(dtype=torch.float32, device=h2.device)
     logp, ent = torch.empty(N, **f32), torch.empty(N, **f32)
     grads = mode != K.MODE_LOGP
-    rows = chunk_rows(N, V)
+    wide = fp32_logits and W.dtype == torch.bfloat16
+    rows = chunk_rows(N, V, wide, grads)
     acc32 = accum_fp32 and W.dtype in (torch.bfloat16, torch.float16) and N > rows
     dh = torch.empty(N, H, dtype=h2.dtype, device=h2.device) if grads and need_dh else None
     dW = None
     if grads and need_dw:
         dW = torch.zeros(V, H, **f32) if acc32 else (torch.zeros_like(W) if N == 0 else torch.empty_like(W))
     db = torch.zeros(V, **f32) if grads and need_db else None
-    zbuf = aligned_rows(rows, V, W.dtype, h2.device)  # each row on a 16-byte boundary: same rounding at any row
+    # each row on a 16-byte boundary (same rounding at any row); padding zeroed (GEMMs may read whole vectors)
+    zbuf = aligned_rows(rows, V, torch.float32 if wide else W.dtype, h2.device)
+    dzbuf = aligned_rows(rows, V, W.dtype, h2.device) if wide and grads else None
     Wt = W.t()
     for i, s in enumerate(range(0, N, rows)):
         e = min(N, s + rows)
         hc, z = h2[s:e], zbuf[: e - s]
-        if b is None:
-            torch.mm(hc, Wt, out=z)  # [C, H] x [H, V] -> [C, V]
-        else:
-            torch.addmm(b, hc, Wt, out=z)
+        _chunk_logits(hc, W, Wt, b, z, wide)
         K.flpl_chunk(z, s, tgt, logp, ent, mode=mode, **vec, **opts)
+        dz = z if dzbuf is None else dzbuf[: e - s].copy_(z)
         if dh is not None:
-            torch.mm(z, W, out=dh[s:e])  # [C, V] x [V, H] -> [C, H]
+            torch.mm(dz, W, out=dh[s:e])  # [C, V] x [V, H] -> [C, H]
         if dW is not None:
             if acc32:
-                _addmm_fp32(dW, z.t(), hc)  # [V, C] x [C, H] -> [V, H], fp32 C
+                _addmm_fp32(dW, dz.t(), hc)  # [V, C] x [C, H] -> [V, H], fp32 C
             elif i == 0:
-                torch.mm(z.t(), hc, out=dW)  # [V, C] x [C, H] -> [V, H]
+                torch.mm(dz.t(), hc, out=dW)  # [V, C] x [C, H] -> [V, H]
             else:
-                dW.addmm_(z.t(), hc)
+                dW.addmm_(dz.t(), hc)
         if db is not None:
             db += z.sum(0, dtype=torch.float32)  # [C, V] -> [V]
     if acc32 and dW is not None:
-        del zbuf
+        del zbuf, dzbuf, z, dz  # the chunk buffers go before the rounded copy of dW is made
         dW = dW.to(W.dtype)
     return logp, ent, dh, dW, db
 
@@ -138,8 +161,9 @@ def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
              max_completion_length: Optional[int], num_tokens: Optional[float], need_dh: bool, need_dw: bool,
              need_db: bool, accum_fp32: bool, empty_seqs: str, dr_grpo_norm: str, log_ratio_min: Optional[float],
              log_ratio_max: Optional[float], kl_clamp: Optional[float], tis_level: str,
-             tis_weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
+             tis_weights: Optional[torch.Tensor], fp32_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
     with torch.autocast(hidden.device.type, enabled=False):
         B, L = targets.shape
         h2 = hidden.reshape(B * L, hidden.shape[-1])
@@ -155,7 +179,8 @@ def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
                      empty_seqs=empty_seqs, dr_grpo_norm=dr_grpo_norm, **bounds)
         kopts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                      tis_cap=tis_cap, beta=beta, entropy_coef=entropy_coef, kl=kl, tis_mode=tis_mode, **bounds)
-        need = dict(need_dh=need_dh, need_dw=need_dw, need_db=need_db and bias is not None, accum_fp32=accum_fp32)
+        need = dict(need_dh=need_dh, need_dw=need_dw, need_db=need_db and bias is not None, accum_fp32=accum_fp32,
+                    fp32_logits=fp32_logits)
         grads = need_dh or need_dw or need["need_db"]
         seq = importance_sampling == "sequence"
         first = K.MODE_TOKEN if grads and not seq else K.MODE_LOGP
@@ -177,7 +202,7 @@ def _flpl_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 def _(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, rollout_logp, temperature,
       ignore_index, loss_type, eps_low, eps_high, dual_clip, importance_sampling, beta, kl, tis_cap, entropy_coef,
       max_completion_length, num_tokens, need_dh, need_dw, need_db, accum_fp32, empty_seqs, dr_grpo_norm,
-      log_ratio_min, log_ratio_max, kl_clamp, tis_level, tis_weights):
+      log_ratio_min, log_ratio_max, kl_clamp, tis_level, tis_weights, fp32_logits=False):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (torch.empty((), **f32), torch.empty(len(METRIC_NAMES), **f32),
             hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
@@ -202,12 +227,12 @@ def _backward(ctx, g_loss, g_metrics, g_dh, g_dw, g_db):
     dh, dW, db = ctx.saved_tensors
 
     if g_loss is None:  # the loss took no part in what was differentiated
-        return (None,) * 33
+        return (None,) * 34
 
     def scale(x):
         return None if x.numel() == 0 else x.mul_(g_loss)
     d_b = None if ctx.bias_dtype is None or db.numel() == 0 else (db * g_loss).to(ctx.bias_dtype)
-    return (scale(dh), scale(dW)) + (None,) * 4 + (d_b,) + (None,) * 26
+    return (scale(dh), scale(dW)) + (None,) * 4 + (d_b,) + (None,) * 27
 
 
 _flpl_op.register_autograd(_backward, setup_context=_setup)
@@ -229,9 +254,11 @@ def fused_linear_policy_loss_triton(hidden, weight, targets, old_logp, advantage
                                     beta=0.0, kl="k3", rollout_logp=None, tis_cap=None, entropy_coef=0.0,
                                     max_completion_length=None, num_tokens=None, accum_dtype=torch.float32,
                                     empty_seqs="count", dr_grpo_norm="batch_length", log_ratio_min=None,
-                                    log_ratio_max=None, kl_clamp=None, tis_level="token", tis_weights=None):
+                                    log_ratio_max=None, kl_clamp=None, tis_level="token", tis_weights=None,
+                                    logits_dtype=None):
     """Triton `fused_linear_policy_loss`: same arguments and results as its reference. accum_dtype: fp32 sums the
-    head gradient over token chunks in fp32; None in the head's dtype (one rounding per chunk)."""
+    head gradient over token chunks in fp32; None in the head's dtype (one rounding per chunk). logits_dtype:
+    torch.float32 forms a bf16 head's logits in fp32 (None: in the compute dtype)."""
     cdt = _compute_dtype(hidden, weight)
     h, W = hidden.to(cdt), weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
@@ -243,6 +270,7 @@ def fused_linear_policy_loss_triton(hidden, weight, targets, old_logp, advantage
         max_completion_length, None if num_tokens is None else float(num_tokens),
         on and h.requires_grad, on and W.requires_grad, on and b is not None and b.requires_grad,
         accum_dtype is not None, empty_seqs, dr_grpo_norm, _opt_float(log_ratio_min), _opt_float(log_ratio_max),
-        _opt_float(kl_clamp), tis_level, None if tis_weights is None else tis_weights.detach())
+        _opt_float(kl_clamp), tis_level, None if tis_weights is None else tis_weights.detach(),
+        logits_dtype is torch.float32)
     return loss, metrics_dict(metrics, dual=dual_clip is not None, kl=ref_logp is not None, entropy=True,
                               tis=rollout_logp is not None or tis_weights is not None)

@@ -26,6 +26,12 @@ def _check_common(temperature, ignore_index, return_entropy):
         raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
 
 
+def check_logits_dtype(logits_dtype):
+    """The fused head ops' `logits_dtype`: None (the inputs' dtype) or torch.float32."""
+    if logits_dtype is not None and logits_dtype is not torch.float32:
+        raise ValueError(f"logits_dtype must be None (the inputs' dtype) or torch.float32, got {logits_dtype!r}")
+
+
 def _check_inplace(inplace_backward):
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
@@ -136,7 +142,7 @@ def check_linear_head(hidden, weight, targets, bias):
 
 
 def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, impl="auto"):
+                          return_entropy=False, impl="auto", logits_dtype=None):
     """Per-token log-probs (and entropy) of `targets` under softmax((hidden @ weight.T + bias) / temperature).
 
     The Triton path never materialises the [N, V] logits; the reference does (fp32).
@@ -144,6 +150,12 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         hidden: [..., H] or flattened [N, H], fp16/bf16/fp32, differentiable.
         weight: [V, H] head weight, differentiable. bias: optional [V], differentiable.
         targets: [...] integer ids in [0, V) or `ignore_index`.
+        logits_dtype: None (default) keeps the Triton path's logits in the inputs' dtype, as a Hugging Face bf16
+            lm_head followed by an fp32 log_softmax has them; torch.float32 forms them in fp32 from 16-bit inputs
+            (exact products, fp32 sums, as verl's fused kernel), the softmax being fp32 either way. Same memory:
+            a logits chunk keeps its byte budget and holds half the tokens (kernels/fused_linear_logprobs.py has
+            the backward's dlogits dtype and its error). fp32 / fp64 inputs are unaffected; the reference forms
+            fp32 logits whatever this says.
     Returns:
         (logp fp32, entropy fp32 or None), both shaped like `targets`.
     Example:
@@ -152,13 +164,13 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     """
     hidden = check_linear_head(hidden, weight, targets, bias)
     _check_common(temperature, ignore_index, return_entropy)
+    check_logits_dtype(logits_dtype)
+    kw = dict(bias=bias, temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
+              logits_dtype=logits_dtype)
     if choose("fused_linear_logprobs", impl, hidden.device) == "triton":
-        out = triton_impl("fused_linear_logprobs")(hidden, weight, targets, bias=bias,
-                                                   temperature=float(temperature), ignore_index=ignore_index,
-                                                   return_entropy=return_entropy)
+        out = triton_impl("fused_linear_logprobs")(hidden, weight, targets, **kw)
     else:
-        out = fused_linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=float(temperature),
-                                        ignore_index=ignore_index, return_entropy=return_entropy)
+        out = fused_linear_logprobs_ref(hidden, weight, targets, **kw)
     check_head_outputs(out[0], targets, weight.shape[0], ignore_index, hidden, weight, bias)
     return out
 

@@ -6,7 +6,8 @@ Each op is a `torch.library.custom_op` (namespace `unirl_fast`) with `register_a
 `register_fake`, so `torch.compile(fullgraph=True)` traces through it as one opaque node and autograd
 sees logp and entropy as differentiable outputs (lse is a saved side output, never differentiated).
 The ops compute in fp32 whatever the autocast state: autocast is switched off inside the fused-linear
-op (its GEMMs run in the inputs' promoted dtype with fp32 accumulate) and the row kernels upcast on load.
+op (its GEMMs run in the inputs' promoted dtype with fp32 accumulate) and the row kernels upcast on load. The
+fused-linear op's logits are in that dtype too, or fp32 for 16-bit inputs with `logits_dtype=torch.float32`.
 
 `LogprobsFromLogitsFunction` / `FusedLinearLogprobsFunction` are the autograd entry points (thin
 classes whose `apply` calls the custom op, so callers get the same graph node in eager and compiled
@@ -128,13 +129,14 @@ def logprobs_from_logits_triton(logits, targets, *, temperature=1.0, ignore_inde
 
 @torch.library.custom_op("unirl_fast::fused_linear_logprobs_fwd", mutates_args=())
 def _fl_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
-               ignore_index: int, return_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+               ignore_index: int, return_entropy: bool, fp32_logits: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     with torch.autocast(hidden.device.type, enabled=False):
-        return fused_linear_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, return_entropy)
+        return fused_linear_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, return_entropy,
+                                         fp32_logits=fp32_logits)
 
 
 @_fl_fwd_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
+def _(hidden, weight, bias, targets, temperature, ignore_index, return_entropy, fp32_logits=False):
     n = hidden.shape[0]
     return _rowvecs(n, hidden.device), _rowvecs(n, hidden.device), _rowvecs(n, hidden.device)
 
@@ -142,16 +144,17 @@ def _(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
 @torch.library.custom_op("unirl_fast::fused_linear_logprobs_bwd", mutates_args=())
 def _fl_bwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, ent: Tensor,
                g: Tensor, gh: Tensor, temperature: float, ignore_index: int, has_ent: bool,
-               need_dh: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+               need_dh: bool, need_dw: bool, need_db: bool, fp32_logits: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     with torch.autocast(hidden.device.type, enabled=False):
         dh, dw, db = fused_linear_logprobs_bwd(hidden, weight, bias, targets, lse, ent, g, gh, temperature,
                                                ignore_index, has_ent, need_dh=need_dh, need_dw=need_dw,
-                                               need_db=need_db)
+                                               need_db=need_db, fp32_logits=fp32_logits)
     return tuple(hidden.new_empty(0) if x is None else x for x in (dh, dw, db))  # distinct: no aliased returns
 
 
 @_fl_bwd_op.register_fake
-def _(hidden, weight, bias, targets, lse, ent, g, gh, temperature, ignore_index, has_ent, need_dh, need_dw, need_db):
+def _(hidden, weight, bias, targets, lse, ent, g, gh, temperature, ignore_index, has_ent, need_dh, need_dw, need_db,
+      fp32_logits=False):
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = torch.empty_like(weight) if need_dw else hidden.new_empty(0)
     db = torch.empty_like(bias) if (need_db and bias is not None) else hidden.new_empty(0)
@@ -159,24 +162,25 @@ def _(hidden, weight, bias, targets, lse, ent, g, gh, temperature, ignore_index,
 
 
 def _fl_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, return_entropy = inputs
+    hidden, weight, bias, targets, temperature, ignore_index, return_entropy, fp32_logits = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-    ctx.opts = (temperature, ignore_index, return_entropy)
+    ctx.opts = (temperature, ignore_index, return_entropy, fp32_logits)
     ctx.needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
 
 
 def _fl_backward(ctx, g_logp, g_ent, g_lse):
     hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-    temperature, ignore_index, has_ent = ctx.opts
+    temperature, ignore_index, has_ent, fp32_logits = ctx.opts
     n = hidden.shape[0]
     g = _grad_or_zeros(g_logp, n, hidden.device)
     gh = _grad_or_zeros(g_ent if has_ent else None, n, hidden.device)
     need_dh, need_dw, need_db = ctx.needs
     dh, dw, db = torch.ops.unirl_fast.fused_linear_logprobs_bwd(hidden, weight, bias, targets, lse, ent, g, gh,
                                                                 temperature, ignore_index, has_ent, need_dh,
-                                                                need_dw, need_db)
-    return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None
+                                                                need_dw, need_db, fp32_logits)
+    return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None, \
+        None
 
 
 _fl_fwd_op.register_autograd(_fl_backward, setup_context=_fl_setup)
@@ -184,20 +188,22 @@ _fl_fwd_op.register_autograd(_fl_backward, setup_context=_fl_setup)
 
 class FusedLinearLogprobsFunction:
     """Autograd entry point: `apply(hidden [N, H], weight [V, H], bias [V] | None, targets [N], temperature,
-    ignore_index, return_entropy) -> (logp [N] fp32, entropy [N] fp32 (zeros unless return_entropy))`.
-    hidden, weight and bias must share one float dtype."""
+    ignore_index, return_entropy, fp32_logits=False) -> (logp [N] fp32, entropy [N] fp32 (zeros unless
+    return_entropy))`. hidden, weight and bias must share one float dtype; fp32_logits forms 16-bit inputs' logits
+    in fp32 (kernels/fused_linear_logprobs.py)."""
 
     @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
+    def apply(hidden, weight, bias, targets, temperature, ignore_index, return_entropy, fp32_logits=False):
         logp, ent, _ = torch.ops.unirl_fast.fused_linear_logprobs_fwd(hidden, weight, bias, targets, temperature,
-                                                                      ignore_index, return_entropy)
+                                                                      ignore_index, return_entropy, fp32_logits)
         return logp, ent
 
 
 @register_triton("fused_linear_logprobs")
 def fused_linear_logprobs_triton(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                                 return_entropy=False):
-    """Triton path of `unirl_fast.fused_linear_logprobs` (inputs already validated; hidden is targets.shape + (H,))."""
+                                 return_entropy=False, logits_dtype=None):
+    """Triton path of `unirl_fast.fused_linear_logprobs` (inputs already validated; hidden is targets.shape + (H,)).
+    logits_dtype: None (the inputs' promoted dtype) or torch.float32 (fp32 logits for 16-bit inputs)."""
     dtype = weight.dtype if bias is None else torch.promote_types(weight.dtype, bias.dtype)
     dtype = torch.promote_types(hidden.dtype, dtype)
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
@@ -205,6 +211,6 @@ def fused_linear_logprobs_triton(hidden, weight, targets, *, bias=None, temperat
     b = None if bias is None else bias.to(dtype).contiguous()
     y = targets.reshape(-1).contiguous()
     logp, ent = FusedLinearLogprobsFunction.apply(h, w, b, y, float(temperature), int(ignore_index),
-                                                  bool(return_entropy))
+                                                  bool(return_entropy), logits_dtype is torch.float32)
     logp = logp.view(targets.shape)
     return logp, (ent.view(targets.shape) if return_entropy else None)

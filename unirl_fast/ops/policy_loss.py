@@ -18,7 +18,7 @@ from .. import _checks as C
 from ..reference import fused_linear_policy_loss_ref
 from ..reference.policy_loss import policy_loss_ref
 from ._dispatch import choose, triton_impl
-from .logprobs import _check_common, blame_head, check_linear_head
+from .logprobs import _check_common, blame_head, check_linear_head, check_logits_dtype
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "seq_sum")
 IS_LEVELS = ("token", "sequence")
@@ -157,7 +157,7 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
                              tis_cap=None, entropy_coef=0.0, max_completion_length=None, num_tokens=None,
                              impl="auto", accum_dtype=torch.float32, empty_seqs="count", dr_grpo_norm="batch_length",
                              log_ratio_min=None, log_ratio_max=None, kl_clamp=None, tis_level="token",
-                             tis_weights=None):
+                             tis_weights=None, logits_dtype=None):
     """`policy_loss` computed straight from hidden states and the LM head.
 
     Token log-probs and entropies come from softmax((hidden @ weight.T + bias) / temperature); entropy
@@ -170,6 +170,11 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
         accum_dtype: torch.float32 (default) sums the head gradient over token chunks in fp32 and rounds it to
             the head's dtype once (Triton path); None sums in the head's dtype (one rounding per chunk). The
             reference computes in fp32 either way.
+        logits_dtype: None (default) keeps the Triton path's logits in the compute dtype (bf16 for a bf16 head, as
+            a Hugging Face lm_head has them); torch.float32 forms a bf16 head's logits in fp32 (exact products,
+            fp32 sums, as verl's fused kernel) in chunks of the same bytes (a third of the rows; the module doc of
+            ops/fused_linear_policy_loss_triton.py has the backward's dtypes). fp16 heads already compute in fp32;
+            the reference forms fp32 logits whatever this says.
     Returns:
         (loss fp32 scalar, metrics dict)
     Example:
@@ -203,6 +208,8 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask
               max_completion_length=max_completion_length, num_tokens=num_tokens, **conv)
     if accum_dtype not in (torch.float32, None):
         raise ValueError(f"accum_dtype must be torch.float32 or None (the head's dtype), got {accum_dtype!r}")
+    check_logits_dtype(logits_dtype)
+    kw["logits_dtype"] = logits_dtype
     if choose("fused_linear_policy_loss", impl, hidden.device) == "triton":
         loss, metrics = triton_impl("fused_linear_policy_loss")(hidden, weight, targets, old_logp, advantages,
                                                                 mask, accum_dtype=accum_dtype, **kw)

@@ -7,8 +7,9 @@ from .policy_loss import policy_loss_ref
 
 
 def fused_linear_policy_loss_ref(hidden, weight, targets, old_logp, advantages, mask, *, bias=None,
-                                 temperature=1.0, ignore_index=-100, **policy_kwargs):
-    """Head + log-probs + entropy + policy loss, unfused; targets equal to ignore_index are masked out."""
+                                 temperature=1.0, ignore_index=-100, logits_dtype=None, **policy_kwargs):
+    """Head + log-probs + entropy + policy loss, unfused; targets equal to ignore_index are masked out. fp32 logits
+    whatever `logits_dtype` says (the Triton path's option)."""
     logp, ent = fused_linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
                                           ignore_index=ignore_index, return_entropy=True)
     mask = mask.bool() & (targets != ignore_index)

@@ -49,8 +49,9 @@ def linear_logits_ref(hidden, weight, bias=None):
 
 
 def fused_linear_logprobs_ref(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                              return_entropy=False):
-    """hidden [..., H], weight [V, H], targets [...] -> (logp [...] fp32, entropy | None)."""
+                              return_entropy=False, logits_dtype=None):
+    """hidden [..., H], weight [V, H], targets [...] -> (logp [...] fp32, entropy | None). The logits are fp32
+    whatever `logits_dtype` says (None or torch.float32, the Triton path's option; this is the fp32 oracle)."""
     z = linear_logits_ref(hidden, weight, bias)
     return logprobs_from_logits_ref(z, targets, temperature=temperature, ignore_index=ignore_index,
                                     return_entropy=return_entropy)
