@@ -349,6 +349,37 @@ def test_fused_head_returns_verls_shapes_and_dtypes(patched, dtype, lead):
         tf.FusedLinearForPPO()(h[None, None], W, labels[None, None])
 
 
+@pytest.mark.parametrize("shape", [(97, 56, 1521), (77, 64, 323)], ids=["N97_H56_V1521", "N77_H64_V323"])
+def test_fused_head_keeps_fp32_logits_as_verls_kernel(shape, device):
+    """verl's kernel (`linear_cross_entropy`) forms the logits in fp32 from bf16 hidden states and head: ours does too
+    (`logits_dtype=torch.float32`, bitwise the op's result), within that kernel's tolerances against fp32-logit torch
+    (verl's test: log-probs atol 1e-3 rtol 2e-4, entropy 5e-3 / 5e-4), where bf16 logits miss them at these
+    test_linear_cross_entropy shapes; FusedLinearForPPO keeps the hidden states' dtype for its logits, as verl's
+    torch backend. Triton path (the interpreter on CPU)."""
+    N, H, V = shape
+    g = torch.Generator().manual_seed(0)
+    h = torch.empty(N, H).uniform_(-0.5, 0.5, generator=g).to(device, torch.bfloat16)
+    w = torch.empty(V, H).uniform_(-0.5, 0.5, generator=g).to(device, torch.bfloat16)
+    labels = torch.randint(0, V, (N,), generator=g).to(device)
+    z = (h.float() @ w.float().t()) / 1.5
+    want = (z.log_softmax(-1).gather(-1, labels[:, None])[:, 0], torch.special.entr(z.softmax(-1)).sum(-1))
+    uf_verl.patch(impl="triton")
+    try:
+        got = uf_verl.linear_cross_entropy(h, w, labels, 1.5)
+        ppo = uf_verl.FusedLinearForPPO()(h, w, labels, temperature=1.5)
+    finally:
+        uf_verl.unpatch()
+    kw = dict(temperature=1.5, return_entropy=True, impl="triton")
+    wide = U.fused_linear_logprobs(h, w, labels, logits_dtype=torch.float32, **kw)
+    narrow = U.fused_linear_logprobs(h, w, labels, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, wide))
+    assert torch.equal(ppo[0], narrow[0]) and torch.equal(ppo[1], narrow[1].to(torch.bfloat16))
+    torch.testing.assert_close(got[0], want[0], atol=1e-3, rtol=2e-4)
+    torch.testing.assert_close(got[1], want[1], atol=5e-3, rtol=5e-4)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(narrow[0], want[0], atol=1e-3, rtol=2e-4)
+
+
 _FRESH = """
 import json, sys
 import unirl_fast.integrations.verl as v

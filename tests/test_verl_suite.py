@@ -13,7 +13,10 @@ needs the checkout (it is skipped, with that reason, without one).
   against verl's logits path, verl's FusedLinearForPPO and verl's kernel: all three ours after the patch), with CPU
   changes only: tensors made on the CPU instead of "cuda", the CUDA timing / memory calls as no-ops (timings are
   printed, never checked), 2 iterations instead of 5, and shapes cut to CPU size (same dtype, bf16; odd vocabularies
-  kept). The memory report (`check_storage_all`) prints CUDA peaks only and is not run.
+  kept). The memory report (`check_storage_all`) prints CUDA peaks only and is not run. Run twice: with our
+  reference path, and with our Triton path (under the Triton interpreter on a CPU, TRITON_INTERPRET=1 as
+  tests/conftest.py sets it), whose kernel drop-in forms fp32 logits as verl's kernel does; with bf16 logits it
+  misses verl's kernel tolerance (log-probs at 3 and 4 of these 5 shapes in two draws).
 """
 from __future__ import annotations
 
@@ -115,12 +118,13 @@ def test_verls_trainer_suite_passes_with_the_deep_patch(verl_src, tmp_path):
     assert res["calls"].get("policy_loss", 0) > 0  # verl's own checks of compute_policy_loss_vanilla reached ours
 
 
-def test_verls_linear_cross_entropy_checks_pass_with_the_patch(verl_src, tmp_path):
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_verls_linear_cross_entropy_checks_pass_with_the_patch(verl_src, tmp_path, impl):
     path = verl_src / "tests" / "utils" / "test_linear_cross_entropy.py"
     if not path.is_file():
         pytest.skip(f"{verl_src} has no tests/utils/test_linear_cross_entropy.py (verl's sdist does not ship "
                     "tests/utils): set UNIRL_VERL_SRC to a verl v0.9.1 checkout")
-    rc, res, text = run_python(_LCE_RUNNER, tmp_path, path, env={"UF_IMPL": "reference"})
+    rc, res, text = run_python(_LCE_RUNNER, tmp_path, path, env={"UF_IMPL": impl})
     assert rc == 0 and res is not None, text[-4000:]
     assert res["n_cuda"] == 5  # the file's five CUDA tensor constructions, all moved to the CPU
     assert res["cases"] == [0, 1, 2, 3, 4]

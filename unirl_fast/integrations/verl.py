@@ -22,9 +22,10 @@ After it, in this process:
   verl's flash-attn cross-entropy would run; entropy in the logits' dtype; the chunked entropy in fp32).
 - verl's fused head, which its actor uses with `use_fused_kernels` (log-probs and entropy from the last hidden
   states and the head weight, no logits): `verl.utils.kernel.linear_cross_entropy` (the "triton" backend: fp32
-  [N] outputs for any input rank) and `verl.utils.experimental.torch_functional.FusedLinearForPPO` (the "torch" /
-  "liger" backends: outputs shaped like the labels, entropy in the hidden states' dtype) are our
-  `fused_linear_logprobs`. Without `use_fused_kernels` verl's model forward still builds the logits.
+  [N] outputs for any input rank, logits kept in fp32 as verl's kernel keeps them) and
+  `verl.utils.experimental.torch_functional.FusedLinearForPPO` (the "torch" / "liger" backends: outputs shaped like
+  the labels, entropy in the hidden states' dtype, logits in the hidden states' dtype as verl's torch backend forms
+  them) are our `fused_linear_logprobs`. Without `use_fused_kernels` verl's model forward still builds the logits.
 - every actor update (`verl.workers.engine.base.BaseEngine.train_batch`: zero grad, forward/backward over the
   micro-batches, optimizer step) reads the deferred value checks of its op calls once, between the last backward
   and the optimizer step (`check_pending_all_ranks`: one host sync and, across data-parallel ranks, one all-reduce
@@ -231,19 +232,21 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
     """verl's fused head (`verl.utils.kernel.linear_cross_entropy`, its actor's `use_fused_kernels` path): per-token
     (log-probs, entropy) of `labels` from the hidden states and the head weight, through our fused_linear_logprobs
     (on CUDA the [N, V] logits are never materialised). As verl's kernel: hidden [..., H] and labels flattened to N
-    tokens, both outputs fp32 [N] whatever the input rank."""
+    tokens, both outputs fp32 [N] whatever the input rank, the logits formed in fp32 from bf16 hidden states and head
+    (`logits_dtype=torch.float32`; its backward GEMMs take bf16 dlogits, as verl's)."""
     if reduction != "none":
         _unsupported("reduction", reduction, "verl's actor asks for per-token values ('none'); ours has no other")
     if dist_process_group is not None:
         _unsupported("dist_process_group", dist_process_group, "a vocabulary-parallel head is not supported")
     return _uf_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).to(torch.int64),
-                               temperature=float(temperature), return_entropy=True, impl=_STATE.get("impl", "auto"))
+                               temperature=float(temperature), return_entropy=True, impl=_STATE.get("impl", "auto"),
+                               logits_dtype=torch.float32)
 
 
 class FusedLinearForPPO(torch.nn.Module):
     """verl's `FusedLinearForPPO` (the same fused path with its "torch" / "liger" backends) through ours; as verl's
     torch backend: hidden [T, H] or [B, T, H], outputs shaped like input_ids, log-probs fp32, entropy in the hidden
-    states' dtype."""
+    states' dtype, logits in the hidden states' dtype (the default `logits_dtype`)."""
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
         super().__init__()
