@@ -12,7 +12,8 @@ Columns (one row per distinct kernel x constexprs x argument dtypes and unit int
     dtypes, ones     the tensor arguments' dtypes in order, and the integer arguments equal to 1 (strides Triton
                      compiles as constants): the launches are planned with the dtypes and strides the trainer and
                      FP8Linear pass (fp32 latents with a bf16 or fp32 velocity for the flow kernels; the quantizers'
-                     own scale layouts for the FP8 GEMMs)
+                     own scale layouts for the FP8 GEMMs; a bf16 head's logits in bf16 and in fp32 for the fused head
+                     ops)
     regs, local      registers per thread and local (stack / spill) bytes per thread, from the cubin (cuobjdump)
     spill_st/ld      spill store / load bytes (ptxas -v on the kernel's PTX with the ptxas Triton used)
     smem, smem_dyn   shared memory per program: static (cubin) + dynamic (the launch's `shared`, what Triton's
@@ -185,12 +186,15 @@ def plan_logprobs(B, L, H, V):
 
 
 def plan_fused_logprobs(B, L, H, V):
+    """bf16 hidden states and head, logits in bf16 (the default) and in fp32 (`logits_dtype=torch.float32`: fp32 rows,
+    and backward's bf16 dlogits written from them)."""
     from unirl_fast.kernels import fused_linear_logprobs as K
 
     N = B * L
     h, w, y = meta(N, H), meta(V, H), meta(N, dtype=torch.int64)
-    _, _, lse = K.fused_linear_logprobs_fwd(h, w, None, y, 1.0, -100, True)
-    K.fused_linear_logprobs_bwd(h, w, None, y, lse, f32(N), f32(N), f32(N), 1.0, -100, True)
+    for wide in (False, True):
+        _, _, lse = K.fused_linear_logprobs_fwd(h, w, None, y, 1.0, -100, True, fp32_logits=wide)
+        K.fused_linear_logprobs_bwd(h, w, None, y, lse, f32(N), f32(N), f32(N), 1.0, -100, True, fp32_logits=wide)
 
 
 def plan_fused_policy_loss(B, L, H, V):
@@ -200,12 +204,15 @@ def plan_fused_policy_loss(B, L, H, V):
     from unirl_fast.ops.fused_linear_policy_loss_triton import chunk_rows
 
     N = B * L
-    rows = chunk_rows(N, V)
-    z, tgt = meta(rows, V), meta(N, dtype=torch.int32)
+    tgt = meta(N, dtype=torch.int32)
     vec = dict(w=f32(N), old=f32(N), adv=f32(N), roll=f32(N), ref=f32(N))
-    for mode in (K.MODE_TOKEN, K.MODE_LOGP):  # token IS (one pass), and the first pass of sequence IS
-        K.flpl_chunk(z, 0, tgt, f32(N), f32(N), mode=mode, temperature=1.0, **vec, tis_cap=2.0, beta=0.04)
-    K.flpl_chunk(z, 0, tgt, f32(N), f32(N), mode=K.MODE_GIVEN, temperature=1.0, g=f32(N), gh=f32(N))
+    for wide in (False, True):  # a bf16 head's logits in bf16 (the default) and in fp32 (logits_dtype=torch.float32)
+        zdt = torch.float32 if wide else torch.bfloat16
+        for mode in (K.MODE_TOKEN, K.MODE_LOGP):  # token IS (one pass), and the first pass of sequence IS
+            z = meta(chunk_rows(N, V, wide, grads=mode != K.MODE_LOGP), V, dtype=zdt)
+            K.flpl_chunk(z, 0, tgt, f32(N), f32(N), mode=mode, temperature=1.0, **vec, tis_cap=2.0, beta=0.04)
+        z = meta(chunk_rows(N, V, wide), V, dtype=zdt)
+        K.flpl_chunk(z, 0, tgt, f32(N), f32(N), mode=K.MODE_GIVEN, temperature=1.0, g=f32(N), gh=f32(N))
     plan_policy_loss_only(B, L, KP)
 
 

@@ -49,13 +49,18 @@ def test_every_op_compiles_without_spills(report_rows):
 
 
 def test_row_kernels_prefetch_and_vectorise_any_vocab(report_rows):
+    """bf16 logits and fp32 ones (`logits_dtype=torch.float32`: 4-element rows, backward writing bf16 dlogits, 8 bytes
+    per 4-element vector) alike."""
     for kernel in ("_logprobs_fwd_kernel", "_flpl_chunk_kernel"):
         for shape in ("qwen", "odd-V50257"):
-            for r in _rows(report_rows, kernel, shape=shape):
+            rows = _rows(report_rows, kernel, shape=shape)
+            assert {r["dtypes"].split(",")[0] for r in rows} == {"bf16", "f32"}, (kernel, shape)
+            for r in rows:
                 assert r["prefetch"] == "reg", r
-                assert r["ld"].startswith("16B"), r  # 16-byte vector loads of the bf16 logits
+                assert r["ld"].startswith("16B"), r  # 16-byte vector loads of the logits
     for r in _rows(report_rows, "_logprobs_bwd_kernel", shape="odd-V50257"):
-        assert r["ld"].startswith("16B") and r["st"].startswith("16B"), r
+        x, dx = r["dtypes"].split(",")[:2]
+        assert r["ld"].startswith("16B") and r["st"].startswith("16B" if x == dx else "8B"), r
 
 
 def test_dual_quantizer_keeps_32_warps_resident(report_rows):
