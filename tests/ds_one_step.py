@@ -19,7 +19,6 @@ import torch
 
 import unirl_fast.train.pipeline as pl
 import unirl_fast.train.trainer as tm
-from unirl_fast.rollout.image import ImageTrajectory
 from unirl_fast.rollout.text import TextRolloutOutput
 from unirl_fast.train import PRESETS, Trainer
 
@@ -62,10 +61,11 @@ def rows(b, sl):
     """Rows `sl` of a rollout Batch (trajectory tensors are [S, B, ...], the rest [B, ...])."""
     cut = lambda t: None if t is None else t[sl]  # noqa: E731
     cond = lambda c: None if c is None else c.__class__(c.cond[sl], cut(c.pooled))  # noqa: E731
-    t = b.traj
-    traj = ImageTrajectory(t.samples[:, sl], t.next_samples[:, sl], t.sigmas[:, sl], t.sigmas_next[:, sl],
-                           t.log_probs[:, sl], t.trainable, cut(t.latents), cond(t.conditioning), t.params,
-                           t.sigma_max, cond(t.uncond), cut(t.source_latents), cut(t.images))
+    t = b.traj  # per-sample fields cut; the schedule's (trainable, train_steps, kinds, params, ...) kept
+    traj = dataclasses.replace(t, samples=t.samples[:, sl], next_samples=t.next_samples[:, sl],
+                               sigmas=t.sigmas[:, sl], sigmas_next=t.sigmas_next[:, sl], log_probs=t.log_probs[:, sl],
+                               latents=cut(t.latents), conditioning=cond(t.conditioning), uncond=cond(t.uncond),
+                               source_latents=cut(t.source_latents), images=cut(t.images))
     x = b.text
     text = TextRolloutOutput(x.prompt_ids[sl], x.prompt_mask[sl], x.completion_ids[sl], x.logprobs[sl],
                              x.completion_mask[sl], x.texts[sl])

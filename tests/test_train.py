@@ -9,6 +9,7 @@ import torch
 from unirl_fast.cli import main
 from unirl_fast.train import PRESETS, SCENARIOS, TrainConfig, Trainer
 from unirl_fast.train import checkpoint as ckpt
+from unirl_fast.train.trainer import preflight
 
 SMOKE = PRESETS["smoke"]
 
@@ -192,8 +193,9 @@ def test_checkpoint_crash_mid_save_keeps_last_good(tmp_path, monkeypatch):
     (dict(ema_decay=1.0), "ema_decay"),
 ])
 def test_bad_configs_are_rejected_before_work(over, needle, tmp_path):
+    # preflight: what the trainer and the CLI run before any model (the config's own checks first, then its inputs)
     with pytest.raises(ValueError, match=needle):
-        dataclasses.replace(TrainConfig(run_dir=str(tmp_path)), **over).validate()
+        preflight(dataclasses.replace(TrainConfig(run_dir=str(tmp_path)), **over))
     assert not (tmp_path / "config.json").exists()
 
 

@@ -222,13 +222,18 @@ def write_model_copy(model, run_dir, log, dit_path=None) -> Path:
     """base/model: the model as it starts, each expert in its input files' dtype, and the scheduler config of the DiT's
     pipeline where it has one (scheduler/ beside dit/, as in the pipeline: the sampling schedule's default); written to
     a temporary directory and renamed, so a crash leaves no half copy."""
+    from ..models.vlm import is_vlm
     from ..rollout.schedule import scheduler_config_path
 
     final = Path(run_dir).joinpath(*MODEL_COPY)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     dtypes = {k: v for k, v in model.file_dtypes.items() if v is not None}
-    model.save_pretrained(tmp, dtypes=dtypes)
+    # a model with no HF tokenizer, image processor or dtype to keep (a preset's, or a --model-path saved by this
+    # trainer) is copied in the single-file layout: no library save path, so a single-process run does not import
+    # DeepSpeed through transformers' save (accelerate imports it when installed); real experts keep their layouts
+    single = not dtypes and model.config.tokenizer != "lm" and not is_vlm(model.lm)
+    model.save_pretrained(tmp, layout="single" if single else "split", dtypes=dtypes)
     if dit_path is not None and scheduler_config_path(dit_path).is_file():
         (tmp / "scheduler").mkdir()
         shutil.copy2(scheduler_config_path(dit_path), scheduler_config_path(tmp / "dit"))
