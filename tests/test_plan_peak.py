@@ -26,8 +26,9 @@ def _param_bytes(module) -> int:
 
 @pytest.mark.parametrize("scenario, extra", [("reason-generate", {}), ("generate", {}), ("understand", {}),
                                              ("reason-generate", dict(fp8=True)),
-                                             ("reason-generate", dict(micro_batch=4, max_new_tokens=16))],
-                         ids=["reason-generate", "generate", "understand", "fp8", "micro4"])
+                                             ("reason-generate", dict(micro_batch=4, max_new_tokens=16)),
+                                             ("generate", dict(image_algo="nft", image_steps=4, fp_timesteps=3))],
+                         ids=["reason-generate", "generate", "understand", "fp8", "micro4", "nft"])
 def test_plan_within_15_percent_of_the_measured_peak(tmp_path, monkeypatch, scenario, extra):
     c = TrainConfig(**{**dict(scenario=scenario, preset="tiny-fp8", run_dir=str(tmp_path / "run"), steps=3,
                               prompts_per_step=2, group_size=2, micro_batch=2, max_new_tokens=8, image_steps=3,
@@ -48,18 +49,24 @@ def test_plan_within_15_percent_of_the_measured_peak(tmp_path, monkeypatch, scen
     with probe:
         for _ in range(2):
             t.train_step()
-    measured = probe.peak_bytes + _param_bytes(t.model) + _param_bytes(t.ref)
+    # alive all run as well: nft / awm's old policy (fp32 shadows of the trained weights, made with the trainer)
+    old = 0 if t.old is None else sum(v.numel() * v.element_size() for v in t.old.shadow.values())
+    measured = probe.peak_bytes + _param_bytes(t.model) + _param_bytes(t.ref) + old
+    fp = c.image_algo != "flow_grpo"
     plan = memory_plan(t.model, train_lm=s.train_lm, train_dit=s.train_dit, batch=c.prompts_per_step * c.group_size,
                        micro_batch=c.micro_batch, prompt_len=max(p for p, _ in lengths),
                        completion_len=c.max_new_tokens, cond_len=max(q for _, q in lengths),
-                       trained_steps=c.sde_window, gpus=1, precision="fp32", grad_ckpt_lm=False, grad_ckpt_dit=False,
-                       reference=True, fp8=c.fp8, rollout=dict(lm_writes=s.lm_writes, draws=s.draws, guidance=False))
+                       trained_steps=c.fp_timesteps if fp else c.sde_window, gpus=1, precision="fp32",
+                       grad_ckpt_lm=False, grad_ckpt_dit=False, reference=True, fp8=c.fp8, old_policy=fp,
+                       rollout=dict(lm_writes=s.lm_writes, draws=s.draws, guidance=False))
     stage = plan["stages"][0]
     assert stage["peak_phase"] == "training"
     print(f"{scenario} {extra}: plan {stage['total'] / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
     assert abs(stage["total"] / measured - 1) < TOLERANCE, (stage, measured)
     if c.fp8:
         assert stage["fp8_saved"] > 0
+    if fp:
+        assert old > 0 and stage["old_policy"] == old
 
 
 def test_zero3_plan_models_what_the_code_keeps():

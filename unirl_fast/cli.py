@@ -390,7 +390,7 @@ def _cmd_plan(args) -> int:
                                grad_ckpt_dit=not args.no_grad_ckpt,
                                reference=not lora_reference(args.lora_lm, args.lora_dit, sc), trainable=trainable,
                                rollout={"lm_writes": sc.lm_writes, "draws": sc.draws, "guidance": False},
-                               ema=args.ema, fp8=args.fp8,
+                               ema=args.ema, fp8=args.fp8, old_policy=args.old_policy,
                                cond_len=args.completion_len if sc.lm_writes else args.prompt_len)
     except (ValueError, ImportError) as e:
         print(f"unirl-fast plan: {e}", file=sys.stderr)
@@ -423,6 +423,9 @@ def _add_plan_parser(sub) -> None:
     pl.add_argument("--no-grad-ckpt", action="store_true", help="without gradient checkpointing")
     pl.add_argument("--fp8", action="store_true", help="the run converts its eligible Linear layers to FP8")
     pl.add_argument("--ema", action="store_true", help="the run keeps an EMA of the trained weights (--ema-decay)")
+    pl.add_argument("--old-policy", action="store_true",
+                    help="the run keeps an nft / awm old policy (an average of the trained weights; give its trained "
+                         "timesteps per sample as --trained-steps)")
     pl.add_argument("--lora-lm", default=None, metavar="R,ALPHA[,MODULES]")
     pl.add_argument("--lora-dit", default=None, metavar="R,ALPHA[,MODULES] | default")
     pl.add_argument("--json", action="store_true")

@@ -19,6 +19,8 @@ per ZeRO stage (0 = one process, the trainer without DeepSpeed; 1 = optimizer st
     optimizer    AdamW's fp32 first and second moments (8 B) per trainable parameter; / N at stages 1-3
     ema          the EMA's fp32 copy of the trained weights (4 B per trainable parameter, `--ema-decay`), whole, on
                  the main rank (the one that evaluates)
+    old_policy   nft / awm: the old policy, another fp32 average of the trained weights (4 B per trainable
+                 parameter), whole, on every rank; `trained_steps` is then the timesteps trained per sample
     kv_cache     (with `rollout=`, when the LM writes) the rollout engines' static KV caches, kept for the run:
                  2 x layers x rows x (prompt + completion) x the key/value width in the activation dtype, for the
                  rollout batch (batch / N rows) and the evaluation micro-batch
@@ -43,12 +45,12 @@ per ZeRO stage (0 = one process, the trainer without DeepSpeed; 1 = optimizer st
 
 The peak (`total`) is the larger of the training phase (persistent + grads + activations + fp8_saved +
 largest_layer) and the rollout phase (persistent + gathered + rollout_transient, + grads under DeepSpeed), persistent
-being weights + reference + optimizer + ema + kv_cache + rollout. `tests/test_plan_peak.py` compares it with a tiny
-preset's measured peak.
+being weights + reference + optimizer + ema + old_policy + kv_cache + rollout. `tests/test_plan_peak.py` compares
+it with a tiny preset's measured peak.
 
 Not counted: the CUDA context and allocator slack (~1-3 GiB), the rollout unless asked for (`rollout=`), the
 autoencoder's activations (it runs without gradients), a VLM's vision-tower activations, communication buckets,
-DeepSpeed's prefetch of the next layer at stage 3, an nft / awm run's old-policy copy.
+DeepSpeed's prefetch of the next layer at stage 3.
 """
 from __future__ import annotations
 
@@ -107,18 +109,21 @@ class PlanInputs:
     rollout: dict | None = None  # _rollout's inputs: lm_writes, draws, guidance (None: not counted)
     ema: bool = False
     fp8: bool = False
+    old_policy: bool = False
 
 
 def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micro_batch: int = 8,
                 prompt_len: int = 256, completion_len: int = 512, trained_steps: int = 2, gpus: int = 8,
                 precision: str = "bf16", grad_ckpt_lm: bool = True, grad_ckpt_dit: bool = True,
                 reference: bool = True, trainable: int | None = None, rollout: dict | None = None,
-                frozen_dtype: str = "fp32", ema: bool = False, fp8: bool = False, cond_len: int | None = None) -> dict:
+                frozen_dtype: str = "fp32", ema: bool = False, fp8: bool = False, cond_len: int | None = None,
+                old_policy: bool = False) -> dict:
     """Parameter counts and the per-GPU bytes of each part per ZeRO stage (see the module docstring). rollout:
     {"lm_writes": bool, "draws": bool, "guidance": bool} adds the rollout's estimate and the KV caches; frozen_dtype:
     the weights of the experts that do not train (fp32 / bf16 / fp16); `model` as the run has it (with `fp8`, already
     converted: its FP8Linear layers are counted); cond_len: tokens of the text the DiT is conditioned on (default
-    prompt_len; the LM's completion where the LM writes the DiT's prompt)."""
+    prompt_len; the LM's completion where the LM writes the DiT's prompt); old_policy: an nft / awm run's
+    old-policy copy of the trained weights."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     if frozen_dtype not in FROZEN_BYTES:
@@ -141,7 +146,8 @@ def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micr
                         **rollout)
         act["rollout"] = roll
     sizes = dict(weights=weights, reference=weights if reference else counts["connector"] * wb, grads=trainable * wb,
-                 optimizer=trainable * opt_b, ema=trainable * wb if ema else 0.0, kv_cache=roll["kv_cache"],
+                 optimizer=trainable * opt_b, ema=trainable * wb if ema else 0.0,
+                 old_policy=trainable * wb if old_policy else 0.0, kv_cache=roll["kv_cache"],
                  rollout=roll["kept"], rollout_transient=roll["transient"], activations=act["total"],
                  fp8_saved=_fp8_params(model, train_lm, train_dit) if fp8 else 0,
                  largest_layer=_largest_module(model) * wb)
@@ -149,18 +155,20 @@ def memory_plan(model, *, train_lm: bool, train_dit: bool, batch: int = 64, micr
             "activations": act, "stages": {z: _stage(z, gpus, **sizes) for z in STAGES}, "frozen": frozen,
             "inputs": PlanInputs(train_lm, train_dit, batch, micro_batch, prompt_len, completion_len, trained_steps,
                                  gpus, precision, frozen_dtype, grad_ckpt_lm, grad_ckpt_dit, reference, trainable,
-                                 rollout, ema, fp8).__dict__}
+                                 rollout, ema, fp8, old_policy).__dict__}
 
 
-def _stage(z, gpus, *, weights, reference, grads, optimizer, ema, kv_cache, rollout, rollout_transient, activations,
-           fp8_saved, largest_layer):
+def _stage(z, gpus, *, weights, reference, grads, optimizer, ema, old_policy, kv_cache, rollout, rollout_transient,
+           activations, fp8_saved, largest_layer):
     """One ZeRO stage's per-GPU bytes by part and its peak (see the module docstring)."""
     n3 = gpus if z >= 3 else 1
     part = {"weights": weights / n3, "reference": reference / n3, "grads": grads / (gpus if z >= 2 else 1),
-            "optimizer": optimizer / (gpus if z >= 1 else 1), "ema": ema, "kv_cache": kv_cache, "rollout": rollout,
+            "optimizer": optimizer / (gpus if z >= 1 else 1), "ema": ema, "old_policy": old_policy,
+            "kv_cache": kv_cache, "rollout": rollout,
             "activations": activations, "fp8_saved": fp8_saved,
             "gathered": weights * (1 - 1 / gpus) if z >= 3 else 0.0, "largest_layer": largest_layer if z >= 3 else 0.0}
-    persistent = sum(part[k] for k in ("weights", "reference", "optimizer", "ema", "kv_cache", "rollout"))
+    persistent = sum(part[k] for k in ("weights", "reference", "optimizer", "ema", "old_policy", "kv_cache",
+                                       "rollout"))
     train = persistent + part["grads"] + part["activations"] + part["fp8_saved"] + part["largest_layer"]
     roll = persistent + part["gathered"] + rollout_transient + (part["grads"] if z >= 1 else 0.0)
     part["peak_phase"] = "training" if train >= roll else "rollout"
@@ -244,11 +252,12 @@ def format_plan(plan: dict, name: str = "") -> str:
              f"{plan['frozen'] / 1e6:,.1f} M in {i['frozen_dtype']}), gradient checkpointing LM "
              f"{'on' if i['grad_ckpt_lm'] else 'off'} / DiT {'on' if i['grad_ckpt_dit'] else 'off'}, reference copy "
              f"{'yes' if i['reference'] else 'no'}",
-             "GiB per GPU  weights  reference  grads  optimizer  ema  kv cache  rollout*  activations*  fp8 saved"
-             "  gathered  largest layer   peak (phase)"]
-    cols = (("weights", 7), ("reference", 11), ("grads", 7), ("optimizer", 11), ("ema", 5), ("kv_cache", 10),
-            ("rollout", 10), ("activations", 14), ("fp8_saved", 11), ("gathered", 10), ("largest_layer", 15),
-            ("total", 8))
+             "GiB per GPU  weights  reference  grads  optimizer  ema"
+             + ("  old policy" if i.get("old_policy") else "")
+             + "  kv cache  rollout*  activations*  fp8 saved  gathered  largest layer   peak (phase)"]
+    cols = (("weights", 7), ("reference", 11), ("grads", 7), ("optimizer", 11), ("ema", 5),
+            *((("old_policy", 12),) if i.get("old_policy") else ()), ("kv_cache", 10), ("rollout", 10),
+            ("activations", 14), ("fp8_saved", 11), ("gathered", 10), ("largest_layer", 15), ("total", 8))
     for z, s in plan["stages"].items():
         lines.append(f"ZeRO-{z}{'':6s}" + "".join(f"{s[k] / GiB:>{w}.1f}" for k, w in cols) +
                      f" ({s['peak_phase']})")

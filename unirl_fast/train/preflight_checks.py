@@ -111,6 +111,7 @@ def check_memory(cfg, scenario, tasks) -> list:
     import torch
 
     from ..models.plan import memory_plan
+    from . import forward_rl
     from .config import resolve_device
     from .distributed import requested
 
@@ -124,15 +125,18 @@ def check_memory(cfg, scenario, tasks) -> list:
     stage = cfg.zero_stage or (2 if requested(cfg) else 0)
     longest = max(len(t.prompt) + len(getattr(t, "context", "") or "") for t in [*tasks.train, *tasks.eval])
     prompt_len = 32 + (longest if char_tokens else longest // 4)  # + the scenario's template; ~4 chars per BPE token
+    fp = cfg.image_algo != "flow_grpo"  # nft / awm: K timesteps per sample trained, and their old policy's copy
+    trained = forward_rl.num_timesteps(cfg) if fp else cfg.sde_window
+    old = fp and forward_rl.needs_old(cfg) and not forward_rl.old_is_current(cfg)
     plan = memory_plan(model, train_lm=scenario.train_lm, train_dit=scenario.train_dit, batch=cfg.batch_size,
                        micro_batch=cfg.micro_batch, prompt_len=prompt_len, completion_len=cfg.max_new_tokens,
-                       trained_steps=cfg.sde_window, gpus=gpus, precision=cfg.precision,
+                       trained_steps=trained, gpus=gpus, precision=cfg.precision,
                        frozen_dtype="fp32" if cfg.frozen_dtype == "file" else cfg.frozen_dtype,  # file: an upper bound
                        grad_ckpt_lm=cfg.grad_ckpt_lm, grad_ckpt_dit=cfg.grad_ckpt_dit,
                        reference=not lora_reference(cfg.lora_lm, cfg.lora_dit, scenario),
                        trainable=lora_trainable(model, scenario, cfg.lora_lm, cfg.lora_dit),
                        rollout={"lm_writes": scenario.lm_writes, "draws": scenario.draws,
-                                "guidance": cfg.guidance_scale != 1.0}, ema=cfg.ema_decay > 0)
+                                "guidance": cfg.guidance_scale != 1.0}, ema=cfg.ema_decay > 0, old_policy=old)
     need = plan["stages"][stage]
     have, where = _available(dev, torch)
     if have is None:
