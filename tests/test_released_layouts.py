@@ -466,3 +466,33 @@ def test_bad_directories_fail_before_the_run_directory(released, tmp_path, capsy
     assert re.search(msg, err), err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not run.exists()
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)], ids=["zero2", "zero3"])
+def test_two_ranks_train_the_released_layouts_and_resume(released, tmp_path, stage):
+    """The released layouts (sharded bf16 Qwen2.5-VL with a chat template, a SANA pipeline's bf16 variants) under
+    DeepSpeed ZeRO, two ranks: fp32 master weights, the run's copy written once, a checkpoint per step, a resume
+    that reads the copy after the inputs are gone, and one process exporting the run."""
+    pytest.importorskip("deepspeed")
+    from test_distributed import _env_launch, _lines, _stage_args
+
+    inputs = _inputs(released, tmp_path)
+    tasks = _tasks(inputs / "data")
+    run = tmp_path / "run"
+    args = ["train", "--config", "smoke", "--scenario", "reason-generate", "--lm-path", str(inputs / "qwen"),
+            "--dit-path", str(inputs / "sana" / "transformer"), "--vae-path", str(inputs / "sana" / "vae"),
+            "--num-queries", "4", "--connector-dim", "32", "--connector-layers", "1", "--tasks", str(tasks),
+            "--reward", "format:^.+$", "--max-new-tokens", "6", "--micro-batch", "2", "--save-every", "1",
+            "--run-dir", str(run), *_stage_args(stage, tmp_path)]
+    rcs, outs = _env_launch(args + ["--steps", "1"])
+    assert rcs == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    copy = run / "base" / "model"
+    assert (copy / "unified_config.json").is_file() and (copy / "scheduler" / "scheduler_config.json").is_file()
+    assert not list((run / "base").glob("*.tmp"))  # one rank wrote it, whole
+    shutil.move(str(inputs), str(tmp_path / "moved"))  # the resume reads the run's copy
+    rcs, outs = _env_launch(args + ["--steps", "2"])
+    assert rcs == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    train = [r for r in _lines(run) if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(r["grad_norm"] > 0 for r in train)
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "lm" / "config.json").is_file() and (tmp_path / "out" / "dit").is_dir()
