@@ -1,7 +1,7 @@
 """A reward service for wall-clock measurements: on 127.0.0.1, it sleeps a set time per request and answers 0 for
 every sample, and it stops by itself.
 
-    python bench/sleep_reward.py --sleep 0.25 [--workers 1] [--max-requests 100000] [--idle-exit 300]
+    python bench/sleep_reward.py --sleep 0.25 [--workers 1] [--max-requests 100000] [--idle-exit 3600]
 
 The first line it prints is `port N` (the port it listens on, chosen free unless --port). A run uses it as one more
 reward term of weight 0 (`--reward world --reward http://127.0.0.1:N/sleep=0`), so the reward it trains on is the
@@ -46,7 +46,7 @@ class SleepingReward:
         return [0.0] * len(batch)
 
 
-def serve(seconds: float, *, port: int = 0, workers: int = 1, max_requests: int = 100_000, idle_exit: float = 300.0,
+def serve(seconds: float, *, port: int = 0, workers: int = 1, max_requests: int = 100_000, idle_exit: float = 3600.0,
           poll: float = 0.1, announce=print) -> int:
     """Serve until one of the stop conditions (module docstring); returns the number of requests answered."""
     from unirl_fast.rewards.server import make_server
@@ -66,7 +66,7 @@ def serve(seconds: float, *, port: int = 0, workers: int = 1, max_requests: int 
     return fn.calls
 
 
-def start(seconds: float, *, workers: int = 1, idle_exit: float = 300.0) -> tuple:
+def start(seconds: float, *, workers: int = 1, idle_exit: float = 3600.0) -> tuple:
     """This script as a child process: (its Popen, its port). Stop it with terminate(); it also stops by itself."""
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--sleep", str(seconds), "--workers",
                              str(workers), "--idle-exit", str(idle_exit)], stdout=subprocess.PIPE, text=True)
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     p.add_argument("--workers", type=int, default=1, help="requests answered at once (default 1)")
     p.add_argument("--max-requests", type=int, default=100_000, help="stop after this many answers")
-    p.add_argument("--idle-exit", type=float, default=300.0, help="stop after this many seconds without a request")
+    p.add_argument("--idle-exit", type=float, default=3600.0, help="stop after this many seconds without a scoring "
+                   "request (a harness pretrains its base models first: minutes without one)")
     args = p.parse_args(argv)
     for name, lo in (("sleep", 0.0), ("idle_exit", 1e-9)):
         if not getattr(args, name) >= lo:
