@@ -176,12 +176,12 @@ def test_the_bound_counts_the_whole_batch_rollout():
 
 
 def test_config_json_is_written_only_once_the_trainer_is_built(tmp_path, monkeypatch, capsys):
-    import unirl_fast.train.trainer as T
+    import unirl_fast.train.setup as S
 
     def broken(*a, **k):
         raise ValueError("reward could not be built")
 
-    monkeypatch.setattr(T, "build_run_reward", broken)
+    monkeypatch.setattr(S, "build_run_reward", broken)
     assert main(["train", "--config", "smoke", "--run-dir", str(tmp_path / "run")]) == 2
     assert "reward could not be built" in capsys.readouterr().err
     assert not (tmp_path / "run" / "config.json").exists()

@@ -90,7 +90,7 @@ def test_generate_with_your_own_experts_then_export(experts, tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), base_lm.state_dict().values()))
     # the export is the run's final model: same velocity as the trainer's resumed model
     cfg = dataclasses.replace(SMOKE.__class__(**saved), zero_stage=None)
-    t = Trainer(cfg, readonly=True, **QUIET)
+    t = Trainer(cfg, purpose="eval", **QUIET)
     m2 = UnifiedModel.from_pretrained(out)
     ids, mask = m2.tokenizer(["red square", "blue disc"])
     x = torch.randn(2, *m2.latent_shape)

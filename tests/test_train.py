@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from unirl_fast.cli import main
-from unirl_fast.train import PRESETS, SCENARIOS, TrainConfig, Trainer
+from unirl_fast.train import PRESETS, SCENARIOS, TrainConfig, Trainer, preflight
 from unirl_fast.train import checkpoint as ckpt
-from unirl_fast.train.trainer import preflight
 
 SMOKE = PRESETS["smoke"]
 

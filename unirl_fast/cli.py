@@ -121,7 +121,7 @@ def _cmd_eval(args) -> int:
     from .train.checkpoint import CheckpointError
 
     try:
-        trainer = Trainer(cfg, readonly=True)  # reads the run; writes only its result line
+        trainer = Trainer(cfg, purpose="eval")  # reads the run; writes only its result line (no optimizer)
     except (CheckpointError, ValueError) as e:
         print(f"unirl-fast eval: {e}", file=sys.stderr)
         return 2
@@ -320,7 +320,8 @@ def _cmd_export(args) -> int:
         cfg = saved_config(args.run_dir)
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"{args.out!r} exists and is not empty")
-        trainer = Trainer(cfg, readonly=True, reward=False, log=lambda *a: say(*a, file=sys.stderr))
+        # the weights, LoRA and the EMA only: no reward, tasks, reference or optimizer (train.setup, purpose export)
+        trainer = Trainer(cfg, purpose="export", log=lambda *a: say(*a, file=sys.stderr))
     except (ValueError, FileNotFoundError) as e:
         progress.close()
         print(f"unirl-fast export: {e}", file=sys.stderr)

@@ -98,8 +98,7 @@ def run_impl(cfg, impl: str, out: Path, warmup: int, steps: int, device, dtype, 
                 log(f"{impl} step {rec['step']}/{warmup + steps}{' (warm-up)' if i < warmup else ''}  "
                     f"{rec['step_ms']:.1f} ms  {rec['samples_per_s']:.2f} samples/s")
     finally:
-        if t.nvml is not None:
-            t.nvml.stop()
+        t.profile.stop()
         del t, model
         gc.collect()
         if torch.cuda.is_available():

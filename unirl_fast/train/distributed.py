@@ -300,8 +300,9 @@ class DeepSpeedRuntime:
         return out
 
     # checkpoints ----------------------------------------------------------------------------------------------
-    def save(self, trainer, state: dict, extra: dict | None = None) -> Path:
-        """extra: name -> object the main rank saves beside the model (e.g. the EMA weights)."""
+    def save(self, trainer, state: dict, extra: dict, model_state) -> Path:
+        """extra: name -> object the main rank saves beside the model (e.g. the EMA weights); model_state(): what the
+        checkpoint holds of the model (train.state.trained_state), read on the main rank under the full weights."""
         root = Path(trainer.run_dir) / "checkpoints"
         final, tmp = root / f"step-{trainer.step:07d}", root / f"step-{trainer.step:07d}.tmp"
         if self.is_main:
@@ -316,10 +317,9 @@ class DeepSpeedRuntime:
         self.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=lora)
         write_entry(tmp, f"state-rank{self.rank}", {**state, "world_size": self.world})
         with self.full_weights():
-            model_sd = {k: v.detach().cpu().clone() for k, v in trainer._trained_state().items()} \
-                if self.is_main else None
+            model_sd = {k: v.detach().cpu().clone() for k, v in model_state().items()} if self.is_main else None
         if self.is_main:
-            for name, obj in {"model": model_sd, "state": state, **(extra or {})}.items():
+            for name, obj in {"model": model_sd, "state": state, **extra}.items():
                 write_entry(tmp, name, obj)
         dist.barrier()
         if self.is_main:
@@ -329,6 +329,8 @@ class DeepSpeedRuntime:
         return final
 
     def resume(self, trainer, path) -> dict:
+        """The engine (weights, optimizer) from checkpoint `path`; returns this rank's state entry (train.state reads
+        the rest: the EMA)."""
         path = Path(path)
         name = f"state-rank{self.rank}"
         if not (path / "ds").is_dir() or not any((path / f"{name}{e}").is_file() for e in (".json", ".pt")):
@@ -343,9 +345,6 @@ class DeepSpeedRuntime:
                                                        load_module_strict=not trainer.lora)  # LoRA: trained only
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the engine state from {path / 'ds'}")
-        if trainer.ema is not None:  # only the main rank keeps (and reads) the EMA
-            has = any((path / f"ema{e}").is_file() for e in (".safetensors", ".json", ".pt"))
-            trainer._load_ema(read_entry(path, "ema") if has else None, path)
         return st
 
 

@@ -1,6 +1,6 @@
 """Preflight: the checks of a training run that need no weights, run before anything is written or trained.
 
-`trainer.preflight` runs the cheap ones (the config, the run directory, the task rows, the reward specs parsed and
+`setup.preflight` runs the cheap ones (the config, the run directory, the task rows, the reward specs parsed and
 imported, FP8 eligibility) and then `run_checks` here, which looks further without building the model:
 
     trackers           every --report-to package importable
