@@ -88,7 +88,40 @@ def seed_row(run: dict, base: dict, target: float) -> dict:
     row["reward_at_equal_steps"] = at["eval_reward"] if at else None
     row["diff_at_equal_steps"] = at["eval_reward"] - bfinal["eval_reward"] if at else None
     row["_step_diffs"] = _task_diffs(at, bfinal)
+    row.update(time_shares(pts))
+    row["bitwise"] = _bitwise(pts, bpts)
     return row
+
+
+_ROLLOUT_PHASES = ("text_rollout", "image_rollout", "cycle_edit")
+
+
+def time_shares(points) -> dict:
+    """Over a run's RL steps (the evaluation points' step means, weighted by their steps): seconds per step, and the
+    shares of the step's time spent inside the reward calls (on any thread: they may overlap the rest), waiting for
+    scores (phase "reward") and rolling out on the step's own thread. None without the times (older runs.json)."""
+    sums, prev = {}, 0
+    for p in points:
+        n, prev = p["step"] - prev, p["step"]
+        for k in ("step_ms", "reward_call_ms", "phase/reward_ms", *(f"phase/{r}_ms" for r in _ROLLOUT_PHASES)):
+            if n and p.get(f"steps_{k}") is not None:
+                sums[k] = sums.get(k, 0.0) + n * p[f"steps_{k}"]
+    step = sums.get("step_ms")
+    if not step:
+        return dict.fromkeys(("step_s", "reward_call_share", "reward_wait_share", "rollout_share"))
+    return {"step_s": step / 1e3 / prev, "reward_call_share": sums.get("reward_call_ms", 0.0) / step,
+            "reward_wait_share": sums.get("phase/reward_ms", 0.0) / step,
+            "rollout_share": sum(sums.get(f"phase/{r}_ms", 0.0) for r in _ROLLOUT_PHASES) / step}
+
+
+def _bitwise(pts, bpts):
+    """Whether the run's policy weights and step records are bit for bit the baseline's at every evaluation step
+    both have (None without the digests)."""
+    base = {p["step"]: p for p in bpts}
+    pairs = [(p, base[p["step"]]) for p in pts if p["step"] in base and p["step"] > 0]
+    if not pairs or any(q.get("weights_sha1") is None for pair in pairs for q in pair):
+        return None
+    return all(p["weights_sha1"] == q["weights_sha1"] and p["steps_sha1"] == q["steps_sha1"] for p, q in pairs)
 
 
 def _rate(point):
@@ -115,10 +148,13 @@ def aggregate_row(rows: list) -> dict:
         m, s = mean_std([r[key] for r in rows]) if len(reached) == n else (None, None)
         out[f"{key}_mean"], out[f"{key}_std"] = m, s
     for key in ("x_ratio", "wall_ratio", "final_reward", "final_x", "reward_at_equal_x", "steps_per_hour",
-                "speed_ratio", "reward_at_equal_steps"):
+                "speed_ratio", "reward_at_equal_steps", "step_s", "reward_call_share", "reward_wait_share",
+                "rollout_share"):
         vals = [r[key] for r in rows if r[key] is not None]
         out[f"{key}_mean"], out[f"{key}_std"] = mean_std(vals)
         out[f"{key}_n"] = len(vals)
+    known = [r["bitwise"] for r in rows if r["bitwise"] is not None]
+    out["bitwise"] = f"{sum(known)}/{len(known)}" if known else None  # seeds bitwise equal to the baseline
     diffs = [r["diff_vs_baseline"] for r in rows if r["diff_vs_baseline"] is not None]
     m, s = mean_std(diffs)
     out["diff_mean"], out["diff_se_seeds"] = m, (s / math.sqrt(len(diffs)) if s is not None else None)
@@ -197,18 +233,22 @@ def wall_table(per_seed: list, per_config: list, baseline: str) -> str:
     """A markdown table of the wall-clock columns: RL steps per hour, the per-seed speed ratio to the baseline, and
     the held-out reward at the baseline's last step paired with the baseline's."""
     lines = [f"| config | RL steps per hour (mean ± std) | per seed | speed vs {baseline} (per seed) | mean speed "
-             "ratio | held-out reward at equal steps | paired diff at equal steps (± se seeds; se, z over tasks) |",
-             "|" + "---|" * 7]
+             "ratio | s/step | in reward calls / waiting for scores / rolling out (share of the step) | bitwise = "
+             f"{baseline} (seeds) | held-out reward at equal steps | paired diff at equal steps (± se seeds; se, z "
+             "over tasks) |", "|" + "---|" * 10]
     for agg in per_config:
         rows = [r for r in per_seed if r["config"] == agg["config"]]
         seeds = ", ".join(f"s{r['seed']}: " + (f"{r['steps_per_hour']:.0f}" if r["steps_per_hour"] else "-")
                           for r in rows)
         ratios = ", ".join(f"{r['speed_ratio']:.2f}" if r["speed_ratio"] else "-" for r in rows)
         diff = _pm(agg["step_diff_mean"], agg["step_diff_se_seeds"], "{:+.3f}")
+        shares = " / ".join("-" if agg[f"{k}_share_mean"] is None else f"{agg[f'{k}_share_mean']:.0%}"
+                            for k in ("reward_call", "reward_wait", "rollout"))
         if agg["step_diff_se_tasks"]:
             diff += f" (se {agg['step_diff_se_tasks']:.3f}, z {agg['step_diff_z_tasks']:+.2f})"
         lines.append(f"| {agg['config']} | {_pm(agg['steps_per_hour_mean'], agg['steps_per_hour_std'], '{:.0f}')} | "
                      f"{seeds} | {ratios} | {_pm(agg['speed_ratio_mean'], agg['speed_ratio_std'], '{:.2f}')} | "
+                     f"{_pm(agg['step_s_mean'], agg['step_s_std'], '{:.2f}')} | {shares} | {agg['bitwise'] or '-'} | "
                      f"{_pm(agg['reward_at_equal_steps_mean'], agg['reward_at_equal_steps_std'], '{:.3f}')} | "
                      f"{diff} |")
     return "\n".join(lines)

@@ -10,12 +10,22 @@ pretraining, no evaluation). `run_one` runs one to its schedule's end.
 shared machine every configuration's steps meet the same load: a wall-clock comparison made any other way measures
 the machine's load as much as the configurations. Each run keeps its own global torch RNG state (swapped in around
 its steps and evaluations), so a run gives the same numbers side by side as alone. Nothing of a run is in flight
-between its steps (a one-step-off run joins its next rollout before its optimizer step), so turns never overlap.
+between its turns: a one-step-off run joins its next rollout before its optimizer step, and its turn (timed) also
+waits for that rollout's last scores, so a reward call never runs into another configuration's turn (nor shares
+the reward service with it). That costs one-step-off the overlap of those scores with its next step's start: its
+wall-clock here is an upper bound.
+
+Each evaluation point also holds what explains a wall-clock: the means of the steps' times since the previous point
+(`steps_step_ms`, `steps_reward_call_ms`: inside the reward calls on any thread, `steps_phase/<phase>_ms`), and
+digests for bitwise comparisons: `weights_sha1` (the policy's weights) and `steps_sha1` (the step records' numbers
+other than times and throughput).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import time
 
 
@@ -94,7 +104,8 @@ class Run:
              "aux_lm_forward_tokens": aux.lm_forward_tokens, "eval_dit_forward": evc.dit_forward,
              "eval_lm_forward_tokens": evc.lm_forward_tokens, "wall_s": self.wall, "eval_reward": ev["eval_reward"],
              **{k: v for k, v in ev.items() if k.startswith("eval_reward_")},
-             "task_rewards": [float(v) for v in ev["_rewards"]], **_step_means(self.recs)}
+             "task_rewards": [float(v) for v in ev["_rewards"]], **_step_means(self.recs),
+             "weights_sha1": weights_sha1(tr.model), "steps_sha1": _records_sha1(self.recs)}
         self.recs = []
         p["x"] = p[self.unit_key]
         self.points.append(p)
@@ -113,6 +124,8 @@ class Run:
         with self._turn():
             t0 = time.perf_counter()
             self.recs.append(self.trainer.train_step())
+            if self.trainer.prefetched is not None:  # one-step-off: its next batch's scores in (see the docstring)
+                self.trainer.prefetched.result()
             self.wall += time.perf_counter() - t0
         x = self.x()
         self.cost = x - x0
@@ -142,12 +155,36 @@ class Run:
 
 def _step_means(recs) -> dict:
     """Means over the RL steps since the last evaluation of what explains a curve: the training reward, the share of
-    samples in groups whose rewards differ (the ones a group advantage trains), the rollout's DiT rows per step."""
+    samples in groups whose rewards differ (the ones a group advantage trains), the rollout's DiT rows per step; and
+    of the step's times (step_ms, reward_call_ms, phase/*_ms)."""
     out = {}
-    for key in ("reward", "useful_frac", "rollout_dit_rows"):
+    times = sorted({k for r in recs for k in r if k.endswith("_ms")})
+    for key in ("reward", "useful_frac", "rollout_dit_rows", *times):
         vals = [r[key] for r in recs if r.get(key) is not None]
         out[f"steps_{key}"] = sum(vals) / len(vals) if vals else None
     return out
+
+
+def _timing(key: str) -> bool:
+    return key.endswith(("_ms", "_per_s", "_MiB")) or key.startswith(("flops", "tflops", "mfu", "nvml"))
+
+
+def _records_sha1(recs) -> str:
+    """A digest of the step records' numbers other than times and throughput (equal iff they are bitwise equal)."""
+    rows = [{k: v for k, v in sorted(r.items()) if not _timing(k)} for r in recs]
+    return hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_sha1(model) -> str:
+    """A digest of a model's weights, bit for bit (names, shapes, dtypes and bytes)."""
+    import torch
+
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def run_one(cfg, schedule: Schedule, unit_key: str, log=print, trainer_log=None) -> list:

@@ -269,8 +269,7 @@ def test_smoke_harness_end_to_end(tmp_path, capsys):
     runs = json.loads((out / "runs.json").read_text())["runs"]
     assert [r["config"] for r in runs] == ["flow_grpo", "window1", "group4"]
     assert runs[0]["points"] == data["runs"][0]["points"]  # kept as it was
-    no_wall = [[{k: v for k, v in pt.items() if k != "wall_s"} for pt in r["points"]] for r in (runs[1],
-                                                                                               data["runs"][1])]
+    no_wall = [[_no_times(pt) for pt in r["points"]] for r in (runs[1], data["runs"][1])]
     assert no_wall[0] == no_wall[1]  # redone from step 0: the same counts and rewards (same seed, same base)
     assert "left by an interrupted run, removed" in capsys.readouterr().out
     assert len(_csv(out / "curves.csv")) == sum(len(r["points"]) for r in runs)  # rewritten, not appended
@@ -401,6 +400,11 @@ def test_the_sleeping_service_answers_zeros_and_stops_by_itself():
         raise AssertionError(f"the service {child} outlived the process that started it")
 
 
+def _no_times(point) -> dict:
+    """An evaluation point without its wall-clock figures (the run's and its steps' mean times)."""
+    return {k: v for k, v in point.items() if k != "wall_s" and not k.endswith("_ms")}
+
+
 def test_side_by_side_wall_clock_against_a_sleeping_service(tmp_path, capsys):
     """--reward-sleep adds the service (weight 0: the same rewards) to every run; --side-by-side trains the seed's
     configurations in turn; serial and overlap then give bitwise the same curves (only wall-clock differs), one step
@@ -414,13 +418,17 @@ def test_side_by_side_wall_clock_against_a_sleeping_service(tmp_path, capsys):
     runs = json.loads((out / "runs.json").read_text())
     assert runs["settings"]["side_by_side"] and runs["settings"]["reward_sleep"] == 0.01
     by = {r["config"]: r["points"] for r in runs["runs"]}
-    strip = [[{k: v for k, v in p.items() if k != "wall_s"} for p in by[n]] for n in ("serial", "overlap")]
+    strip = [[_no_times(p) for p in by[n]] for n in ("serial", "overlap")]
     assert strip[0] == strip[1] and [p["step"] for p in by["serial"]] == [0, 1, 2]
+    assert by["serial"][-1]["steps_step_ms"] > by["serial"][-1]["steps_reward_call_ms"] > 0
     assert [p["step"] for p in by["off_policy"]] == [0, 1, 2] and by["off_policy"][-1] != by["serial"][-1]
     cfg = json.loads((out / "runs" / "overlap-seed0" / "config.json").read_text())
     assert cfg["reward"][0] == "world" and cfg["reward"][1].endswith("/sleep=0") and cfg["reward_overlap"] == "on"
     assert cfg["rollout_chunks"] == 2
     report = (out / "report.md").read_text()
     assert "RL steps per hour" in report and "side by side" in report and "sleeping 0.01 s per request" in report
-    rows = _csv(out / "summary.csv")
-    assert float([r for r in rows if r["config"] == "overlap" and r["seed"] == "0"][0]["speed_ratio"]) > 0
+    rows = {(r["config"], r["seed"]): r for r in _csv(out / "summary.csv")}
+    assert float(rows["overlap", "0"]["speed_ratio"]) > 0
+    assert rows["overlap", "0"]["bitwise"] == "True" and rows["off_policy", "0"]["bitwise"] == "False"
+    assert rows["overlap", "all"]["bitwise"] == "1/1" and 0 < float(rows["serial", "0"]["reward_call_share"]) < 1
+    assert "| overlap |" in report and "| 1/1 |" in report
