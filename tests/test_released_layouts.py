@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from unirl_fast.cli import main
-from unirl_fast.train import PRESETS, Trainer
+from unirl_fast.train import PRESETS, TrainConfig, Trainer
 from unirl_fast.train.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,6 +201,11 @@ def test_train_export_move_eval_resume(released, tmp_path, monkeypatch, capsys, 
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     assert main(["export", str(run), "out"]) == 0
+    assert (elsewhere / "out" / "scheduler" / "scheduler_config.json").is_file()  # the pipeline's, beside dit/
+    from unirl_fast.train.config import image_schedule
+
+    assert image_schedule(TrainConfig(model_path=str(elsewhere / "out"), run_dir=str(tmp_path / "r2"))) == (
+        "diffusers", 3.0)  # a run from the export samples as the release's pipeline does
     from transformers import AutoTokenizer
 
     out_tok = AutoTokenizer.from_pretrained(str(elsewhere / "out" / "lm"))

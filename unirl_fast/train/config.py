@@ -671,16 +671,15 @@ def with_pipeline(cfg):
 
 
 def image_schedule(cfg) -> tuple[str, float]:
-    """(schedule, shift) the run samples with: the ones given, else what the --dit-path pipeline's scheduler config
-    implies (rollout.schedule.pipeline_schedule), else linspace and 1 (the embedded world's, which its measured
-    learning runs used)."""
+    """(schedule, shift) the run samples with: the ones given, else what the scheduler config of the --dit-path
+    pipeline (or of a split-layout --model-path) implies (rollout.schedule.pipeline_schedule), else linspace and 1
+    (the embedded world's, which its measured learning runs used)."""
     from ..rollout.schedule import pipeline_schedule
+    from .inputs import input_dit_dir, model_copy
 
     given = cfg.timestep_schedule != "auto" and cfg.image_shift is not None
-    dit = cfg.dit_path
+    dit = input_dit_dir(cfg)
     if dit is not None:  # a resumed run reads its own copy of the pipeline (train.inputs): the inputs may have moved
-        from .inputs import model_copy
-
         copy = model_copy(cfg.run_dir)
         dit = dit if copy is None else copy / "dit"
     implied = pipeline_schedule(dit) if dit is not None and not given else None

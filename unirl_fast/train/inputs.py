@@ -214,8 +214,19 @@ def load_run_model(cfg, scenario, *, attn: str, device, log, write_copy: bool):
     if isinstance(model.tokenizer, HFTokenizer):
         model.tokenizer.use_chat_template(template)
     if copy is None and write_copy:
-        write_model_copy(model, cfg.run_dir, log, cfg.dit_path)
+        write_model_copy(model, cfg.run_dir, log, input_dit_dir(cfg))
     return model
+
+
+def input_dit_dir(cfg) -> str | None:
+    """The DiT directory of the run's inputs, whose pipeline's scheduler config (scheduler/ beside it) gives the
+    default sampling schedule: --dit-path, or the dit/ of a --model-path saved in the split layout (`unirl-fast
+    export` writes the run's scheduler/ beside it)."""
+    if cfg.dit_path is not None:
+        return cfg.dit_path
+    if cfg.model_path is not None and (Path(cfg.model_path) / "dit").is_dir():
+        return str(Path(cfg.model_path) / "dit")
+    return None
 
 
 def write_model_copy(model, run_dir, log, dit_path=None) -> Path:
