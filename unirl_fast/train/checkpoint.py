@@ -114,11 +114,19 @@ def write_entry(directory, name: str, obj) -> list:
     return files
 
 
+ENTRY_SUFFIXES = (".safetensors", ".json", ".pt")  # this version's tensors / everything else, an earlier version's
+
+
+def has_entry(directory, name: str) -> bool:
+    """Whether a checkpoint directory holds entry `name` in any form read_entry reads."""
+    return any((Path(directory) / f"{name}{ext}").is_file() for ext in ENTRY_SUFFIXES)
+
+
 def read_entry(directory, name: str, *, allow=()):
     """What write_entry wrote, or an earlier version's `<name>.pt` (torch.load, weights_only=True, with the classes in
     `allow` permitted). CheckpointError names the file when it cannot be read safely."""
     directory = Path(directory)
-    st, js, pt = (directory / f"{name}{ext}" for ext in (".safetensors", ".json", ".pt"))
+    st, js, pt = (directory / f"{name}{ext}" for ext in ENTRY_SUFFIXES)
     if st.is_file() or js.is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -267,5 +275,5 @@ def latest_checkpoint(run_dir) -> Path | None:
 def load_checkpoint(path) -> dict:
     """Every entry of a checkpoint directory (this version's files or an earlier version's .pt), loaded safely."""
     path = Path(path)
-    names = sorted({p.stem for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".pt")})
+    names = sorted({p.stem for p in path.iterdir() if p.is_file() and p.suffix in ENTRY_SUFFIXES})
     return {n: read_entry(path, n) for n in names if not n.startswith("state-rank")}

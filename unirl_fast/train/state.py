@@ -8,12 +8,11 @@ train.distributed.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
 from . import offpolicy
-from .checkpoint import load_checkpoint, read_entry, save_checkpoint
+from .checkpoint import has_entry, load_checkpoint, read_entry, save_checkpoint
 from .pipeline import Pending, Scoring, chunk_rows
 from .rundir import trim_metrics
 
@@ -49,8 +48,7 @@ def resume(t, path):
     if t.dist is not None:
         st = t.dist.resume(t, path)
         if t.ema is not None:  # only the main rank keeps (and reads) the EMA
-            has = any((Path(path) / f"ema{e}").is_file() for e in (".safetensors", ".json", ".pt"))
-            load_ema(t, read_entry(path, "ema") if has else None, path)
+            _load_ema(t, read_entry(path, "ema") if has_entry(path, "ema") else None, path)
     else:
         ck = load_checkpoint(path)
         _load_weights(t, ck["model"], path)
@@ -59,7 +57,7 @@ def resume(t, path):
         elif t.opt is not None:
             t.opt.load_state_dict(ck["optim"])
         st = ck["state"]
-        load_ema(t, ck.get("ema"), path)
+        _load_ema(t, ck.get("ema"), path)
         _load_old_policy(t, ck.get("old_policy"), path)
         _load_prefetch(t, ck.get("prefetch"))
     t.step, t.history = st["step"], st["history"]
@@ -85,22 +83,24 @@ def _load_weights(t, sd, path):
     t.model.load_state_dict(sd, strict=False)
 
 
-def load_ema(t, state, path):
-    if t.ema is None:
+def _load_average(avg, state, missing: str):
+    """An average of the weights (the EMA, the old policy) set from its checkpoint entry; ValueError `missing` when
+    the run keeps one and the checkpoint has none."""
+    if avg is None:
         return
     if state is None:
-        raise ValueError(f"checkpoint {path} holds no EMA weights but ema_decay is {t.cfg.ema_decay}: it was written "
-                         "without --ema-decay; resume it with --ema-decay 0")
-    t.ema.load_state_dict(state)
+        raise ValueError(missing)
+    avg.load_state_dict(state)
+
+
+def _load_ema(t, state, path):
+    _load_average(t.ema, state, f"checkpoint {path} holds no EMA weights but ema_decay is {t.cfg.ema_decay}: it was "
+                                "written without --ema-decay; resume it with --ema-decay 0")
 
 
 def _load_old_policy(t, state, path):
-    if t.old is None:
-        return
-    if state is None:
-        raise ValueError(f"checkpoint {path} holds no old policy but image_algo {t.cfg.image_algo!r} needs one: it "
-                         "was written by another algorithm or version; start a new --run-dir")
-    t.old.load_state_dict(state)
+    _load_average(t.old, state, f"checkpoint {path} holds no old policy but image_algo {t.cfg.image_algo!r} needs one: "
+                                "it was written by another algorithm or version; start a new --run-dir")
 
 
 def _load_prefetch(t, state):
