@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 
@@ -348,13 +347,11 @@ def _cmd_export(args) -> int:
     if not torch.cuda.is_available():  # transformers' save path imports DeepSpeed when installed, which warns that
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # it found no GPU: this process only writes files
     model.save_pretrained(out)
-    from .rollout.schedule import scheduler_config_path
-    from .train.inputs import model_copy
+    from .train.inputs import copy_scheduler_config, model_copy
 
     copy = model_copy(args.run_dir)  # the DiT pipeline's scheduler config, as in the run's inputs: beside dit/
-    if copy is not None and scheduler_config_path(copy / "dit").is_file():
-        scheduler_config_path(out / "dit").parent.mkdir()
-        shutil.copy2(scheduler_config_path(copy / "dit"), scheduler_config_path(out / "dit"))
+    if copy is not None:
+        copy_scheduler_config(copy / "dit", out)
     progress.update(1)
     progress.close()
     print(json.dumps({"run_dir": args.run_dir, "step": trainer.step, "out": str(out)}))

@@ -229,12 +229,22 @@ def input_dit_dir(cfg) -> str | None:
     return None
 
 
+def copy_scheduler_config(dit_dir, root) -> None:
+    """The scheduler config of the pipeline `dit_dir` belongs to (scheduler/ beside it), where it has one, copied
+    beside `root`/dit as a pipeline keeps it: a model directory's sampling-schedule default."""
+    from ..rollout.schedule import scheduler_config_path
+
+    src, dst = scheduler_config_path(dit_dir), scheduler_config_path(Path(root) / "dit")
+    if src.is_file():
+        dst.parent.mkdir()
+        shutil.copy2(src, dst)
+
+
 def write_model_copy(model, run_dir, log, dit_path=None) -> Path:
     """base/model: the model as it starts, each expert in its input files' dtype, and the scheduler config of the DiT's
     pipeline where it has one (scheduler/ beside dit/, as in the pipeline: the sampling schedule's default); written to
     a temporary directory and renamed, so a crash leaves no half copy."""
     from ..models.vlm import is_vlm
-    from ..rollout.schedule import scheduler_config_path
 
     final = Path(run_dir).joinpath(*MODEL_COPY)
     tmp = final.with_name(final.name + ".tmp")
@@ -245,9 +255,8 @@ def write_model_copy(model, run_dir, log, dit_path=None) -> Path:
     # DeepSpeed through transformers' save (accelerate imports it when installed); real experts keep their layouts
     single = not dtypes and model.config.tokenizer != "lm" and not is_vlm(model.lm)
     model.save_pretrained(tmp, layout="single" if single else "split", dtypes=dtypes)
-    if dit_path is not None and scheduler_config_path(dit_path).is_file():
-        (tmp / "scheduler").mkdir()
-        shutil.copy2(scheduler_config_path(dit_path), scheduler_config_path(tmp / "dit"))
+    if dit_path is not None:
+        copy_scheduler_config(dit_path, tmp)
     os.replace(tmp, final)
     log(f"model: copied into {final} (export, eval and resume read it; the inputs may move)")
     return final
